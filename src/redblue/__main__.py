@@ -1,0 +1,5 @@
+import sys
+
+from redblue.cli import main
+
+sys.exit(main())

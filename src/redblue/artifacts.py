@@ -1,0 +1,129 @@
+"""Model artifacts: safetensors weights + a JSON record with the SHA-256 of the weights file.
+
+A model ``NAME`` lives in ``models/NAME.safetensors`` beside ``models/NAME.json``. The
+JSON holds the model name, the config, the dataset and its file hashes, the metrics,
+library versions and ``weights_sha256``. Loading re-hashes the exact bytes it parses,
+so a tampered or swapped weights file is refused. No pickle anywhere.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+from torch import nn
+
+from redblue.errors import IntegrityError
+from redblue.models import build_model
+from redblue.utils import atomic_write_bytes, atomic_write_json, library_versions, read_json, sha256_bytes
+
+FORMAT = "redblue.model/1"
+
+
+@dataclass
+class LoadedModel:
+    model: nn.Module
+    record: dict[str, Any]
+    json_path: Path
+    weights_path: Path
+
+
+def model_paths(out: Path, name: str) -> tuple[Path, Path]:
+    """(weights, json) paths of model ``name`` under output folder ``out``."""
+    return out / "models" / f"{name}.safetensors", out / "models" / f"{name}.json"
+
+
+def save_model(out: Path, name: str, model: nn.Module, record: dict[str, Any]) -> dict[str, Any]:
+    """Write weights (safetensors) then the JSON record, each atomically; returns the record."""
+    weights_path, json_path = model_paths(out, name)
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    payload = st_save(state, metadata={"format": FORMAT, "model_name": str(record.get("model_name", ""))})
+    atomic_write_bytes(weights_path, payload)
+    full = {
+        "format": FORMAT,
+        "name": name,
+        "weights_file": weights_path.name,
+        "weights_sha256": sha256_bytes(payload),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "versions": library_versions(),
+        **record,
+    }
+    atomic_write_json(json_path, full)
+    return full
+
+
+def _resolve(path: Path) -> tuple[Path, Path]:
+    if path.suffix == ".json":
+        json_path = path
+        weights_path = path.with_suffix(".safetensors")
+    elif path.suffix == ".safetensors":
+        weights_path, json_path = path, path.with_suffix(".json")
+    else:
+        raise IntegrityError(f"{path}: expected a .safetensors weights file or its .json record")
+    return json_path, weights_path
+
+
+def read_record(path: Path) -> dict[str, Any]:
+    json_path, _ = _resolve(path)
+    record = read_json(json_path)
+    if not isinstance(record, dict) or record.get("format") != FORMAT:
+        raise IntegrityError(f"{json_path}: not a redblue model record (format {FORMAT})")
+    return record
+
+
+def load_model(path: str | Path, device: torch.device | str = "cpu") -> LoadedModel:
+    """Load a model saved by :func:`save_model`, verifying the weights' SHA-256 first."""
+    json_path, weights_path = _resolve(Path(path))
+    record = read_record(json_path)
+    weights_path = json_path.parent / str(record.get("weights_file", weights_path.name))
+    try:
+        payload = weights_path.read_bytes()
+    except FileNotFoundError:
+        raise IntegrityError(f"{weights_path}: weights file not found") from None
+    except OSError as exc:
+        raise IntegrityError(f"{weights_path}: cannot read ({exc.strerror or exc})") from None
+    digest = sha256_bytes(payload)
+    if digest != record.get("weights_sha256"):
+        raise IntegrityError(
+            f"{weights_path}: SHA-256 mismatch (got {digest[:16]}…, recorded "
+            f"{str(record.get('weights_sha256'))[:16]}… in {json_path.name}): the file was modified "
+            "or does not belong to this record"
+        )
+    try:
+        state = st_load(payload)
+    except (SafetensorError, ValueError, json.JSONDecodeError) as exc:
+        raise IntegrityError(f"{weights_path}: not a valid safetensors file ({exc})") from None
+    model = build_model(str(record.get("model_name", "cnn")))
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()[0]
+        raise IntegrityError(f"{weights_path}: weights do not fit model {record.get('model_name')!r} ({first})") from None
+    model.to(torch.device(device)).eval()
+    return LoadedModel(model=model, record=record, json_path=json_path, weights_path=weights_path)
+
+
+def find_reusable(out: Path, name: str, cache_key: str) -> LoadedModel | None:
+    """The saved model ``name`` when its record's cache key matches and its hash verifies."""
+    weights_path, json_path = model_paths(out, name)
+    if not json_path.is_file() or not weights_path.is_file():
+        return None
+    try:
+        record = read_record(json_path)
+    except IntegrityError:
+        return None
+    if record.get("cache_key") != cache_key:
+        return None
+    try:
+        return load_model(json_path)
+    except IntegrityError as exc:
+        print(f"notice: not reusing {json_path.name}: {exc}; retraining", file=sys.stderr)
+        return None

@@ -1,0 +1,67 @@
+"""The ``redblue`` command line: one subcommand per stage.
+
+Every user mistake ends with one line on stderr and exit code 2, never a traceback.
+Each subcommand lives in its own module here and is registered in :func:`_register`.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from redblue import __version__
+from redblue.errors import RedblueError
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="redblue")
+def cli() -> None:
+    """redblue: red- and blue-teaming image classifiers (MNIST family).
+
+    Train a CNN, attack it, harden it, plant and remove a backdoor, and get numbers,
+    plots and one HTML report. Every subcommand writes under --out
+    (default secure_ai_outputs/: models/, metrics/, images/).
+    """
+
+
+def _register() -> None:
+    from redblue.cli import train as train_commands
+
+    cli.add_command(train_commands.train)
+    cli.add_command(train_commands.evaluate)
+
+
+_register()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: run the CLI; user errors become one line and exit code 2."""
+    try:
+        cli.main(args=argv, prog_name="redblue", standalone_mode=False)
+    except click.exceptions.NoArgsIsHelp as exc:  # pragma: no cover - click version dependent
+        click.echo(exc.ctx.get_help() if exc.ctx else str(exc))
+        return 0
+    except click.UsageError as exc:
+        hint = f" (see 'redblue {exc.ctx.info_name} --help')" if exc.ctx and exc.ctx.parent else ""
+        print(f"redblue: error: {exc.format_message()}{hint}", file=sys.stderr)
+        return 2
+    except click.ClickException as exc:
+        print(f"redblue: error: {exc.format_message()}", file=sys.stderr)
+        return 2
+    except click.exceptions.Abort:
+        print("redblue: aborted", file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:
+        print("redblue: interrupted (completed results are kept; run again to resume)", file=sys.stderr)
+        return 130
+    except RedblueError as exc:
+        print(f"redblue: error: {exc}", file=sys.stderr)
+        return 2
+    except click.exceptions.Exit as exc:
+        return int(exc.exit_code)
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

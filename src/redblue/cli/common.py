@@ -1,0 +1,121 @@
+"""Options shared by several subcommands, and the config/output plumbing behind them."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Callable
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+
+from redblue.config import DataConfig, TrainConfig, build, load_toml
+from redblue.errors import ConfigError
+from redblue.utils import atomic_write_json
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+DEFAULT_OUT = "secure_ai_outputs"
+
+
+def data_options(func: F) -> F:
+    """--dataset, --data-dir, --cache-dir."""
+    for option in reversed(
+        [
+            click.option(
+                "--dataset",
+                default=None,
+                help="auto (full MNIST if found or downloadable, else mnist-mini), mnist, "
+                "fashion-mnist or mnist-mini. [default: auto]",
+            ),
+            click.option(
+                "--data-dir",
+                default=None,
+                help="Folder with the four IDX files (gzipped or not; directly or in mnist/ or "
+                "fashion-mnist/). [default: $REDBLUE_DATA_DIR]",
+            ),
+            click.option(
+                "--cache-dir",
+                default=None,
+                help="Download cache. [default: $REDBLUE_CACHE_DIR or ~/.cache/redblue]",
+            ),
+        ]
+    ):
+        func = option(func)
+    return func
+
+
+def train_options(func: F) -> F:
+    """--epochs, --batch-size, --lr, --seed, --device, --precision, --model-name."""
+    for option in reversed(
+        [
+            click.option("--epochs", type=int, default=None, help="Training epochs. [default: 5]"),
+            click.option("--batch-size", type=int, default=None, help="Batch size. [default: 128]"),
+            click.option("--lr", type=float, default=None, help="Adam learning rate (cosine decay to 0). [default: 0.003]"),
+            click.option("--seed", type=int, default=None, help="Seeds everything; same seed, same metrics on CPU. [default: 0]"),
+            click.option("--device", default=None, help="auto, cpu or cuda. [default: auto]"),
+            click.option(
+                "--precision",
+                default=None,
+                help="auto (bf16 autocast where the hardware runs it fast, else fp32), fp32 or bf16. [default: auto]",
+            ),
+            click.option("--model-name", default=None, help="Architecture from the model registry: cnn or cnn-large. [default: cnn]"),
+        ]
+    ):
+        func = option(func)
+    return func
+
+
+def output_options(func: F) -> F:
+    """--out, --config, --force-retrain."""
+    for option in reversed(
+        [
+            click.option(
+                "--out",
+                default=DEFAULT_OUT,
+                show_default=True,
+                help="Output folder (models/, metrics/, images/ inside).",
+            ),
+            click.option("--config", "config_file", default=None, help="TOML config file; CLI options override it."),
+            click.option("--force-retrain", is_flag=True, help="Retrain even when a matching saved model exists."),
+        ]
+    ):
+        func = option(func)
+    return func
+
+
+def load_configs(config_file: str | None, options: dict[str, Any]) -> tuple[dict[str, Any], DataConfig, TrainConfig]:
+    """(raw TOML, data config, train config) from the file overridden by CLI options."""
+    raw = load_toml(config_file)
+    data_cfg = build(DataConfig, raw.get("data"), options, "data")
+    train_cfg = build(TrainConfig, raw.get("train"), options, "train")
+    return raw, data_cfg, train_cfg
+
+
+def check_output_dir(out: str) -> Path:
+    """Fail early, before any work, when ``out`` cannot be created or written."""
+    path = Path(out)
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"--out {path}: exists and is not a directory")
+    probe_dir = path
+    while not probe_dir.exists():
+        probe_dir = probe_dir.parent
+    if not os.access(probe_dir, os.W_OK | os.X_OK):
+        raise ConfigError(f"--out {path}: not writable ({probe_dir} is not writable)")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as exc:
+        raise ConfigError(f"--out {path}: not writable ({exc.strerror or exc})") from None
+    return path
+
+
+def save_effective_config(out: Path, command: str, configs: dict[str, Any]) -> None:
+    """The effective configuration of a command, beside its results."""
+    atomic_write_json(
+        out / "metrics" / f"{command}_config.json",
+        {k: asdict(v) if hasattr(v, "__dataclass_fields__") else v for k, v in configs.items()},
+    )

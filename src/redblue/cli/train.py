@@ -1,0 +1,71 @@
+"""``redblue train`` and ``redblue evaluate``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import click
+
+from redblue.artifacts import load_model
+from redblue.cli.common import (
+    check_output_dir,
+    data_options,
+    load_configs,
+    output_options,
+    save_effective_config,
+    train_options,
+)
+from redblue.pipeline import load_data, train_baseline
+from redblue.train import evaluate as evaluate_model
+from redblue.utils import atomic_write_json, resolve_device
+
+
+@click.command()
+@data_options
+@train_options
+@output_options
+@click.option("--name", default="baseline", show_default=True, help="Name of the saved model and its metrics file.")
+def train(config_file: str | None, out: str, force_retrain: bool, name: str, **options: Any) -> None:
+    """Train the baseline CNN (or reload it when config and data match) and evaluate it.
+
+    Writes models/NAME.safetensors + models/NAME.json, metrics/NAME_metrics.json, and
+    images/NAME_training_curves.png and images/NAME_confusion_matrix.png.
+    """
+    _, data_cfg, train_cfg = load_configs(config_file, options)
+    device = resolve_device(train_cfg.device)
+    data = load_data(data_cfg, device=str(device))
+    out_dir = check_output_dir(out)
+    result = train_baseline(out_dir, data, train_cfg, data_cfg=data_cfg, force_retrain=force_retrain, name=name)
+    save_effective_config(out_dir, name, {"data": data_cfg, "train": train_cfg})
+    acc = result["metrics"]["accuracy"]
+    click.echo(
+        f"{name}: test accuracy {100 * acc:.2f}% on {data.name} ({result['metrics']['n']} images); "
+        f"model {out_dir / 'models' / (name + '.safetensors')}"
+    )
+
+
+@click.command()
+@click.option("--model", "model_path", required=True, help="A model's .safetensors or .json file.")
+@data_options
+@click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
+@click.option("--out", default="secure_ai_outputs", show_default=True, help="Output folder.")
+def evaluate(model_path: str, out: str, device: str, **options: Any) -> None:
+    """Evaluate a saved model on the test set (hash-verified before loading)."""
+    from redblue.config import DataConfig, build
+
+    data_cfg = build(DataConfig, None, options, "data")
+    dev = resolve_device(device)
+    loaded = load_model(Path(model_path), device=dev)
+    data = load_data(data_cfg, device=str(dev))
+    out_dir = check_output_dir(out)
+    ev = evaluate_model(loaded.model, data.x_test, data.y_test)
+    name = loaded.record.get("name", Path(model_path).stem)
+    result = {
+        "stage": "evaluate",
+        "model": {"name": name, "path": str(loaded.weights_path), "weights_sha256": loaded.record["weights_sha256"]},
+        "dataset": data.describe(),
+        "metrics": {"accuracy": ev.accuracy, "loss": ev.loss, "n": ev.n, "latency": ev.latency, "confusion": ev.confusion},
+    }
+    atomic_write_json(out_dir / "metrics" / f"{name}_evaluate_metrics.json", result)
+    click.echo(f"{name}: test accuracy {100 * ev.accuracy:.2f}% on {data.name} ({ev.n} images)")

@@ -1,0 +1,81 @@
+"""Models: pixels in [0, 1] in, logits out; normalization is the first layer.
+
+``build_model(name)`` builds an architecture from :data:`MODELS`; add one there.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from redblue.errors import ConfigError
+
+MNIST_MEAN = 0.1307
+MNIST_STD = 0.3081
+
+
+class Normalize(nn.Module):
+    """``(x - mean) / std`` as a layer, so every input to the model is pixels in [0, 1]."""
+
+    mean: torch.Tensor
+    std: torch.Tensor
+
+    def __init__(self, mean: float = MNIST_MEAN, std: float = MNIST_STD) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(mean).view(1, 1, 1, 1))
+        self.register_buffer("std", torch.tensor(std).view(1, 1, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean) / self.std
+
+
+def cnn() -> nn.Sequential:
+    """The original project's Keras CNN: Conv32-Pool-Conv64-Pool-Dropout-Linear (34,826 weights)."""
+    return nn.Sequential(
+        Normalize(),
+        nn.Conv2d(1, 32, kernel_size=3),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(32, 64, kernel_size=3),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Dropout(0.5),
+        nn.Linear(64 * 5 * 5, 10),
+    )
+
+
+def cnn_large() -> nn.Sequential:
+    """A wider all-convolutional CNN for robust training (about 1.9M weights):
+    Conv32(3x3)-Conv32(4x4, stride 2)-Conv64(3x3)-Conv64(4x4, stride 2)-FC512-FC512-Linear(10)."""
+    return nn.Sequential(
+        Normalize(),
+        nn.Conv2d(1, 32, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(32, 32, 4, stride=2, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(32, 64, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(64, 64, 4, stride=2, padding=1),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(64 * 7 * 7, 512),
+        nn.ReLU(),
+        nn.Linear(512, 512),
+        nn.ReLU(),
+        nn.Linear(512, 10),
+    )
+
+
+MODELS: dict[str, Callable[[], nn.Module]] = {"cnn": cnn, "cnn-large": cnn_large}
+
+
+def build_model(name: str = "cnn") -> nn.Module:
+    """Build a fresh model by registry name (see :data:`MODELS`)."""
+    try:
+        factory = MODELS[name]
+    except KeyError:
+        raise ConfigError(f"--model-name {name!r}: unknown model, expected one of {', '.join(MODELS)}") from None
+    return factory()

@@ -1,0 +1,1 @@
+"""Plots and reports, rendered from the JSON result files only."""
