@@ -1,0 +1,1 @@
+"""Defences: adversarial-training recipes (adversarial.py) and backdoor detection (backdoor.py)."""
