@@ -1,0 +1,100 @@
+"""Shared fixtures. Slow tests read full MNIST from $REDBLUE_DATA_DIR (CI sets it)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+
+import pytest
+import torch
+
+from redblue.artifacts import LoadedModel, load_model
+from redblue.config import TrainConfig
+from redblue.data import Dataset, load_dataset
+from redblue.pipeline import train_baseline
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tests never read or write the user's cache, and never download by accident."""
+    monkeypatch.setenv("REDBLUE_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "cache"))
+    monkeypatch.setenv("REDBLUE_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session")
+def mnist_dir() -> Path:
+    """The folder holding full MNIST (skips the test when REDBLUE_DATA_DIR is unset)."""
+    value = os.environ.get("REDBLUE_DATA_DIR")
+    if not value:
+        pytest.skip("REDBLUE_DATA_DIR is not set: full-MNIST tests need it (CI sets it)")
+    return Path(value)
+
+
+@pytest.fixture(scope="session")
+def mnist(mnist_dir: Path) -> Dataset:
+    return load_dataset("mnist", mnist_dir, download=False)
+
+
+@pytest.fixture(scope="session")
+def mini() -> Dataset:
+    """The 4,000 / 1,000 mnist-mini split (real digits, offline)."""
+    return load_dataset("mnist-mini")
+
+
+@pytest.fixture(scope="session")
+def baseline_dir(tmp_path_factory: pytest.TempPathFactory, mnist: Dataset) -> Path:
+    """An output folder with the 5-epoch baseline CNN trained once per session on full MNIST."""
+    out = tmp_path_factory.mktemp("baseline_out")
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    train_baseline(out, mnist, TrainConfig(epochs=5, seed=0, device="cpu"), progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def baseline(baseline_dir: Path) -> LoadedModel:
+    """The session's full-MNIST baseline model (99%+ test accuracy), loaded and hash-verified."""
+    return load_model(baseline_dir / "models" / "baseline.json")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory, mini: Dataset) -> Path:
+    """An output folder with a CNN trained for one epoch on mnist-mini (a few seconds)."""
+    out = tmp_path_factory.mktemp("tiny_out")
+    train_baseline(out, mini, TrainConfig(epochs=1, seed=0, device="cpu"), progress=False)
+    return out
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    """Run ``python -m redblue ARGS`` as a user would; returns the completed process."""
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run(
+        [sys.executable, "-m", "redblue", *args],
+        capture_output=True,
+        text=True,
+        env=full_env,
+        cwd=cwd,
+        timeout=900,
+        check=False,
+    )
+
+
+@pytest.fixture
+def cli() -> Callable[..., subprocess.CompletedProcess[str]]:
+    """``cli("train", "--out", ...)`` runs the redblue CLI in a subprocess."""
+    return run_cli
+
+
+def tree(path: Path) -> list[str]:
+    """Sorted relative paths of every file under ``path`` (empty when it does not exist)."""
+    return sorted(str(p.relative_to(path)) for p in path.rglob("*") if p.is_file()) if path.exists() else []
+
+
+@pytest.fixture
+def files_under() -> Callable[[Path], list[str]]:
+    return tree
+
+
