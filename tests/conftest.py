@@ -8,9 +8,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-
 import pytest
-import torch
 
 from redblue.artifacts import LoadedModel, load_model
 from redblue.config import TrainConfig
@@ -49,7 +47,6 @@ def mini() -> Dataset:
 def baseline_dir(tmp_path_factory: pytest.TempPathFactory, mnist: Dataset) -> Path:
     """An output folder with the 5-epoch baseline CNN trained once per session on full MNIST."""
     out = tmp_path_factory.mktemp("baseline_out")
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     train_baseline(out, mnist, TrainConfig(epochs=5, seed=0, device="cpu"), progress=False)
     return out
 
@@ -96,5 +93,3 @@ def tree(path: Path) -> list[str]:
 @pytest.fixture
 def files_under() -> Callable[[Path], list[str]]:
     return tree
-
-

@@ -106,7 +106,9 @@ def load_model(path: str | Path, device: torch.device | str = "cpu") -> LoadedMo
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:
         first = str(exc).strip().splitlines()[0]
-        raise IntegrityError(f"{weights_path}: weights do not fit model {record.get('model_name')!r} ({first})") from None
+        raise IntegrityError(
+            f"{weights_path}: weights do not fit model {record.get('model_name')!r} ({first})"
+        ) from None
     model.to(torch.device(device)).eval()
     return LoadedModel(model=model, record=record, json_path=json_path, weights_path=weights_path)
 

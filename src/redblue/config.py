@@ -124,9 +124,7 @@ def build(cls: type[T], section: dict[str, Any] | None, overrides: dict[str, Any
     for key, value in (section or {}).items():
         k = key.replace("-", "_")
         if k not in names:
-            raise ConfigError(
-                f"config [{where}] {key!r}: unknown setting, expected one of {', '.join(sorted(names))}"
-            )
+            raise ConfigError(f"config [{where}] {key!r}: unknown setting, expected one of {', '.join(sorted(names))}")
         values[k] = value
     values.update({k: v for k, v in overrides.items() if v is not None and k in names})
     try:
@@ -137,3 +135,144 @@ def build(cls: type[T], section: dict[str, Any] | None, overrides: dict[str, Any
 
 def as_dict(config: Any) -> dict[str, Any]:
     return dataclasses.asdict(config)
+
+
+RECIPES = ("fgsm", "fgsm-rs", "pgd", "trades")
+
+
+@dataclass(frozen=True)
+class DefendConfig:
+    """Adversarial training: the recipe, its threat model (L-inf, pixel units) and its guard.
+
+    ``alpha`` defaults per recipe (``None``): FGSM-RS takes 1.25·eps (Wong et al. 2020),
+    PGD and TRADES take 2.5·eps/steps. ``ratio`` (share of each batch replaced by
+    adversarial images) applies to the ``fgsm`` recipe only. ``guard`` defaults to on for
+    every recipe but ``fgsm`` (the original project's recipe, reproduced as it was).
+    """
+
+    recipe: str = "fgsm-rs"
+    eps: float = 0.3
+    alpha: float | None = None
+    steps: int = 10
+    beta: float = 6.0
+    ratio: float = 0.5
+    eps_ramp: int = 0
+    guard: bool | None = None
+    guard_drop: float = 0.2
+    guard_size: int = 1000
+    guard_steps: int = 10
+    eval_n: int = 1000
+
+    def __post_init__(self) -> None:
+        check_choice("recipe", self.recipe, RECIPES)
+        check_float("eps", self.eps, 0.0, 1.0, low_open=True)
+        if self.alpha is not None:
+            check_float("alpha", self.alpha, 0.0, None, low_open=True)
+        check_int("steps", self.steps, 1, 10_000)
+        check_float("beta", self.beta, 0.0, None)
+        check_float("ratio", self.ratio, 0.0, 1.0)
+        check_int("eps_ramp", self.eps_ramp, 0, 1000)
+        if self.guard is not None and not isinstance(self.guard, bool):
+            raise ConfigError(f"--guard {self.guard!r}: expected true or false")
+        check_float("guard_drop", self.guard_drop, 0.0, 1.0, low_open=True)
+        check_int("guard_size", self.guard_size, 1, 1_000_000)
+        check_int("guard_steps", self.guard_steps, 1, 10_000)
+        check_int("eval_n", self.eval_n, 1, 1_000_000)
+
+    @property
+    def step_size(self) -> float:
+        """The attack step actually used: ``alpha`` or the recipe's default."""
+        if self.alpha is not None:
+            return self.alpha
+        if self.recipe == "fgsm":
+            return self.eps
+        if self.recipe == "fgsm-rs":
+            return 1.25 * self.eps
+        return 2.5 * self.eps / self.steps
+
+    @property
+    def guarded(self) -> bool:
+        """Whether the catastrophic-overfitting guard runs (``guard`` or the recipe default)."""
+        return self.guard if self.guard is not None else self.recipe != "fgsm"
+
+
+# --------------------------------------------------------------------------- backdoor (issue 5)
+
+POISON_IMAGE_SIZE = 28  # every MNIST-family image is 28x28; the stage re-checks the real shape
+DEFAULT_SWEEP_RATES = (0.001, 0.005, 0.01, 0.05, 0.1)
+
+
+@dataclass(frozen=True)
+class PoisonConfig:
+    """BadNets poisoning: the trigger, the all-to-one target, the poisoned share, the sweep.
+
+    ``rate`` is the share of non-target training examples poisoned; ``poison_seed`` seeds
+    their choice (separate from the training seed); ``sweep_rates`` are the rates of
+    ``redblue poison --sweep``.
+    """
+
+    rate: float = 0.1
+    target: int = 7
+    size: int = 4
+    position: str = "bottom-right"
+    pattern: str = "solid"
+    alpha: float = 1.0
+    poison_seed: int = 0
+    sweep_rates: tuple[float, ...] = DEFAULT_SWEEP_RATES
+    name: str = "poisoned"
+
+    def __post_init__(self) -> None:
+        check_float("rate", self.rate, 0.0, 1.0)
+        check_int("target", self.target)
+        if not 0 <= self.target <= 9:
+            raise ConfigError(f"--target {self.target}: not a class (expected 0..9)")
+        check_int("poison_seed", self.poison_seed, 0, 2**63 - 1)
+        self.trigger().box(POISON_IMAGE_SIZE, POISON_IMAGE_SIZE)
+        rates = self.sweep_rates
+        if isinstance(rates, str) or not isinstance(rates, tuple | list) or not rates:
+            raise ConfigError(f"--sweep-rates {rates!r}: expected a list of rates in [0, 1]")
+        for rate in rates:
+            check_float("sweep_rates", rate, 0.0, 1.0)
+        if not isinstance(self.name, str) or not self.name.replace("-", "_").isidentifier():
+            raise ConfigError(f"--name {self.name!r}: expected letters, digits, - or _")
+
+    def trigger(self) -> Any:
+        """The :class:`redblue.poison.Trigger` these settings describe."""
+        from redblue.poison.trigger import Trigger
+
+        return Trigger(size=self.size, position=self.position, pattern=self.pattern, alpha=self.alpha)
+
+
+@dataclass(frozen=True)
+class BackdoorDefenseConfig:
+    """Backdoor detection in the training set (``redblue defend-backdoor``).
+
+    ``method``: ``ac`` (activation clustering) or ``spectral`` (spectral signatures).
+    AC: ``n_components`` dims by ``reduce`` (pca|ica), 2-means, the smaller cluster flagged
+    when its share ≤ ``max_share`` and the silhouette ≥ ``min_silhouette``. Spectral: flag
+    ``spectral_factor`` × ``expected_share`` of each class (None: the recorded poison rate).
+    ``retrain``: retrain without the flagged examples and measure again.
+    """
+
+    method: str = "ac"
+    n_components: int = 10
+    reduce: str = "pca"
+    max_share: float = 0.5
+    min_silhouette: float = 0.15
+    expected_share: float | None = None
+    spectral_factor: float = 1.5
+    detection_seed: int = 0
+    retrain: bool = True
+
+    def __post_init__(self) -> None:
+        check_choice("method", self.method, ("ac", "spectral"))
+        check_int("n_components", self.n_components, 1, 4096)
+        check_choice("reduce", self.reduce, ("pca", "ica"))
+        check_float("max_share", self.max_share, 0.0, 0.5, low_open=True)
+        check_float("min_silhouette", self.min_silhouette, -1.0, 1.0)
+        if self.expected_share is not None:
+            check_float("expected_share", self.expected_share, 0.0, 1.0)
+        check_float("spectral_factor", self.spectral_factor, 0.0, None, low_open=True)
+        check_int("detection_seed", self.detection_seed, 0, 2**32 - 1)
+        if not isinstance(self.retrain, bool):
+            raise ConfigError(f"--retrain {self.retrain!r}: expected true or false")

@@ -190,10 +190,7 @@ def parse_idx(data: bytes, kind: str, expected_count: int, where: str) -> np.nda
         raise DataError(f"{where}: truncated IDX file ({len(data)} bytes, expected a header)")
     (magic,) = struct.unpack(">I", data[:4])
     if magic != magic_expected:
-        raise DataError(
-            f"{where}: wrong IDX magic number {magic:#010x}, expected {magic_expected:#010x} "
-            f"({kind} file)"
-        )
+        raise DataError(f"{where}: wrong IDX magic number {magic:#010x}, expected {magic_expected:#010x} ({kind} file)")
     ndim = magic & 0xFF
     header_len = 4 + 4 * ndim
     if len(data) < header_len:
@@ -206,8 +203,7 @@ def parse_idx(data: bytes, kind: str, expected_count: int, where: str) -> np.nda
     n_bytes = int(np.prod(dims))
     if len(data) - header_len != n_bytes:
         raise DataError(
-            f"{where}: truncated or oversized IDX file ({len(data) - header_len} data bytes, "
-            f"expected {n_bytes})"
+            f"{where}: truncated or oversized IDX file ({len(data) - header_len} data bytes, expected {n_bytes})"
         )
     array = np.frombuffer(data, dtype=np.uint8, offset=header_len).reshape(dims)
     if kind == "labels" and int(array.max(initial=0)) > 9:
@@ -263,9 +259,7 @@ def _load_from_dir(directory: Path, dataset: str) -> dict[str, tuple[np.ndarray,
     return out
 
 
-def _download_file(
-    mirrors: Sequence[str], file_name: str, sha256: str, kind: str, dest: Path
-) -> list[str]:
+def _download_file(mirrors: Sequence[str], file_name: str, sha256: str, kind: str, dest: Path) -> list[str]:
     """Download ``file_name`` trying each mirror; verify in a temp file, then rename into place.
 
     Returns the list of failures (mirror: reason); an empty list means success.
@@ -384,12 +378,7 @@ def load_mnist_mini(path: Path | None = None) -> Dataset:
     images = table[:, :-1].astype(np.uint8).reshape(-1, 1, 28, 28)
     labels = table[:, -1]
     rng = np.random.default_rng(MINI_SPLIT_SEED)
-    test_idx = np.concatenate(
-        [
-            rng.permutation(np.flatnonzero(labels == c))[:MINI_TEST_PER_CLASS]
-            for c in range(10)
-        ]
-    )
+    test_idx = np.concatenate([rng.permutation(np.flatnonzero(labels == c))[:MINI_TEST_PER_CLASS] for c in range(10)])
     test_mask = np.zeros(len(labels), dtype=bool)
     test_mask[test_idx] = True
     train_order = rng.permutation(np.flatnonzero(~test_mask))

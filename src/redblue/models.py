@@ -72,10 +72,17 @@ def cnn_large() -> nn.Sequential:
 MODELS: dict[str, Callable[[], nn.Module]] = {"cnn": cnn, "cnn-large": cnn_large}
 
 
-def build_model(name: str = "cnn") -> nn.Module:
-    """Build a fresh model by registry name (see :data:`MODELS`)."""
+def build_model(name: str = "cnn", *, seed: int | None = None) -> nn.Module:
+    """Build a fresh model by registry name (see :data:`MODELS`).
+
+    With ``seed``, the initial weights depend only on it (the global RNG is left untouched).
+    """
     try:
         factory = MODELS[name]
     except KeyError:
         raise ConfigError(f"--model-name {name!r}: unknown model, expected one of {', '.join(MODELS)}") from None
-    return factory()
+    if seed is None:
+        return factory()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return factory()

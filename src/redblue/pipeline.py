@@ -55,7 +55,7 @@ def train_baseline(
         fit_info = reused.record["training"]
         print(f"reusing {reused.json_path} (same config and data; --force-retrain to retrain)", file=sys.stderr)
     else:
-        model = build_model(train_cfg.model_name)
+        model = build_model(train_cfg.model_name, seed=train_cfg.seed)
         result = fit(model, data, train_cfg, progress=progress, desc=name)
         fit_info = {
             "history": result.history,

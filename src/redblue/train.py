@@ -30,7 +30,9 @@ Loss = Callable[[nn.Module, torch.Tensor, torch.Tensor, torch.Tensor], tuple[tor
 """``loss(model, x_clean, x_train, y) -> (loss, logits)``: a custom objective (e.g. TRADES)."""
 
 EpochEnd = Callable[[int, nn.Module], dict[str, Any]]
-"""Called after each epoch with (epoch, model); returns extra values for that epoch's history."""
+"""Called after each epoch with (epoch, model); returns extra values for that epoch's history.
+A true ``"stop_training"`` value ends training after that epoch (early stopping, e.g. a guard
+that has restored an earlier epoch's weights)."""
 
 
 def batches(
@@ -58,7 +60,9 @@ def channels_last(x: torch.Tensor) -> torch.Tensor:
 
 def prepare_model(model: nn.Module, device: torch.device) -> nn.Module:
     """Move to ``device`` in channels_last memory format (measured faster here on CPU and GPU)."""
-    return model.to(device=device, memory_format=torch.channels_last)
+    model.to(device)
+    model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+    return model
 
 
 @torch.no_grad()
@@ -119,7 +123,8 @@ def fit(
         perturb: optional ``perturb(model, x, y) -> x_train`` (adversarial training).
         loss: optional ``loss(model, x, x_train, y) -> (loss, logits)`` replacing
             cross-entropy on ``x_train``.
-        epoch_end: optional hook whose returned values join that epoch's history.
+        epoch_end: optional hook whose returned values join that epoch's history; a true
+            ``"stop_training"`` among them ends training after that epoch.
         progress: show a progress bar with loss and accuracy.
 
     Returns:
@@ -188,6 +193,8 @@ def fit(
         if epoch_end is not None:
             entry.update(epoch_end(epoch, model))
         history.append(entry)
+        if entry.get("stop_training"):
+            break
     total = time.perf_counter() - start_all
     model.eval()
     return FitResult(

@@ -21,7 +21,7 @@ from redblue.errors import ConfigError
 def seed_everything(seed: int) -> None:
     """Seed Python, NumPy and PyTorch (all devices) from one integer."""
     random.seed(seed)
-    np.random.seed(seed % 2**32)  # noqa: NPY002 - legacy global RNG, seeded for third-party code
+    np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
 
 

@@ -37,11 +37,13 @@ _register()
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point: run the CLI; user errors become one line and exit code 2."""
-    try:
-        cli.main(args=argv, prog_name="redblue", standalone_mode=False)
-    except click.exceptions.NoArgsIsHelp as exc:  # pragma: no cover - click version dependent
-        click.echo(exc.ctx.get_help() if exc.ctx else str(exc))
+    args = sys.argv[1:] if argv is None else argv
+    if not args:
+        with click.Context(cli, info_name="redblue") as ctx:
+            click.echo(cli.get_help(ctx))
         return 0
+    try:
+        cli.main(args=args, prog_name="redblue", standalone_mode=False)
     except click.UsageError as exc:
         hint = f" (see 'redblue {exc.ctx.info_name} --help')" if exc.ctx and exc.ctx.parent else ""
         print(f"redblue: error: {exc.format_message()}{hint}", file=sys.stderr)

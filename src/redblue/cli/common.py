@@ -53,15 +53,23 @@ def train_options(func: F) -> F:
         [
             click.option("--epochs", type=int, default=None, help="Training epochs. [default: 5]"),
             click.option("--batch-size", type=int, default=None, help="Batch size. [default: 128]"),
-            click.option("--lr", type=float, default=None, help="Adam learning rate (cosine decay to 0). [default: 0.003]"),
-            click.option("--seed", type=int, default=None, help="Seeds everything; same seed, same metrics on CPU. [default: 0]"),
+            click.option(
+                "--lr", type=float, default=None, help="Adam learning rate (cosine decay to 0). [default: 0.003]"
+            ),
+            click.option(
+                "--seed", type=int, default=None, help="Seeds everything; same seed, same metrics on CPU. [default: 0]"
+            ),
             click.option("--device", default=None, help="auto, cpu or cuda. [default: auto]"),
             click.option(
                 "--precision",
                 default=None,
                 help="auto (bf16 autocast where the hardware runs it fast, else fp32), fp32 or bf16. [default: auto]",
             ),
-            click.option("--model-name", default=None, help="Architecture from the model registry: cnn or cnn-large. [default: cnn]"),
+            click.option(
+                "--model-name",
+                default=None,
+                help="Architecture from the model registry: cnn or cnn-large. [default: cnn]",
+            ),
         ]
     ):
         func = option(func)

@@ -65,7 +65,13 @@ def evaluate(model_path: str, out: str, device: str, **options: Any) -> None:
         "stage": "evaluate",
         "model": {"name": name, "path": str(loaded.weights_path), "weights_sha256": loaded.record["weights_sha256"]},
         "dataset": data.describe(),
-        "metrics": {"accuracy": ev.accuracy, "loss": ev.loss, "n": ev.n, "latency": ev.latency, "confusion": ev.confusion},
+        "metrics": {
+            "accuracy": ev.accuracy,
+            "loss": ev.loss,
+            "n": ev.n,
+            "latency": ev.latency,
+            "confusion": ev.confusion,
+        },
     }
     atomic_write_json(out_dir / "metrics" / f"{name}_evaluate_metrics.json", result)
     click.echo(f"{name}: test accuracy {100 * ev.accuracy:.2f}% on {data.name} ({ev.n} images)")

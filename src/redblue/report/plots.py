@@ -10,10 +10,10 @@ from typing import Any
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.figure import Figure  # noqa: E402
+import matplotlib.pyplot as plt
+from matplotlib.figure import Figure
 
-from redblue.utils import atomic_write_bytes  # noqa: E402
+from redblue.utils import atomic_write_bytes
 
 
 def save_figure(fig: Figure, path: Path) -> Path:
@@ -52,7 +52,8 @@ def confusion_matrix(matrix: Sequence[Sequence[int]], title: str, path: Path) ->
     for i in range(n):
         for j in range(n):
             value = matrix[i][j]
-            ax.text(j, i, str(value), ha="center", va="center", fontsize=7,
-                    color="white" if value > peak / 2 else "black")
+            ax.text(
+                j, i, str(value), ha="center", va="center", fontsize=7, color="white" if value > peak / 2 else "black"
+            )
     ax.set(xlabel="predicted", ylabel="true", title=title, xticks=range(n), yticks=range(n))
     return save_figure(fig, path)

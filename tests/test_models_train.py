@@ -1,0 +1,121 @@
+"""Model registry, the training loop, evaluation metrics and determinism."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from redblue.config import TrainConfig
+from redblue.data import Dataset
+from redblue.errors import ConfigError
+from redblue.models import MODELS, Normalize, build_model
+from redblue.train import confusion_matrix, evaluate, fit
+
+
+def test_cnn_is_the_original_architecture() -> None:
+    model = build_model("cnn")
+    assert isinstance(model[0], Normalize)
+    convs = [m for m in model if isinstance(m, torch.nn.Conv2d)]
+    assert [(c.out_channels, c.kernel_size) for c in convs] == [(32, (3, 3)), (64, (3, 3))]
+    assert any(isinstance(m, torch.nn.Dropout) and m.p == 0.5 for m in model)
+    assert sum(p.numel() for p in model.parameters()) == 34_826
+    assert model(torch.rand(2, 1, 28, 28)).shape == (2, 10)
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_every_registered_model_maps_pixels_to_logits(name: str) -> None:
+    out = build_model(name).eval()(torch.rand(3, 1, 28, 28))
+    assert out.shape == (3, 10)
+    assert not torch.allclose(out.softmax(1).sum(1), out.sum(1))  # logits, not probabilities
+
+
+def test_unknown_model_is_a_config_error() -> None:
+    with pytest.raises(ConfigError, match="unknown model"):
+        build_model("resnet")
+
+
+def test_normalize_is_inside_the_model() -> None:
+    layer = Normalize(0.5, 0.25)
+    assert torch.allclose(layer(torch.tensor([[[[0.0, 0.5, 1.0]]]])), torch.tensor([[[[-2.0, 0.0, 2.0]]]]))
+
+
+def test_confusion_matrix_by_hand() -> None:
+    y_true = torch.tensor([0, 0, 1, 2, 2, 2])
+    y_pred = torch.tensor([0, 1, 1, 2, 0, 2])
+    assert confusion_matrix(y_true, y_pred, 3) == [[1, 1, 0], [0, 1, 0], [1, 0, 2]]
+
+
+@pytest.fixture(scope="module")
+def small(mini: Dataset) -> Dataset:
+    return mini.subset(n_train=1500, n_test=500)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "auto"])
+def test_same_seed_same_metrics(small: Dataset, precision: str) -> None:
+    cfg = TrainConfig(epochs=1, seed=3, device="cpu", precision=precision)
+    runs = []
+    for _ in range(2):
+        model = build_model("cnn", seed=3)
+        result = fit(model, small, cfg, progress=False)
+        runs.append((result.history[0]["loss"], result.history[0]["test_accuracy"], model[1].weight.sum().item()))
+    assert runs[0] == runs[1]
+    other = fit(
+        build_model("cnn", seed=4),
+        small,
+        TrainConfig(epochs=1, seed=4, device="cpu", precision=precision),
+        progress=False,
+    )
+    assert other.history[0]["loss"] != runs[0][0]
+
+
+def test_fit_learns_and_keeps_history(small: Dataset) -> None:
+    model = build_model("cnn")
+    result = fit(model, small, TrainConfig(epochs=2, seed=0, device="cpu"), progress=False)
+    assert [h["epoch"] for h in result.history] == [1, 2]
+    assert set(result.history[0]) >= {"loss", "train_accuracy", "test_accuracy", "seconds"}
+    assert result.history[1]["loss"] < result.history[0]["loss"]
+    assert result.history[-1]["test_accuracy"] > 0.8
+    assert not model.training and result.precision in ("fp32", "bf16")
+
+
+def test_evaluate_agrees_with_a_manual_count(small: Dataset) -> None:
+    model = build_model("cnn").eval()
+    ev = evaluate(model, small.x_test, small.y_test, batch_size=64)
+    with torch.no_grad():
+        pred = model(small.x_test.float() / 255).argmax(1)
+    assert ev.n == 500 and ev.accuracy == (pred == small.y_test).sum().item() / 500
+    assert sum(map(sum, ev.confusion)) == 500
+    assert sum(ev.confusion[i][i] for i in range(10)) == (pred == small.y_test).sum().item()
+    lat = ev.latency
+    assert lat["batch_size"] == 128 and lat["repeats"] >= 5 and lat["per_image_us"] > 0
+    assert lat["per_image_us"] == pytest.approx(lat["median_batch_ms"] * 1e3 / 128)
+
+
+def test_perturb_hook_changes_what_is_trained_on(small: Dataset) -> None:
+    seen: list[float] = []
+
+    def perturb(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        seen.append(float(x.mean()))
+        return torch.zeros_like(x)
+
+    model = build_model("cnn")
+    result = fit(
+        model,
+        small.subset(256, 100),
+        TrainConfig(epochs=1, batch_size=128, device="cpu"),
+        perturb=perturb,
+        progress=False,
+    )
+    assert len(seen) == 2 and all(v > 0 for v in seen)
+    # Trained on blank images only, so the model cannot beat chance by much.
+    assert result.history[0]["test_accuracy"] < 0.5
+
+
+@pytest.mark.slow
+def test_baseline_reaches_99_percent_on_full_mnist(baseline_dir: object, baseline: object) -> None:
+    from redblue.artifacts import LoadedModel
+
+    assert isinstance(baseline, LoadedModel)
+    assert baseline.record["metrics"]["accuracy"] >= 0.990
+    history = baseline.record["training"]["history"]
+    assert len(history) == 5 and history[-1]["test_accuracy"] >= 0.990
