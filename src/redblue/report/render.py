@@ -1,0 +1,154 @@
+"""The HTML and Markdown reports, rendered from the JSON files under ``OUT/metrics`` only.
+
+``render_report(out)`` can run any time after the stages: it reads ``metrics/*.json`` and
+``images/*.png`` and writes ``report.html`` (self-contained: images inlined, no network)
+and ``report.md`` (for a write-up), atomically. Nothing is re-computed.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import jinja2
+
+from redblue.errors import RedblueError
+from redblue.utils import atomic_write_bytes
+
+TEMPLATES = Path(__file__).resolve().parent / "templates"
+STAGE_ORDER = ["baseline", "fgsm", "pgd", "standard", "attack", "advtrain", "poison", "backdoor"]
+
+
+def _stage_rank(name: str) -> tuple[int, str]:
+    for i, prefix in enumerate(STAGE_ORDER):
+        if name.startswith(prefix):
+            return i, name
+    return len(STAGE_ORDER), name
+
+
+def _numbers(obj: Any, prefix: str = "", depth: int = 0, out: list[tuple[str, Any]] | None = None) -> list[tuple[str, Any]]:
+    """(dotted key, value) for scalar leaves of a metrics dict, two levels deep at most."""
+    rows = [] if out is None else out
+    if isinstance(obj, dict):
+        for key, value in obj.items():
+            name = f"{prefix}{key}"
+            if isinstance(value, bool | int | float | str) or value is None:
+                rows.append((name, value))
+            elif isinstance(value, dict) and depth < 1:
+                _numbers(value, name + ".", depth + 1, rows)
+    return rows
+
+
+def _warnings(obj: Any, where: str, found: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Every dict with ``id`` and ``message`` in any list called ``warnings``, anywhere in ``obj``."""
+    if isinstance(obj, dict):
+        for key, value in obj.items():
+            if key == "warnings" and isinstance(value, list):
+                for item in value:
+                    if isinstance(item, dict) and "message" in item:
+                        found.append({**item, "where": where})
+            else:
+                _warnings(value, where, found)
+    elif isinstance(obj, list):
+        for value in obj:
+            _warnings(value, where, found)
+    return found
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        if 0.0 <= value <= 1.0 and value != 0.0:
+            return f"{value:.4f}"
+        return f"{value:.4g}"
+    return "—" if value is None else str(value)
+
+
+def load_results(out: Path) -> dict[str, dict[str, Any]]:
+    """Every ``metrics/*.json`` under ``out``, by file stem."""
+    folder = out / "metrics"
+    if not folder.is_dir():
+        raise RedblueError(f"{folder}: no metrics folder (run a stage first, e.g. 'redblue run --out {out}')")
+    results = {}
+    for path in sorted(folder.glob("*.json")):
+        try:
+            results[path.stem] = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as exc:
+            raise RedblueError(f"{path}: unreadable JSON ({exc})") from None
+    return results
+
+
+def build_context(out: Path) -> dict[str, Any]:
+    results = load_results(out)
+    summary = results.pop("metrics_summary", None)
+    stages = []
+    warnings: list[dict[str, Any]] = []
+    for stem in sorted((s for s in results if s.endswith("_metrics")), key=_stage_rank):
+        data = results[stem]
+        name = stem.removesuffix("_metrics")
+        _warnings(data, name, warnings)
+        model = data.get("model") if isinstance(data.get("model"), dict) else {}
+        dataset = data.get("dataset") if isinstance(data.get("dataset"), dict) else {}
+        stages.append(
+            {
+                "name": name,
+                "metrics": [(k, _fmt(v)) for k, v in _numbers(data.get("metrics", {}))],
+                "settings": json.dumps(data.get("config") or data.get("settings") or {}, indent=2, sort_keys=True),
+                "weights_sha256": (model or {}).get("weights_sha256"),
+                "dataset": dataset,
+                "seconds": data.get("seconds") or (data.get("training") or {}).get("seconds"),
+            }
+        )
+    configs = {s: results[s] for s in results if s.endswith("_config")}
+    images = []
+    for png in sorted((out / "images").glob("*.png"), key=lambda p: (_stage_rank(p.stem), p.name)):
+        images.append(
+            {
+                "name": png.stem,
+                "title": png.stem.replace("_", " "),
+                "file": f"images/{png.name}",
+                "data": base64.b64encode(png.read_bytes()).decode("ascii"),
+            }
+        )
+    versions: dict[str, Any] = {}
+    for data in results.values():
+        if isinstance(data, dict) and isinstance(data.get("versions"), dict):
+            versions = data["versions"]
+            break
+    return {
+        "generated": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "out": str(out),
+        "summary": summary,
+        "stages": stages,
+        "warnings": warnings,
+        "configs": {k: json.dumps(v, indent=2, sort_keys=True) for k, v in configs.items()},
+        "images": images,
+        "versions": versions,
+        "fmt": _fmt,
+    }
+
+
+def _env() -> jinja2.Environment:
+    return jinja2.Environment(
+        loader=jinja2.FileSystemLoader(str(TEMPLATES)),
+        autoescape=jinja2.select_autoescape(enabled_extensions=("html", "j2"), default=True),
+        undefined=jinja2.StrictUndefined,
+        trim_blocks=True,
+        lstrip_blocks=True,
+    )
+
+
+def render_report(out: Path) -> tuple[Path, Path]:
+    """Write ``out/report.html`` and ``out/report.md`` from the JSON results; returns both paths."""
+    context = build_context(out)
+    env = _env()
+    html = env.get_template("report.html.j2").render(**context)
+    md_env = _env()
+    md_env.autoescape = False
+    markdown = md_env.get_template("report.md.j2").render(**context)
+    html_path, md_path = out / "report.html", out / "report.md"
+    atomic_write_bytes(html_path, html.encode("utf-8"))
+    atomic_write_bytes(md_path, markdown.encode("utf-8"))
+    return html_path, md_path
