@@ -31,6 +31,11 @@ def _register() -> None:
     cli.add_command(train_commands.train)
     cli.add_command(train_commands.evaluate)
 
+    from redblue.cli import scan as scan_commands
+
+    cli.add_command(scan_commands.scan)
+    cli.add_command(scan_commands.verify)
+
 
 _register()
 
