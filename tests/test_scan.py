@@ -352,3 +352,21 @@ def test_exit_code_threshold(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="--fail-on"):
         report.exit_code("severe")
     assert scan_paths([]).exit_code() == 0
+
+
+@pytest.mark.parametrize("protocol", [2, 5])
+def test_numpy_arrays_pickled_at_any_protocol_are_clean(tmp_path: Path, protocol: int) -> None:
+    path = tmp_path / "arrays.pkl"
+    path.write_bytes(pickle.dumps({"a": np.arange(5.0), "s": np.float32(2), "d": np.dtype("f4")}, protocol=protocol))
+    report = scan_file(path)
+    assert report.status == "clean", report.findings
+    assert "numpy.dtype" in report.imports
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit:DeprecationWarning")
+def test_torchscript_archive_is_treated_as_code(tmp_path: Path) -> None:
+    path = tmp_path / "scripted.pt"
+    torch.jit.save(torch.jit.script(torch.nn.Linear(2, 2)), str(path))
+    report = scan_file(path)
+    assert report.kind == "torch-zip" and report.worst == "medium"
+    assert {f.rule for f in report.findings} == {"torchscript-code", "torchscript-class"}

@@ -97,6 +97,8 @@ _ALLOWED: frozenset[str] = frozenset(
         "numpy._core.multiarray._reconstruct",
         "numpy.core.multiarray.scalar",
         "numpy._core.multiarray.scalar",
+        "numpy.core.numeric._frombuffer",  # protocol-5 pickles of arrays
+        "numpy._core.numeric._frombuffer",
     }
     | {f"torch._utils.{fn}" for fn in (
         "_rebuild_tensor", "_rebuild_tensor_v2", "_rebuild_tensor_v3", "_rebuild_parameter",
@@ -188,6 +190,8 @@ def classify_global(module: str, name: str, *, called: bool) -> tuple[str | None
             return "critical", reason
     if root in _DANGEROUS_MODULES:
         return "critical", _DANGEROUS_MODULES[root]
+    if root == "__torch__":
+        return "medium", "TorchScript class: torch.jit.load compiles it from the archive's code/ files"
     if full in _LOW_RISK or module in _LOW_RISK_MODULES:
         return "low", "data-only standard-library constructor, but not a tensor constructor"
     if called:
@@ -323,7 +327,7 @@ class _Suspect:
 
 _RULES = {
     ("critical", False): "dangerous-global", ("critical", True): "dangerous-call",
-    ("high", True): "unknown-call", ("medium", False): "unknown-global",
+    ("high", True): "unknown-call", ("medium", False): "unknown-global", ("medium", True): "torchscript-class",
     ("low", False): "unusual-global", ("low", True): "unusual-call",
 }
 
