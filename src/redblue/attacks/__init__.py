@@ -1,8 +1,113 @@
-"""Evasion attacks: functions on tensors returning adversarial images in the eps-ball and [0, 1]."""
+"""Evasion attacks: functions on tensors returning adversarial images in the eps-ball and [0, 1].
+
+``ATTACKS`` maps each name to its public function ``attack(model, x, y, *, eps, ...) ->
+x_adv``; ``RUNNERS`` to the variant the evaluator uses (it also returns the clean logits of
+the attack's own first forward pass); ``DEFAULTS`` to each attack's settings and their
+defaults; ``SUITES`` to the attacks of a suite, whose robust accuracy is the per-example
+worst case over its members.
+"""
 
 from __future__ import annotations
 
-from redblue.attacks.fgsm import fgsm
-from redblue.attacks.pgd import pgd
+from collections.abc import Callable
+from typing import Any
 
-__all__ = ["fgsm", "pgd"]
+import torch
+
+from redblue.attacks.apgd import apgd_ce, apgd_run, apgd_t
+from redblue.attacks.fgsm import fgsm, fgsm_run
+from redblue.attacks.pgd import pgd, pgd_run
+from redblue.attacks.projection import AttackOutput, per_example_norm, project, random_start
+from redblue.attacks.square import square, square_run
+from redblue.errors import ConfigError
+
+ATTACKS: dict[str, Callable[..., torch.Tensor]] = {
+    "fgsm": fgsm,
+    "pgd": pgd,
+    "apgd-ce": apgd_ce,
+    "apgd-t": apgd_t,
+    "square": square,
+}
+
+
+def _apgd_ce_run(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, **kw: Any) -> AttackOutput:
+    return apgd_run(model, x, y, loss="ce", **kw)
+
+
+def _apgd_t_run(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, **kw: Any) -> AttackOutput:
+    return apgd_run(model, x, y, loss="dlr-targeted", **kw)
+
+
+RUNNERS: dict[str, Callable[..., AttackOutput]] = {
+    "fgsm": fgsm_run,
+    "pgd": pgd_run,
+    "apgd-ce": _apgd_ce_run,
+    "apgd-t": _apgd_t_run,
+    "square": square_run,
+}
+
+DEFAULTS: dict[str, dict[str, Any]] = {
+    "fgsm": {},
+    # alpha None means 2.5 * eps / steps (Madry et al. 2018).
+    "pgd": {"alpha": None, "steps": 40, "restarts": 1, "random_start": True},
+    "apgd-ce": {"steps": 100, "restarts": 1},
+    "apgd-t": {"steps": 100, "restarts": 1, "n_targets": 9},
+    "square": {"steps": 5000, "restarts": 1, "p_init": 0.8},
+}
+"""Settings each attack accepts besides ``eps`` and ``norm``, with their defaults."""
+
+SUITES: dict[str, list[str]] = {
+    "quick": ["fgsm", "pgd"],
+    "standard": ["apgd-ce", "apgd-t"],
+}
+
+ATTACK_CHOICES = (*ATTACKS, *SUITES)
+SETTINGS = ("alpha", "steps", "restarts", "random_start", "n_targets", "p_init")
+
+
+def expand(spec: str | list[str]) -> list[str]:
+    """Attack names from a name, a suite, or a comma-separated list of them (order kept,
+    duplicates dropped): ``"standard,square"`` -> ``["apgd-ce", "apgd-t", "square"]``."""
+    parts = spec.split(",") if isinstance(spec, str) else list(spec)
+    names: list[str] = []
+    for part in (p.strip() for p in parts):
+        if part in SUITES:
+            members = SUITES[part]
+        elif part in ATTACKS:
+            members = [part]
+        else:
+            raise ConfigError(f"--attack {part!r}: unknown attack, expected one of {', '.join(ATTACK_CHOICES)}")
+        names.extend(m for m in members if m not in names)
+    if not names:
+        raise ConfigError("--attack: no attack given")
+    return names
+
+
+def resolve_settings(name: str, eps: float, settings: dict[str, Any]) -> dict[str, Any]:
+    """The settings attack ``name`` runs with: its defaults overridden by the given
+    settings it accepts (``None`` means not given)."""
+    resolved = dict(DEFAULTS[name])
+    resolved.update({k: v for k, v in settings.items() if k in resolved and v is not None})
+    if name == "pgd" and resolved["alpha"] is None:
+        resolved["alpha"] = 2.5 * eps / resolved["steps"] if eps > 0 else 0.01
+    return resolved
+
+
+__all__ = [
+    "ATTACKS",
+    "ATTACK_CHOICES",
+    "DEFAULTS",
+    "RUNNERS",
+    "SUITES",
+    "AttackOutput",
+    "apgd_ce",
+    "apgd_t",
+    "expand",
+    "fgsm",
+    "per_example_norm",
+    "pgd",
+    "project",
+    "random_start",
+    "resolve_settings",
+    "square",
+]
