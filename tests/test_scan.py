@@ -370,3 +370,40 @@ def test_torchscript_archive_is_treated_as_code(tmp_path: Path) -> None:
     report = scan_file(path)
     assert report.kind == "torch-zip" and report.worst == "medium"
     assert {f.rule for f in report.findings} == {"torchscript-code", "torchscript-class"}
+
+
+@pytest.mark.parametrize(
+    ("module", "name"),
+    [
+        ("torch.serialization", "os.system"),  # protocol 4+ walks dotted names attribute by attribute
+        ("collections", "OrderedDict.__init__.__globals__"),
+        ("torch._utils", "_rebuild_tensor_v2.__builtins__"),
+        ("torch.storage", "_load_from_bytes"),  # a nested torch.load
+    ],
+)
+def test_attribute_walks_and_nested_loaders_are_critical(tmp_path: Path, module: str, name: str) -> None:
+    m, n = module.encode(), name.encode()
+    path = tmp_path / "walk.pkl"
+    path.write_bytes(b"\x80\x04\x8c" + bytes([len(m)]) + m + b"\x8c" + bytes([len(n)]) + n + b"\x93)R.")
+    finding = only(scan_file(path), f"{module}.{name}")
+    assert finding.severity == "critical"
+
+
+def test_build_on_an_imported_object_is_high(tmp_path: Path) -> None:
+    # GLOBAL collections.OrderedDict, then BUILD with a state dict: monkey-patches the class.
+    path = tmp_path / "patch.pkl"
+    path.write_bytes(b"\x80\x02ccollections\nOrderedDict\n}X\x07\x00\x00\x00__len__K\x01sb.")
+    finding = only(scan_file(path), "collections.OrderedDict")
+    assert (finding.severity, finding.rule) == ("high", "build-on-global")
+
+
+class PlainObject:
+    def __init__(self) -> None:
+        self.value = 1
+
+
+def test_classes_handed_to_copyreg_helpers_count_as_called(tmp_path: Path) -> None:
+    path = tmp_path / "old.pkl"
+    path.write_bytes(pickle.dumps(PlainObject(), protocol=0))  # copyreg._reconstructor(cls, object, None)
+    finding = only(scan_file(path), f"{__name__}.PlainObject")
+    assert (finding.severity, finding.rule) == ("high", "unknown-call")

@@ -90,7 +90,6 @@ _ALLOWED: frozenset[str] = frozenset(
         "torch._tensor._rebuild_from_type_v2",
         "torch.storage.TypedStorage",
         "torch.storage.UntypedStorage",
-        "torch.storage._load_from_bytes",
         "numpy.ndarray",
         "numpy.dtype",
         "numpy.core.multiarray._reconstruct",
@@ -137,6 +136,7 @@ _DANGEROUS_MODULES: dict[str, str] = {
     **dict.fromkeys(("os", "posix", "nt", "pty", "_posixsubprocess"), "operating-system calls: shell commands, files, processes"),
     **dict.fromkeys(("subprocess", "multiprocessing", "asyncio", "commands", "popen2"), "runs other programs or processes"),
     **dict.fromkeys(("runpy", "importlib", "imp", "pkgutil", "zipimport"), "imports or runs arbitrary modules"),
+    **dict.fromkeys(("distutils", "setuptools", "pip", "venv", "ensurepip"), "builds, installs or runs code"),
     **dict.fromkeys(("code", "codeop", "pdb", "bdb", "timeit", "trace", "profile", "cProfile"), "compiles or runs Python code"),
     **dict.fromkeys(("pickle", "_pickle", "cPickle", "dill", "cloudpickle", "joblib", "marshal", "shelve"), "nested deserialisation, which runs code"),
     **dict.fromkeys(("socket", "ssl", "urllib", "urllib2", "http", "httplib", "requests", "ftplib", "smtplib", "telnetlib", "webbrowser", "xmlrpc"), "network access"),
@@ -152,7 +152,8 @@ _DANGEROUS_BUILTINS: dict[str, str] = {
 _DANGEROUS_NAMES: dict[str, str] = {
     **dict.fromkeys(("operator.attrgetter", "operator.methodcaller", "operator.getitem", "functools.reduce"), "reaches arbitrary attributes or calls"),
     **dict.fromkeys(("types.FunctionType", "types.CodeType", "types.LambdaType", "types.MethodType", "types.ModuleType"), "builds functions from bytecode"),
-    **dict.fromkeys(("torch.load", "torch.serialization.load", "torch.jit.load", "numpy.load", "numpy.lib.npyio.load"), "nested deserialisation, which runs code"),
+    **dict.fromkeys(("torch.load", "torch.serialization.load", "torch.jit.load", "torch.storage._load_from_bytes", "numpy.load", "numpy.lib.npyio.load"), "nested deserialisation, which runs code"),
+    **dict.fromkeys(("_operator.attrgetter", "_operator.methodcaller"), "reaches arbitrary attributes or calls"),
     **dict.fromkeys(("torch.hub.load", "torch.hub.load_state_dict_from_url", "torch.hub.download_url_to_file"), "downloads and runs code"),
 }
 _DANGEROUS_PREFIXES: dict[str, str] = {
@@ -181,6 +182,10 @@ def classify_global(module: str, name: str, *, called: bool) -> tuple[str | None
     if is_allowed(full):
         return None, "allowlisted constructor"
     root = module.split(".", 1)[0]
+    if "." in name:  # protocol 4+ resolves dotted names by walking attributes
+        parts = name.split(".")
+        if any(part.startswith("__") or part in _DANGEROUS_MODULES or part in _DANGEROUS_BUILTINS for part in parts):
+            return "critical", "walks attributes through a dunder or a dangerous name (e.g. __globals__, os, system)"
     if module in ("builtins", "__builtin__") and name in _DANGEROUS_BUILTINS:
         return "critical", _DANGEROUS_BUILTINS[name]
     if full in _DANGEROUS_NAMES:
@@ -303,6 +308,15 @@ class _Const:
 
 class _Mark:
     pass
+
+
+@dataclass(frozen=True)
+class _Tuple:
+    items: tuple[Any, ...]
+
+
+# Allowlisted helpers that call the classes they receive as arguments (how many of them).
+_CALLS_ITS_ARGUMENTS = {"copyreg._reconstructor": 2, "copyreg.__newobj__": 1, "copyreg.__newobj_ex__": 1}
 
 
 _MARK = _Mark()
@@ -428,8 +442,8 @@ class _PickleWalker:
             self.stack.append(self._import(module, attr, pos))
         elif name == "STACK_GLOBAL":
             attr, module = self._pop(pos), self._pop(pos)
-            if isinstance(module, _Const) and isinstance(attr, _Const):
-                self.stack.append(self._import(str(module.value), str(attr.value), pos))
+            if isinstance(module, _Const) and isinstance(attr, _Const) and isinstance(module.value, str) and isinstance(attr.value, str):
+                self.stack.append(self._import(module.value, attr.value, pos))
             else:
                 self._suspect(
                     "<computed import>", "high", "computed-import",
@@ -450,10 +464,20 @@ class _PickleWalker:
             self._call(items[0], name, pos)
             self.stack.append(_UNKNOWN)
         elif name in ("REDUCE", "NEWOBJ", "NEWOBJ_EX"):
-            for _ in range(len(op.stack_before) - 1):  # args (and kwargs), then the callable
-                self._pop(pos)
-            self._call(self._pop(pos), name, pos)
+            popped = [self._pop(pos) for _ in range(len(op.stack_before) - 1)]  # (kwargs,) args
+            target = self._pop(pos)
+            self._call(target, name, pos)
+            if name == "REDUCE" and isinstance(target, _Global) and isinstance(popped[-1], _Tuple):
+                for item in popped[-1].items[: _CALLS_ITS_ARGUMENTS.get(f"{target.module}.{target.name}", 0)]:
+                    self._call(item, f"REDUCE via {target.module}.{target.name}", pos)
             self.stack.append(_UNKNOWN)
+        elif name in ("TUPLE1", "TUPLE2", "TUPLE3"):
+            items = [self._pop(pos) for _ in op.stack_before]
+            self.stack.append(_Tuple(tuple(reversed(items))))
+        elif name == "TUPLE":
+            self.stack.append(_Tuple(tuple(self._pop_to_mark(pos))))
+        elif name == "EMPTY_TUPLE":
+            self.stack.append(_Tuple(()))
         elif name in _PUT:
             self.memo[int(arg)] = self._top(pos)
         elif name == "MEMOIZE":
@@ -475,6 +499,17 @@ class _PickleWalker:
             if name == "BINPERSID":
                 self._pop(pos)
             self.stack.append(_UNKNOWN)
+        elif name == "BUILD":
+            self._pop(pos)  # the state
+            target = self._pop(pos)
+            if isinstance(target, _Global):
+                self._suspect(
+                    f"{target.module}.{target.name}", "high", "build-on-global",
+                    "BUILD sets attributes on an imported object, not on a new instance: "
+                    "loading the file would monkey-patch it",
+                    pos, called=True,
+                )
+            self.stack.append(target)
         elif name == "DUP":
             self.stack.append(self._top(pos))
         elif name == "MARK":
@@ -503,10 +538,12 @@ class _PickleWalker:
         for name, s in self.suspects.items():
             if name.startswith("<"):
                 message = s.reason
+            elif s.rule == "build-on-global":
+                message = f"{name}: {s.reason}"
             else:
                 how = "imported" + (f" and called {s.called}x" if s.called else ", not called")
                 message = f"{name} {how}: {s.reason}"
-            rule = _RULES.get((s.severity, s.called > 0), s.rule) if not name.startswith("<") else s.rule
+            rule = s.rule if name.startswith("<") or s.rule == "build-on-global" else _RULES.get((s.severity, s.called > 0), s.rule)
             out.append(Finding(s.severity, rule, name, message, self.member, s.offset, max(s.imported, s.called)))
         return out
 
@@ -684,7 +721,10 @@ def _scan_npy(handle: IO[bytes], size: int, report: FileReport, member: str | No
                 offset,
             )
         )
-        payload = io.BytesIO(head[offset:] + handle.read())
+        rest = handle.read(MAX_MEMBER_BYTES + 1)
+        if len(rest) > MAX_MEMBER_BYTES:
+            raise FormatError(f"{where}: object-array payload larger than {MAX_MEMBER_BYTES} bytes, not scanned")
+        payload = io.BytesIO(head[offset:] + rest)
         _scan_pickle_stream(payload, report, f"{where} (pickled payload)", allow_legacy=False)
         return
     numel = 1
