@@ -1,0 +1,388 @@
+"""The poisoning stage: train (or reload) a BadNets model, save it, measure C-Acc / ASR / RA.
+
+``poison_stage`` writes ``models/<name>.safetensors`` + ``.json`` (the record holds the
+trigger, target, rate, seed and the poison indices' file and SHA-256),
+``models/<name>_poison_indices.safetensors``, ``metrics/poison_metrics.json`` and images.
+``poison_sweep_stage`` repeats it over poison rates and writes
+``metrics/poison_sweep_metrics.json`` and the ASR-vs-rate curve.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import asdict, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save as st_save
+from torch import nn
+
+from redblue.artifacts import find_reusable, model_paths, save_model
+from redblue.config import DataConfig, PoisonConfig, TrainConfig
+from redblue.data import Dataset
+from redblue.errors import ConfigError, IntegrityError
+from redblue.metrics import BackdoorMetrics, backdoor_metrics, json_dict
+from redblue.models import build_model
+from redblue.pipeline import training_cache_key
+from redblue.poison.dataset import poison_dataset
+from redblue.poison.selection import select_poison_indices
+from redblue.poison.trigger import Trigger, apply_trigger
+from redblue.report import backdoor_plots
+from redblue.train import fit, predict
+from redblue.utils import (
+    atomic_write_bytes,
+    atomic_write_json,
+    library_versions,
+    read_json,
+    resolve_device,
+    seed_everything,
+    sha256_bytes,
+)
+
+INDICES_FORMAT = "redblue.poison_indices/1"
+N_EXAMPLES = 8  # clean/triggered example images stored in the JSON result
+
+
+def poison_settings(poison_cfg: PoisonConfig) -> dict[str, Any]:
+    """What determines the poisoned training set (the cache key's stage-specific part)."""
+    return {
+        "rate": poison_cfg.rate,
+        "target": poison_cfg.target,
+        "poison_seed": poison_cfg.poison_seed,
+        "trigger": poison_cfg.trigger().describe(),
+    }
+
+
+def indices_bytes(indices: torch.Tensor) -> bytes:
+    """The poison indices as a safetensors file (deterministic bytes for equal indices)."""
+    return st_save(
+        {"indices": indices.detach().to("cpu", torch.int64).contiguous()},
+        metadata={"format": INDICES_FORMAT},
+    )
+
+
+def indices_path(out: Path, name: str) -> Path:
+    return out / "models" / f"{name}_poison_indices.safetensors"
+
+
+def check_fits(trigger: Trigger, data: Dataset, target: int) -> None:
+    """The trigger must fit the dataset's images and the target must be one of its classes."""
+    _, height, width = data.image_shape
+    trigger.box(height, width)
+    if not 0 <= target < data.num_classes:
+        raise ConfigError(f"--target {target}: not a class of {data.name} (0..{data.num_classes - 1})")
+
+
+def build_poisoned(data: Dataset, poison_cfg: PoisonConfig) -> tuple[Dataset, torch.Tensor]:
+    """(poisoned dataset, poison indices) — deterministic given the data and the config."""
+    trigger = poison_cfg.trigger()
+    check_fits(trigger, data, poison_cfg.target)
+    indices = select_poison_indices(
+        data.y_train, poison_cfg.rate, poison_cfg.target, poison_cfg.poison_seed
+    )
+    return poison_dataset(data, indices, trigger, poison_cfg.target), indices
+
+
+def poison_config_from_record(record: dict[str, Any]) -> PoisonConfig:
+    """The PoisonConfig a poisoned model's JSON record was trained with."""
+    poison = record.get("poison")
+    if not isinstance(poison, dict) or "trigger" not in poison:
+        raise IntegrityError(
+            f"model {record.get('name')!r}: its record has no poison settings "
+            "(expected a model saved by 'redblue poison')"
+        )
+    trigger = poison["trigger"]
+    try:
+        return PoisonConfig(
+            rate=poison["rate"],
+            target=poison["target"],
+            poison_seed=poison["poison_seed"],
+            size=trigger["size"],
+            position=trigger["position"],
+            pattern=trigger["pattern"],
+            alpha=trigger["alpha"],
+            name=str(record.get("name", "poisoned")),
+        )
+    except (KeyError, TypeError) as exc:
+        raise IntegrityError(f"model {record.get('name')!r}: malformed poison settings ({exc})") from None
+
+
+def verify_indices(record: dict[str, Any], indices: torch.Tensor) -> None:
+    """Refuse when recomputed poison indices do not hash to the recorded SHA-256."""
+    digest = sha256_bytes(indices_bytes(indices))
+    if digest != record.get("poison_indices_sha256"):
+        raise IntegrityError(
+            f"model {record.get('name')!r}: the poison indices rebuilt from this dataset "
+            f"(SHA-256 {digest[:16]}…) differ from the recorded "
+            f"{str(record.get('poison_indices_sha256'))[:16]}…: not the dataset it was trained on"
+        )
+
+
+def _examples(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, trigger: Trigger, target: int
+) -> dict[str, Any]:
+    """A few non-target test images, clean and triggered, with the predictions (as data)."""
+    idx = torch.nonzero(y != target).flatten()[:N_EXAMPLES]
+    clean = x[idx]
+    triggered = apply_trigger(clean, trigger)
+    blank = apply_trigger(torch.zeros_like(x[:1]), trigger)
+    return {
+        "test_indices": [int(i) for i in idx.tolist()],
+        "labels": [int(v) for v in y[idx].tolist()],
+        "clean": clean[:, 0].cpu().tolist(),
+        "triggered": triggered[:, 0].cpu().tolist(),
+        "pred_clean": [int(v) for v in predict(model, clean).tolist()],
+        "pred_triggered": [int(v) for v in predict(model, triggered).tolist()],
+        "trigger_image": blank[0, 0].cpu().tolist(),
+        "pixel_max": 255 if x.dtype == torch.uint8 else 1,
+    }
+
+
+def _baseline(out: Path, data: Dataset) -> dict[str, Any] | None:
+    """The clean baseline's accuracy from ``out/metrics/baseline_metrics.json`` when it was
+    measured on the same dataset files (for the C-Acc drop); None otherwise."""
+    path = out / "metrics" / "baseline_metrics.json"
+    if not path.is_file():
+        return None
+    try:
+        result = read_json(path)
+        if result["dataset"]["files"] != data.files:
+            return None
+        return {
+            "accuracy": float(result["metrics"]["accuracy"]),
+            "weights_sha256": result["model"]["weights_sha256"],
+            "file": str(path),
+        }
+    except (IntegrityError, KeyError, TypeError, ValueError):
+        return None
+
+
+def train_poisoned(
+    out: Path,
+    data: Dataset,
+    train_cfg: TrainConfig,
+    poison_cfg: PoisonConfig,
+    *,
+    data_cfg: DataConfig | None = None,
+    force_retrain: bool = False,
+    progress: bool = True,
+    reuse_names: tuple[str, ...] = (),
+) -> tuple[nn.Module, dict[str, Any], bool, torch.Tensor]:
+    """Train (or reload) the poisoned model ``poison_cfg.name``.
+
+    Returns (model on the training device, its saved record, reused?, poison indices).
+    ``reuse_names``: other saved models that may be reused when their cache key matches.
+    """
+    name = poison_cfg.name
+    poisoned, indices = build_poisoned(data, poison_cfg)
+    settings = poison_settings(poison_cfg)
+    key = training_cache_key("poisoned", train_cfg, data, extra={"poison": settings})
+    device = resolve_device(train_cfg.device)
+    index_payload = indices_bytes(indices)
+    reused = None
+    if not force_retrain:
+        for candidate in (name, *reuse_names):
+            reused = find_reusable(out, candidate, key)
+            if reused is not None:
+                break
+    if reused is not None and reused.record.get("poison_indices_sha256") != sha256_bytes(index_payload):
+        reused = None
+    if reused is not None and reused.record.get("name") == name:
+        print(f"reusing {reused.json_path} (same config and data; --force-retrain to retrain)",
+              file=sys.stderr)
+        atomic_write_bytes(indices_path(out, name), index_payload)
+        return reused.model.to(device), reused.record, True, indices
+    model: nn.Module
+    if reused is not None:
+        model = reused.model.to(device)
+        fit_info = reused.record["training"]
+        print(f"reusing {reused.json_path} for {name} (same config and data)", file=sys.stderr)
+    else:
+        seed_everything(train_cfg.seed)
+        model = build_model(train_cfg.model_name)
+        result = fit(model, poisoned, train_cfg, progress=progress, desc=name)
+        fit_info = {
+            "history": result.history,
+            "seconds": result.seconds,
+            "images_per_s": result.images_per_s,
+            "device": result.device,
+            "precision": result.precision,
+        }
+    idx_path = indices_path(out, name)
+    atomic_write_bytes(idx_path, index_payload)
+    n_eligible = int((data.y_train != poison_cfg.target).sum())
+    record = {
+        "model_name": train_cfg.model_name,
+        "stage": "poisoned",
+        "cache_key": key,
+        "config": {
+            "train": asdict(train_cfg),
+            "poison": asdict(poison_cfg),
+            "data": asdict(data_cfg) if data_cfg else None,
+        },
+        "dataset": data.describe(),
+        "poison": {
+            **settings,
+            "n_poison": int(indices.numel()),
+            "n_eligible": n_eligible,
+            "n_train": int(data.y_train.numel()),
+            "label_map": "all-to-one",
+        },
+        "poison_indices_file": idx_path.name,
+        "poison_indices_sha256": sha256_bytes(index_payload),
+        "training": fit_info,
+    }
+    saved = save_model(out, name, model, record)
+    return model, saved, False, indices
+
+
+def _summary(metrics: BackdoorMetrics) -> dict[str, Any]:
+    return {"c_acc": metrics.c_acc, "asr": metrics.asr, "ra": metrics.ra}
+
+
+def poison_stage(
+    out: Path,
+    data: Dataset,
+    train_cfg: TrainConfig,
+    poison_cfg: PoisonConfig,
+    *,
+    data_cfg: DataConfig | None = None,
+    force_retrain: bool = False,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Train (or reload) the BadNets model and evaluate it; returns the result dict.
+
+    Writes the model (safetensors + JSON record with the trigger and the poison indices'
+    file and SHA-256), ``metrics/poison_metrics.json`` and the images
+    ``images/poison_examples.png``, ``images/poison_trigger.png`` and
+    ``images/poison_triggered_predictions.png``.
+    """
+    model, record, reused, _ = train_poisoned(
+        out, data, train_cfg, poison_cfg, data_cfg=data_cfg, force_retrain=force_retrain,
+        progress=progress,
+    )
+    result = evaluate_poisoned(out, data, model, record, poison_cfg, reused=reused)
+    atomic_write_json(out / "metrics" / "poison_metrics.json", result)
+    render_poison_plots(out, result)
+    return result
+
+
+def evaluate_poisoned(
+    out: Path,
+    data: Dataset,
+    model: nn.Module,
+    record: dict[str, Any],
+    poison_cfg: PoisonConfig,
+    *,
+    reused: bool,
+) -> dict[str, Any]:
+    """The result dict of one poisoned model: C-Acc / ASR / RA, breakdowns and examples."""
+    device = next(model.parameters()).device
+    test = data.to(device)
+    trigger = poison_cfg.trigger()
+    metrics = backdoor_metrics(model, test.x_test, test.y_test, trigger, poison_cfg.target,
+                               num_classes=data.num_classes)
+    baseline = _baseline(out, data)
+    comparison = None
+    if baseline is not None:
+        comparison = {**baseline, "c_acc_drop_pp": 100 * (baseline["accuracy"] - metrics.c_acc)}
+    name = str(record["name"])
+    weights, _ = model_paths(out, name)
+    return json_dict(
+        {
+            "stage": "poison",
+            "reused": reused,
+            "model": {
+                "name": name,
+                "path": str(weights),
+                "model_name": record["model_name"],
+                "weights_sha256": record["weights_sha256"],
+                "poison_indices_file": record["poison_indices_file"],
+                "poison_indices_sha256": record["poison_indices_sha256"],
+            },
+            "config": record["config"],
+            "dataset": data.describe(),
+            "dataset_notice": data.notice,
+            "poison": record["poison"],
+            "trigger": trigger.describe(),
+            "training": record["training"],
+            "metrics": metrics.to_dict(),
+            "baseline": comparison,
+            "examples": _examples(model, test.x_test, test.y_test, trigger, poison_cfg.target),
+            "versions": library_versions(),
+        }
+    )
+
+
+def render_poison_plots(out: Path, result: dict[str, Any]) -> list[Path]:
+    images = out / "images"
+    return [
+        backdoor_plots.clean_vs_triggered(result, images / "poison_examples.png"),
+        backdoor_plots.trigger_image(result, images / "poison_trigger.png"),
+        backdoor_plots.triggered_predictions(result, images / "poison_triggered_predictions.png"),
+    ]
+
+
+def sweep_name(name: str, rate: float) -> str:
+    return f"{name}_rate{rate:g}"
+
+
+def poison_sweep_stage(
+    out: Path,
+    data: Dataset,
+    train_cfg: TrainConfig,
+    poison_cfg: PoisonConfig,
+    *,
+    data_cfg: DataConfig | None = None,
+    force_retrain: bool = False,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Train one poisoned model per rate in ``poison_cfg.sweep_rates`` (each saved as
+    ``<name>_rate<R>``, reusing the main model when its settings match) and record C-Acc,
+    ASR and RA against the rate in ``metrics/poison_sweep_metrics.json`` and
+    ``images/poison_asr_vs_rate.png``."""
+    points = []
+    for rate in sorted(set(poison_cfg.sweep_rates)):
+        cfg = replace(poison_cfg, rate=rate, name=sweep_name(poison_cfg.name, rate))
+        model, record, reused, indices = train_poisoned(
+            out, data, train_cfg, cfg, data_cfg=data_cfg, force_retrain=force_retrain,
+            progress=progress, reuse_names=(poison_cfg.name,),
+        )
+        device = next(model.parameters()).device
+        test = data.to(device)
+        metrics = backdoor_metrics(model, test.x_test, test.y_test, cfg.trigger(), cfg.target,
+                                   num_classes=data.num_classes)
+        points.append(
+            {
+                "rate": rate,
+                "n_poison": int(indices.numel()),
+                **_summary(metrics),
+                "model": {"name": record["name"], "weights_sha256": record["weights_sha256"]},
+                "reused": reused,
+                "training_seconds": record["training"].get("seconds"),
+            }
+        )
+        print(f"rate {rate:g}: {indices.numel()} poisoned, C-Acc {100 * metrics.c_acc:.2f}%, "
+              f"ASR {100 * metrics.asr:.2f}%, RA {100 * metrics.ra:.2f}%", file=sys.stderr)
+    crossing = next((p["rate"] for p in points if p["asr"] is not None and p["asr"] >= 0.9), None)
+    result = json_dict(
+        {
+            "stage": "poison_sweep",
+            "config": {
+                "train": asdict(train_cfg),
+                "poison": asdict(poison_cfg),
+                "data": asdict(data_cfg) if data_cfg else None,
+            },
+            "dataset": data.describe(),
+            "trigger": poison_cfg.trigger().describe(),
+            "target": poison_cfg.target,
+            "points": points,
+            "asr_90_first_rate": crossing,
+            "baseline": _baseline(out, data),
+            "versions": library_versions(),
+        }
+    )
+    atomic_write_json(out / "metrics" / "poison_sweep_metrics.json", result)
+    backdoor_plots.asr_vs_rate(result, out / "images" / "poison_asr_vs_rate.png")
+    return result
