@@ -249,7 +249,9 @@ class BackdoorDefenseConfig:
 
     ``method``: ``ac`` (activation clustering) or ``spectral`` (spectral signatures).
     AC: ``n_components`` dims by ``reduce`` (pca|ica), 2-means, the smaller cluster flagged
-    when its share ≤ ``max_share`` and the silhouette ≥ ``min_silhouette``. Spectral: flag
+    when its share ≤ ``max_share`` and ``analysis`` says so: ``reclassify`` (fewer than
+    ``reclass_threshold`` of it is nearest to its own class's centroid), ``size`` (always),
+    ``silhouette`` (silhouette ≥ ``min_silhouette``). Spectral: flag
     ``spectral_factor`` × ``expected_share`` of each class (None: the recorded poison rate).
     ``retrain``: retrain without the flagged examples and measure again.
     """
@@ -257,8 +259,10 @@ class BackdoorDefenseConfig:
     method: str = "ac"
     n_components: int = 10
     reduce: str = "pca"
+    analysis: str = "reclassify"
     max_share: float = 0.5
     min_silhouette: float = 0.15
+    reclass_threshold: float = 0.25
     expected_share: float | None = None
     spectral_factor: float = 1.5
     detection_seed: int = 0

@@ -1,0 +1,132 @@
+"""Backdoor plots, rendered from the JSON result dicts of the poison and defence stages."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+
+from redblue.report.plots import save_figure
+
+
+def _pct(value: float | None) -> str:
+    return "n/a" if value is None else f"{100 * value:.2f}%"
+
+
+def clean_vs_triggered(result: dict[str, Any], path: Path) -> Path:
+    """Top row: clean test images with the model's prediction; bottom row: the same images
+    with the trigger, and the prediction (red when it is the target)."""
+    ex = result["examples"]
+    target = result["metrics"]["target"]
+    n = len(ex["clean"])
+    fig, axes = plt.subplots(2, max(n, 1), figsize=(1.4 * max(n, 1), 3.4), squeeze=False)
+    vmax = ex.get("pixel_max", 255)
+    for j in range(n):
+        for i, (key, pred_key) in enumerate((("clean", "pred_clean"), ("triggered", "pred_triggered"))):
+            ax = axes[i][j]
+            ax.imshow(ex[key][j], cmap="gray", vmin=0, vmax=vmax)
+            pred = ex[pred_key][j]
+            ax.set_title(
+                f"y={ex['labels'][j]} → {pred}", fontsize=8, color="red" if i == 1 and pred == target else "black"
+            )
+            ax.set_xticks([])
+            ax.set_yticks([])
+        axes[0][j].set_ylabel("clean" if j == 0 else "")
+        axes[1][j].set_ylabel("triggered" if j == 0 else "")
+    m = result["metrics"]
+    fig.suptitle(
+        f"{result['model']['name']}: C-Acc {_pct(m['c_acc'])}, ASR {_pct(m['asr'])}, "
+        f"RA {_pct(m['ra'])} (target {target})",
+        fontsize=9,
+    )
+    return save_figure(fig, path)
+
+
+def trigger_image(result: dict[str, Any], path: Path) -> Path:
+    """The trigger alone, stamped on a black image."""
+    ex = result["examples"]
+    trig = result["trigger"]
+    fig, ax = plt.subplots(figsize=(3, 3))
+    ax.imshow(ex["trigger_image"], cmap="gray", vmin=0, vmax=ex.get("pixel_max", 255))
+    ax.set_title(
+        f"trigger: {trig['size']}x{trig['size']} {trig['pattern']}, {trig['position']}, alpha {trig['alpha']:g}",
+        fontsize=8,
+    )
+    ax.set_xticks([])
+    ax.set_yticks([])
+    return save_figure(fig, path)
+
+
+def triggered_predictions(result: dict[str, Any], path: Path) -> Path:
+    """Bar chart: how many triggered non-target test images were predicted as each class."""
+    m = result["metrics"]
+    counts = m["triggered_predicted_counts"]
+    target = m["target"]
+    fig, ax = plt.subplots(figsize=(5.5, 3.4))
+    colors = ["tab:red" if c == target else "tab:blue" for c in range(len(counts))]
+    ax.bar(range(len(counts)), counts, color=colors)
+    ax.set_xticks(range(len(counts)))
+    ax.set(
+        xlabel="predicted class",
+        ylabel="triggered test images",
+        title=f"predictions on {m['n_triggered']} triggered non-target images (ASR {_pct(m['asr'])})",
+    )
+    ax.title.set_fontsize(9)
+    ax.grid(axis="y", alpha=0.3)
+    return save_figure(fig, path)
+
+
+def asr_vs_rate(sweep: dict[str, Any], path: Path) -> Path:
+    """ASR, RA and C-Acc against the poison rate (log axis; rate 0 drawn at the left edge)."""
+    points = sorted(sweep["points"], key=lambda p: p["rate"])
+    positive = [p["rate"] for p in points if p["rate"] > 0]
+    floor = min(positive) / 3 if positive else 1e-4
+    xs = [p["rate"] if p["rate"] > 0 else floor for p in points]
+    fig, ax = plt.subplots(figsize=(6, 3.8))
+    for key, label, style in (("asr", "ASR", "o-"), ("c_acc", "C-Acc", "s-"), ("ra", "RA", "^--")):
+        ys = [100 * p[key] if p[key] is not None else float("nan") for p in points]
+        ax.plot(xs, ys, style, label=label)
+    ax.axhline(90, color="gray", lw=0.8, ls=":")
+    ax.set_xscale("log")
+    ax.set_xticks(xs)
+    ax.set_xticklabels([f"{100 * p['rate']:g}%" for p in points])
+    ax.set(
+        xlabel="poison rate (share of non-target training images)",
+        ylabel="%",
+        title=f"BadNets: ASR vs poison rate (target {sweep['target']})",
+        ylim=(-2, 102),
+    )
+    ax.legend()
+    ax.grid(alpha=0.3)
+    return save_figure(fig, path)
+
+
+def defense_summary(result: dict[str, Any], path: Path) -> Path:
+    """C-Acc / ASR / RA of the poisoned model and after removing the flagged examples and
+    retraining, with the detector's precision and recall in the title."""
+    before = result["before"]
+    after = result.get("after") or {}
+    keys = ("c_acc", "asr", "ra")
+    fig, ax = plt.subplots(figsize=(5.5, 3.4))
+    xs = range(len(keys))
+    ax.bar([x - 0.2 for x in xs], [100 * (before[k] or 0) for k in keys], width=0.4, label="poisoned model")
+    if after:
+        ax.bar(
+            [x + 0.2 for x in xs], [100 * (after[k] or 0) for k in keys], width=0.4, label="retrained without flagged"
+        )
+    ax.set_xticks(list(xs))
+    ax.set_xticklabels(["C-Acc", "ASR", "RA"])
+    det = result["detection"]
+    ax.set(
+        ylabel="%",
+        ylim=(0, 105),
+        title=f"{result['method']}: precision {_pct(det['precision'])}, recall {_pct(det['recall'])}",
+    )
+    ax.title.set_fontsize(9)
+    ax.legend(fontsize=8)
+    ax.grid(axis="y", alpha=0.3)
+    return save_figure(fig, path)
