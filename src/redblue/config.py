@@ -280,3 +280,55 @@ class BackdoorDefenseConfig:
         check_int("detection_seed", self.detection_seed, 0, 2**32 - 1)
         if not isinstance(self.retrain, bool):
             raise ConfigError(f"--retrain {self.retrain!r}: expected true or false")
+
+
+# --------------------------------------------------------------------------- red team (issue 3)
+
+
+@dataclass(frozen=True)
+class AttackConfig:
+    """``redblue attack``: which attacks, the threat model and the attack settings.
+
+    ``attack`` is an attack, a suite or a comma-separated list (``fgsm``, ``pgd``,
+    ``apgd-ce``, ``apgd-t``, ``square``, ``quick``, ``standard``, ``standard,square``).
+    ``alpha``, ``steps`` and ``restarts`` left at None take each attack's default
+    (``redblue.attacks.DEFAULTS``). ``n_examples`` None means the whole test set.
+    """
+
+    attack: str = "fgsm"
+    eps: float = 0.25
+    norm: str = "linf"
+    alpha: float | None = None
+    steps: int | None = None
+    restarts: int | None = None
+    random_start: bool = True
+    n_targets: int = 9
+    n_examples: int | None = None
+    batch_size: int = 500
+    sweep: bool = False
+    checks: bool = True
+    seed: int = 0
+    device: str = "auto"
+
+    def __post_init__(self) -> None:
+        from redblue.attacks import expand
+
+        expand(self.attack)
+        check_choice("norm", self.norm, ("linf", "l2"))
+        check_float("eps", self.eps, 0.0, 1.0 if self.norm == "linf" else 28.0)
+        if self.alpha is not None:
+            check_float("alpha", self.alpha, 0.0, 1.0 if self.norm == "linf" else 28.0, low_open=True)
+        if self.steps is not None:
+            check_int("steps", self.steps, 1, 100_000)
+        if self.restarts is not None:
+            check_int("restarts", self.restarts, 1, 1000)
+        check_int("n_targets", self.n_targets, 1, 9)
+        if self.n_examples is not None:
+            check_int("n_examples", self.n_examples, 1, 10_000_000)
+        check_int("batch_size", self.batch_size, 1, 65536)
+        check_int("seed", self.seed, 0, 2**63 - 1)
+        for name in ("random_start", "sweep", "checks"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{_opt(name)} {getattr(self, name)!r}: expected true or false")
+        if not (self.device in DEVICES or self.device.startswith("cuda:")):
+            raise ConfigError(f"--device {self.device!r}: expected auto, cpu or cuda")
