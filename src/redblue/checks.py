@@ -262,7 +262,8 @@ def run_checks(
         add(check_square(_accuracy(square_mask), _accuracy(white_box[:rows])))
 
     for attack, points in (result.sweep or {}).items():
-        add(check_sweep(attack, points))
+        if attack != "fgsm":  # one fixed-size step: overshooting at large eps is expected
+            add(check_sweep(attack, points))
 
     others = {a: _accuracy(mk[:m]) for a, mk in result.robust.items() if a != "fgsm"}
     others.setdefault("pgd", _accuracy(pgd_mask))

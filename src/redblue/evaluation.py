@@ -27,11 +27,22 @@ from safetensors.torch import save as st_save
 from torch import nn
 from tqdm.auto import tqdm
 
+from redblue.artifacts import LoadedModel, load_model
 from redblue.attacks import DEFAULTS, RUNNERS, SETTINGS, expand, resolve_settings
 from redblue.attacks.projection import check_settings, per_example_norm, threat_model_violation
+from redblue.config import AttackConfig, DataConfig
+from redblue.data import Dataset
 from redblue.errors import ConfigError, ThreatModelError
 from redblue.train import channels_last, prepare_model
-from redblue.utils import atomic_write_bytes, eval_mode, seed_everything, sha256_bytes
+from redblue.utils import (
+    atomic_write_bytes,
+    atomic_write_json,
+    eval_mode,
+    library_versions,
+    resolve_device,
+    seed_everything,
+    sha256_bytes,
+)
 
 DEFAULT_SWEEP = {
     "linf": [round(0.05 * i, 2) for i in range(9)],
@@ -306,7 +317,8 @@ def eps_sweep(
 
     Runs the grid (default :data:`DEFAULT_SWEEP`), then continues with the same spacing
     until accuracy reaches 0 or eps reaches ``cap`` (default :data:`SWEEP_CAP`); stops at
-    the first eps where accuracy is 0. Returns ``[{"eps", "robust_accuracy",
+    the first eps where accuracy is 0. FGSM is not continued past the grid: its one step
+    of size eps overshoots, so its accuracy need not reach 0 at any eps. Returns ``[{"eps", "robust_accuracy",
     "attack_success_rate"}, ...]`` in increasing eps.
     """
     _check_settings(settings)
@@ -321,7 +333,7 @@ def eps_sweep(
             eps = grid[i]
         else:
             eps = round(grid[-1] + spacing * (i - len(grid) + 1), 6)
-            if spacing <= 0 or eps > limit + 1e-9:
+            if spacing <= 0 or eps > limit + 1e-9 or attack == "fgsm":
                 break
         seed_everything(seed)
         result, _, clean_correct, _ = run_attack(
@@ -354,10 +366,69 @@ def sample_predictions(model: nn.Module, samples: dict[str, torch.Tensor]) -> di
         }
 
 
+def attack_stage(
+    out: Path,
+    model: str | Path | LoadedModel,
+    data: Dataset,
+    cfg: AttackConfig,
+    *,
+    name: str | None = None,
+    data_cfg: DataConfig | None = None,
+    progress: bool = True,
+    plots: bool = True,
+) -> dict[str, Any]:
+    """Evaluate a saved model against ``cfg``'s attacks and write the results.
+
+    Writes ``metrics/<name>_metrics.json`` (metrics, warnings, config, the model's weights
+    hash, the dataset hashes), ``metrics/<name>_examples.safetensors`` (example images and
+    predictions) and the plots under ``images/``. ``name`` defaults to
+    ``<model name>_<attack>``. Returns the JSON result.
+    """
+    device = resolve_device(cfg.device)
+    loaded = model if isinstance(model, LoadedModel) else load_model(Path(model), device=device)
+    net = loaded.model.to(device)
+    model_name = str(loaded.record.get("name", loaded.json_path.stem))
+    name = name or f"{model_name}_{cfg.attack.replace(',', '+')}"
+    test = data.to(device)
+    n = int(test.x_test.shape[0]) if cfg.n_examples is None else min(cfg.n_examples, int(test.x_test.shape[0]))
+    x, y = test.x_test[:n], test.y_test[:n]
+    result = evaluate_robustness(
+        net, x, y, attacks=cfg.attack, eps=cfg.eps, norm=cfg.norm, batch_size=cfg.batch_size,
+        seed=cfg.seed, sweep=cfg.sweep, checks=cfg.checks, progress=progress,
+        alpha=cfg.alpha, steps=cfg.steps, restarts=cfg.restarts, random_start=cfg.random_start,
+        n_targets=cfg.n_targets,
+    )  # fmt: skip
+    samples_rel = f"metrics/{name}_examples.safetensors"
+    samples_sha = save_samples(out / samples_rel, result.samples, sample_predictions(net, result.samples))
+    record = {
+        "stage": "attack",
+        "name": name,
+        "model": {
+            "name": model_name,
+            "path": str(loaded.weights_path),
+            "weights_sha256": loaded.record.get("weights_sha256"),
+        },
+        "config": {"attack": dataclasses.asdict(cfg), "data": dataclasses.asdict(data_cfg) if data_cfg else None},
+        "dataset": data.describe(),
+        "dataset_notice": data.notice,
+        "metrics": result.to_json(),
+        "warnings": result.warnings,
+        "samples": {"file": samples_rel, "sha256": samples_sha},
+        "versions": library_versions(),
+    }
+    atomic_write_json(out / "metrics" / f"{name}_metrics.json", record)
+    if plots:
+        from redblue.report.attack_plots import render_attack_plots
+
+        render_attack_plots(out, name, record)
+    return record
+
+
 __all__ = [
     "DEFAULTS",
     "AttackResult",
     "RobustnessResult",
+    "attack_stage",
     "eps_sweep",
     "evaluate_robustness",
     "run_attack",

@@ -31,6 +31,10 @@ def _register() -> None:
     cli.add_command(train_commands.train)
     cli.add_command(train_commands.evaluate)
 
+    from redblue.cli import attack as attack_commands
+
+    cli.add_command(attack_commands.attack)
+
     from redblue.cli import scan as scan_commands
 
     cli.add_command(scan_commands.scan)

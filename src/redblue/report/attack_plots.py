@@ -1,0 +1,110 @@
+"""Red-team plots, rendered from an attack stage's JSON result and its saved example images.
+
+The example images live in ``metrics/<name>_examples.safetensors`` (tensors ``clean``,
+``y``, one tensor of adversarial images per attack, and ``pred_<key>`` predictions).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+import torch
+from safetensors.torch import load_file
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+
+from redblue.report.plots import save_figure
+
+
+def load_samples(path: Path) -> dict[str, torch.Tensor]:
+    """The example tensors saved by the attack stage (safetensors, no pickle)."""
+    return load_file(str(path))
+
+
+def strongest_attack(result: Mapping[str, Any]) -> str:
+    """The evaluated attack with the lowest robust accuracy (first on ties)."""
+    attacks: dict[str, Any] = result["metrics"]["attacks"]
+    return str(min(attacks, key=lambda a: attacks[a]["robust_accuracy"]))
+
+
+def adversarial_grid(samples: Mapping[str, torch.Tensor], attack: str, title: str, path: Path) -> Path:
+    """Clean images (top row) over adversarial ones (bottom row), each with its prediction."""
+    clean, adv, y = samples["clean"], samples[attack], samples["y"]
+    clean_pred, adv_pred = samples["pred_clean"], samples[f"pred_{attack}"]
+    n = int(clean.shape[0])
+    fig, axes = plt.subplots(2, max(n, 1), figsize=(1.5 * max(n, 1), 3.6), squeeze=False)
+    for i in range(n):
+        for row, (images, pred, label) in enumerate(((clean, clean_pred, "clean"), (adv, adv_pred, attack))):
+            ax = axes[row][i]
+            ax.imshow(images[i, 0].float().numpy(), cmap="gray", vmin=0.0, vmax=1.0)
+            ok = int(pred[i]) == int(y[i])
+            ax.set_title(f"{label}: {int(pred[i])}", fontsize=8, color="black" if ok else "red")
+            ax.set_xticks([])
+            ax.set_yticks([])
+        axes[0][i].set_xlabel(f"true {int(y[i])}", fontsize=7)
+    fig.suptitle(title, fontsize=10)
+    return save_figure(fig, path)
+
+
+def perturbation_heatmap(samples: Mapping[str, torch.Tensor], attack: str, eps: float, title: str, path: Path) -> Path:
+    """The perturbation ``x_adv − x`` of each example, blue (darker) to red (brighter)."""
+    delta = (samples[attack].float() - samples["clean"].float())[:, 0]
+    n = int(delta.shape[0])
+    bound = max(float(delta.abs().max()), eps, 1e-6)
+    fig, axes = plt.subplots(1, max(n, 1), figsize=(1.5 * max(n, 1) + 0.8, 2.0), squeeze=False)
+    image = None
+    for i in range(n):
+        ax = axes[0][i]
+        image = ax.imshow(delta[i].numpy(), cmap="seismic", vmin=-bound, vmax=bound)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    if image is not None:
+        fig.colorbar(image, ax=axes[0].tolist(), fraction=0.02)
+    fig.suptitle(title, fontsize=10)
+    return save_figure(fig, path)
+
+
+def accuracy_vs_eps(sweep: Mapping[str, Sequence[Mapping[str, float]]], norm: str, title: str, path: Path) -> Path:
+    """Robust accuracy (%) against eps, one line per attack."""
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    for attack, points in sweep.items():
+        ax.plot([p["eps"] for p in points], [100 * p["robust_accuracy"] for p in points], marker="o", label=attack)
+    ax.set(xlabel=f"eps ({norm})", ylabel="robust accuracy (%)", title=title, ylim=(-2, 102))
+    ax.grid(alpha=0.3)
+    ax.legend()
+    return save_figure(fig, path)
+
+
+def render_attack_plots(out: Path, name: str, result: Mapping[str, Any]) -> list[Path]:
+    """Every red-team plot of one attack stage, from its JSON result and example file."""
+    images = out / "images"
+    metrics = result["metrics"]
+    paths: list[Path] = []
+    samples_file = result.get("samples", {}).get("file")
+    if samples_file:
+        samples = load_samples(out / samples_file)
+        attack = strongest_attack(result)
+        paths.append(
+            adversarial_grid(
+                samples, attack,
+                f"{name}: clean vs {attack} (eps {metrics['eps']:g}, {metrics['norm']}); red = wrong",
+                images / f"{name}_examples.png",
+            )
+        )  # fmt: skip
+        paths.append(
+            perturbation_heatmap(
+                samples, attack, float(metrics["eps"]),
+                f"{name}: {attack} perturbation x_adv - x", images / f"{name}_perturbation.png",
+            )
+        )  # fmt: skip
+    if metrics.get("sweep"):
+        paths.append(
+            accuracy_vs_eps(
+                metrics["sweep"], metrics["norm"], f"{name}: accuracy vs eps", images / f"{name}_accuracy_vs_eps.png"
+            )
+        )
+    return paths
