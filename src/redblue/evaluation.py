@@ -217,6 +217,7 @@ def evaluate_robustness(
     seed: int = 0,
     sweep: bool | list[float] = False,
     checks: bool = True,
+    check_options: dict[str, int] | None = None,
     progress: bool = False,
     **settings: Any,
 ) -> RobustnessResult:
@@ -233,6 +234,8 @@ def evaluate_robustness(
         seed: seeds every random start, so the same call gives the same numbers on CPU.
         sweep: also sweep eps (True: the default grid; or a list of eps values).
         checks: run the sanity checks (:mod:`redblue.checks`) and store their warnings.
+        check_options: ``check_examples``, ``square_examples``, ``square_queries`` for
+            :func:`redblue.checks.run_checks` (their cost).
         settings: ``alpha``, ``steps``, ``restarts``, ``random_start``, ``n_targets``,
             ``p_init`` — each applied to the attacks that accept it.
 
@@ -296,7 +299,9 @@ def evaluate_robustness(
     if checks:
         from redblue.checks import run_checks
 
-        outcome.warnings = run_checks(model, x, y, outcome, batch_size=batch_size, seed=seed, **settings)
+        outcome.warnings = run_checks(
+            model, x, y, outcome, batch_size=batch_size, seed=seed, **(check_options or {}), **settings
+        )
     return outcome
 
 
