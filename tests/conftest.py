@@ -93,3 +93,16 @@ def tree(path: Path) -> list[str]:
 @pytest.fixture
 def files_under() -> Callable[[Path], list[str]]:
     return tree
+
+
+@pytest.fixture(scope="session")
+def mini_poisoned(tmp_path_factory: pytest.TempPathFactory, mini: Dataset) -> Path:
+    """An output folder with a BadNets model on mnist-mini (rate 0.05, target 7, 5x5
+    bottom-right patch, 3 epochs of batch 64: ASR ~90%), saved by ``poison_stage``."""
+    from redblue.config import PoisonConfig
+    from redblue.poison.stage import poison_stage
+
+    out = tmp_path_factory.mktemp("mini_poisoned")
+    poison_stage(out, mini, TrainConfig(epochs=3, batch_size=64, seed=0, device="cpu"),
+                 PoisonConfig(rate=0.05, size=5), progress=False)
+    return out

@@ -233,8 +233,9 @@ class PoisonConfig:
             raise ConfigError(f"--sweep-rates {rates!r}: expected a list of rates in [0, 1]")
         for rate in rates:
             check_float("sweep_rates", rate, 0.0, 1.0)
-        if not isinstance(self.name, str) or not self.name.replace("-", "_").isidentifier():
-            raise ConfigError(f"--name {self.name!r}: expected letters, digits, - or _")
+        name_ok = isinstance(self.name, str) and self.name[:1].isalnum()
+        if not name_ok or not all(ch.isalnum() or ch in "-_." for ch in self.name):
+            raise ConfigError(f"--name {self.name!r}: expected letters, digits, -, _ or .")
 
     def trigger(self) -> Any:
         """The :class:`redblue.poison.Trigger` these settings describe."""
@@ -272,8 +273,10 @@ class BackdoorDefenseConfig:
         check_choice("method", self.method, ("ac", "spectral"))
         check_int("n_components", self.n_components, 1, 4096)
         check_choice("reduce", self.reduce, ("pca", "ica"))
+        check_choice("analysis", self.analysis, ("reclassify", "size", "silhouette"))
         check_float("max_share", self.max_share, 0.0, 0.5, low_open=True)
         check_float("min_silhouette", self.min_silhouette, -1.0, 1.0)
+        check_float("reclass_threshold", self.reclass_threshold, 0.0, 1.0)
         if self.expected_share is not None:
             check_float("expected_share", self.expected_share, 0.0, 1.0)
         check_float("spectral_factor", self.spectral_factor, 0.0, None, low_open=True)

@@ -40,6 +40,11 @@ def _register() -> None:
     cli.add_command(scan_commands.scan)
     cli.add_command(scan_commands.verify)
 
+    from redblue.cli import poison as poison_commands
+
+    cli.add_command(poison_commands.poison)
+    cli.add_command(poison_commands.defend_backdoor)
+
 
 _register()
 

@@ -1,0 +1,172 @@
+"""``redblue poison`` (BadNets training, C-Acc / ASR / RA, rate sweep) and
+``redblue defend-backdoor`` (activation clustering / spectral signatures, retraining)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import click
+
+from redblue.artifacts import read_record
+from redblue.cli.common import (
+    check_output_dir,
+    data_options,
+    load_configs,
+    output_options,
+    save_effective_config,
+    train_options,
+)
+from redblue.config import BackdoorDefenseConfig, PoisonConfig, TrainConfig, build
+from redblue.errors import ConfigError
+from redblue.pipeline import load_data
+from redblue.utils import resolve_device
+
+
+def _pct(value: float | None) -> str:
+    return "n/a" if value is None else f"{100 * value:.2f}%"
+
+
+def parse_rates(text: str | None) -> tuple[float, ...] | None:
+    """``"0.001,0.01,0.1"`` -> (0.001, 0.01, 0.1); a bad list is a ConfigError."""
+    if text is None:
+        return None
+    try:
+        rates = tuple(float(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise ConfigError(f"--sweep-rates {text!r}: expected comma-separated numbers in [0, 1]") from None
+    if not rates:
+        raise ConfigError(f"--sweep-rates {text!r}: expected at least one rate")
+    return rates
+
+
+@click.command()
+@data_options
+@train_options
+@output_options
+@click.option("--rate", type=float, default=None,
+              help="Share of the non-target training images to poison, in [0, 1]. [default: 0.1]")
+@click.option("--target", type=int, default=None,
+              help="Class every triggered image is relabelled to (all-to-one). [default: 7]")
+@click.option("--size", type=int, default=None, help="Side of the square patch, pixels. [default: 4]")
+@click.option("--position", default=None,
+              help="bottom-right, bottom-left, top-left, top-right or ROW,COL of the patch's "
+                   "top-left pixel. [default: bottom-right]")
+@click.option("--pattern", default=None, help="solid (white) or checkerboard. [default: solid]")
+@click.option("--alpha", type=float, default=None,
+              help="Blend weight of the patch in (0, 1]; 1 replaces the pixels. [default: 1]")
+@click.option("--poison-seed", type=int, default=None,
+              help="Seed of the choice of poisoned images. [default: 0]")
+@click.option("--sweep", is_flag=True, help="Also train one poisoned model per --sweep-rates.")
+@click.option("--sweep-rates", default=None,
+              help="Comma-separated rates for --sweep. [default: 0.001,0.005,0.01,0.05,0.1]")
+@click.option("--name", default=None, help="Name of the saved poisoned model. [default: poisoned]")
+def poison(config_file: str | None, out: str, force_retrain: bool, sweep: bool,
+           sweep_rates: str | None, **options: Any) -> None:
+    """Train a BadNets-poisoned model (patch trigger, all-to-one) and measure C-Acc, ASR, RA.
+
+    C-Acc is the clean test accuracy; ASR the share of triggered test images of other
+    classes classified as --target; RA the share of them still classified correctly.
+    Writes models/NAME.safetensors + .json (with the trigger and the poison indices' hash),
+    models/NAME_poison_indices.safetensors, metrics/poison_metrics.json and images/poison_*.png;
+    with --sweep also metrics/poison_sweep_metrics.json and images/poison_asr_vs_rate.png.
+    """
+    from redblue.poison.stage import poison_stage, poison_sweep_stage
+
+    raw, data_cfg, train_cfg = load_configs(config_file, options)
+    overrides = {**options, "sweep_rates": parse_rates(sweep_rates)}
+    section = dict(raw.get("poison") or {})
+    if isinstance(section.get("sweep_rates"), list):
+        section["sweep_rates"] = tuple(section["sweep_rates"])
+    poison_cfg = build(PoisonConfig, section, overrides, "poison")
+    device = resolve_device(train_cfg.device)
+    out_dir = check_output_dir(out)
+    data = load_data(data_cfg, device=str(device))
+    result = poison_stage(out_dir, data, train_cfg, poison_cfg, data_cfg=data_cfg,
+                          force_retrain=force_retrain)
+    save_effective_config(out_dir, "poison", {"data": data_cfg, "train": train_cfg, "poison": poison_cfg})
+    m = result["metrics"]
+    click.echo(
+        f"{poison_cfg.name}: {result['poison']['n_poison']} of {result['poison']['n_train']} training "
+        f"images poisoned (rate {poison_cfg.rate:g}, target {poison_cfg.target}); "
+        f"C-Acc {_pct(m['c_acc'])}, ASR {_pct(m['asr'])}, RA {_pct(m['ra'])} on {data.name}"
+    )
+    if result["baseline"] is not None:
+        click.echo(f"clean baseline {_pct(result['baseline']['accuracy'])} "
+                   f"(C-Acc drop {result['baseline']['c_acc_drop_pp']:.2f} pp)")
+    if sweep:
+        swept = poison_sweep_stage(out_dir, data, train_cfg, poison_cfg, data_cfg=data_cfg,
+                                   force_retrain=force_retrain)
+        for point in swept["points"]:
+            click.echo(f"  rate {point['rate']:<6g} poisoned {point['n_poison']:>5}  "
+                       f"C-Acc {_pct(point['c_acc'])}  ASR {_pct(point['asr'])}  RA {_pct(point['ra'])}")
+        first = swept["asr_90_first_rate"]
+        click.echo("ASR ≥ 90% first at rate " + ("(never)" if first is None else f"{first:g}"))
+
+
+@click.command(name="defend-backdoor")
+@click.option("--model", "model_path", required=True,
+              help="The poisoned model's .safetensors or .json (saved by 'redblue poison').")
+@data_options
+@train_options
+@output_options
+@click.option("--method", default=None, help="ac (activation clustering) or spectral. [default: ac]")
+@click.option("--reduce", default=None, help="AC: pca or ica (FastICA). [default: pca]")
+@click.option("--n-components", type=int, default=None, help="AC: dimensions kept. [default: 10]")
+@click.option("--analysis", default=None,
+              help="AC: how to decide that a class's smaller cluster is poison: reclassify "
+                   "(nearest-centroid exclusionary reclassification), size (always) or "
+                   "silhouette. [default: reclassify]")
+@click.option("--reclass-threshold", type=float, default=None,
+              help="AC reclassify: poison when fewer than this share of the cluster is nearest "
+                   "to its own class. [default: 0.25]")
+@click.option("--max-share", type=float, default=None,
+              help="AC: flag the smaller cluster only when it holds at most this share of its "
+                   "class, in (0, 0.5]. [default: 0.5]")
+@click.option("--min-silhouette", type=float, default=None,
+              help="AC silhouette: poison when the 2-means silhouette is at least this. "
+                   "[default: 0.15]")
+@click.option("--expected-share", type=float, default=None,
+              help="Spectral: expected poisoned share of a class. [default: the model's poison rate]")
+@click.option("--spectral-factor", type=float, default=None,
+              help="Spectral: flag this many times the expected share per class. [default: 1.5]")
+@click.option("--detection-seed", type=int, default=None, help="Seed of PCA/ICA, k-means. [default: 0]")
+@click.option("--retrain/--no-retrain", default=None,
+              help="Retrain without the flagged examples and measure again. [default: retrain]")
+def defend_backdoor(model_path: str, config_file: str | None, out: str, force_retrain: bool,
+                    **options: Any) -> None:
+    """Find the poisoned training images of a BadNets model, then retrain without them.
+
+    The poisoned training set is rebuilt from the dataset and the model's record (its
+    trigger, target, rate and seed; the poison indices must match the recorded SHA-256).
+    Reports the detector's precision and recall against the true poison indices, and
+    C-Acc / ASR / RA before and after retraining (training settings: the poisoned model's,
+    overridden by the training options). Writes metrics/backdoor_defense_metrics.json,
+    images/backdoor_defense_METHOD.png and models/NAME_METHOD_retrained.*.
+    """
+    from redblue.config import DataConfig, load_toml
+    from redblue.defenses.backdoor import defend_backdoor_stage
+
+    raw = load_toml(config_file)
+    record = read_record(Path(model_path))
+    data_cfg = build(DataConfig, raw.get("data"), options, "data")
+    recorded_train = dict((record.get("config") or {}).get("train") or {})
+    train_cfg = build(TrainConfig, {**recorded_train, **(raw.get("train") or {})}, options, "train")
+    defense_cfg = build(BackdoorDefenseConfig, raw.get("backdoor_defense"), options, "backdoor_defense")
+    device = resolve_device(train_cfg.device)
+    out_dir = check_output_dir(out)
+    data = load_data(data_cfg, device=str(device))
+    result = defend_backdoor_stage(out_dir, data, Path(model_path), defense_cfg, train_cfg=train_cfg,
+                                   data_cfg=data_cfg, force_retrain=force_retrain)
+    save_effective_config(out_dir, f"defend_backdoor_{defense_cfg.method}",
+                          {"data": data_cfg, "train": train_cfg, "backdoor_defense": defense_cfg})
+    det = result["detection"]
+    click.echo(f"{defense_cfg.method}: flagged {det['n_flagged']} of {det['n']} training images "
+               f"({det['n_poison']} poisoned): precision {_pct(det['precision'])}, "
+               f"recall {_pct(det['recall'])}")
+    b = result["before"]
+    click.echo(f"poisoned model: C-Acc {_pct(b['c_acc'])}, ASR {_pct(b['asr'])}, RA {_pct(b['ra'])}")
+    if result["after"] is not None:
+        a = result["after"]
+        click.echo(f"retrained without flagged: C-Acc {_pct(a['c_acc'])}, ASR {_pct(a['asr'])}, "
+                   f"RA {_pct(a['ra'])}")
