@@ -285,6 +285,48 @@ class BackdoorDefenseConfig:
             raise ConfigError(f"--retrain {self.retrain!r}: expected true or false")
 
 
+# --------------------------------------------------------------------------- the whole workflow (issue 6)
+
+RUN_STAGES = ("baseline", "redteam", "blueteam", "poison", "report")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """``redblue run``: which stages, the red-team threat model, and the quick mode.
+
+    Defaults reproduce the original project's configuration: FGSM at eps 0.25 on the
+    baseline, then PGD (``pgd_steps`` of ``pgd_alpha``) and the ``standard`` suite at the
+    same eps, the eps sweep, adversarial training at eps 0.25 and the 4x4 patch -> 7.
+    ``quick`` shrinks everything (a subset of the data, one epoch per model, fewer test
+    images) for a one-minute look.
+    """
+
+    stages: tuple[str, ...] = RUN_STAGES
+    eps: float = 0.25
+    pgd_steps: int = 40
+    pgd_alpha: float = 0.01
+    restarts: int = 1
+    n_examples: int = 1000
+    sweep: bool = True
+    square: bool = False
+    detection: tuple[str, ...] = ("ac", "spectral")
+    quick: bool = False
+
+    def __post_init__(self) -> None:
+        stages = self.stages
+        if isinstance(stages, str) or not isinstance(stages, tuple | list) or not stages:
+            raise ConfigError(f"--stages {stages!r}: expected a comma-separated subset of {', '.join(RUN_STAGES)}")
+        for stage in stages:
+            check_choice("stages", stage, RUN_STAGES)
+        check_float("eps", self.eps, 0.0, 1.0, low_open=True)
+        check_int("pgd_steps", self.pgd_steps, 1, 10_000)
+        check_float("pgd_alpha", self.pgd_alpha, 0.0, 1.0, low_open=True)
+        check_int("restarts", self.restarts, 1, 100)
+        check_int("n_examples", self.n_examples, 1, 1_000_000)
+        for method in self.detection:
+            check_choice("detection", method, ("ac", "spectral"))
+
+
 # --------------------------------------------------------------------------- red team (issue 3)
 
 

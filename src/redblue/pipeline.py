@@ -7,20 +7,34 @@ rendered from them) atomically.
 
 from __future__ import annotations
 
+import contextlib
+import json
 import sys
-from dataclasses import asdict
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
+import filelock
 from torch import nn
 
 from redblue.artifacts import find_reusable, save_model
-from redblue.config import DataConfig, TrainConfig
+from redblue.config import (
+    AttackConfig,
+    BackdoorDefenseConfig,
+    DataConfig,
+    DefendConfig,
+    PoisonConfig,
+    RunConfig,
+    TrainConfig,
+)
 from redblue.data import Dataset, load_dataset
+from redblue.errors import RedblueError
 from redblue.models import build_model
 from redblue.report import plots
 from redblue.train import evaluate, fit
-from redblue.utils import atomic_write_json, library_versions, resolve_device, sha256_json
+from redblue.utils import atomic_write_json, library_versions, resolve_device, seed_everything, sha256_json
 
 
 def load_data(cfg: DataConfig, device: str = "cpu") -> Dataset:
@@ -107,3 +121,211 @@ def render_training_plots(out: Path, name: str, result: dict[str, Any]) -> list[
     if history:
         paths.append(plots.training_curves(history, name, images / f"{name}_training_curves.png"))
     return paths
+
+
+# --------------------------------------------------------------------------- redblue run
+
+
+QUICK_TRAIN = 12_000
+QUICK_TEST = 1_000
+
+
+def cached_result(out: Path, metrics_name: str, key: str) -> dict[str, Any] | None:
+    """A stage's saved JSON when its ``cache_key`` matches ``key`` (else None)."""
+    path = out / "metrics" / f"{metrics_name}_metrics.json"
+    if not path.is_file():
+        return None
+    try:
+        saved = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return None
+    return saved if isinstance(saved, dict) and saved.get("cache_key") == key else None
+
+
+@contextlib.contextmanager
+def output_lock(out: Path) -> Iterator[None]:
+    """Hold ``out/.redblue.lock`` for the whole run; a second run on ``out`` is refused.
+
+    The lock is an OS-level ``flock``: it is released when the process ends, even by
+    ``kill -9``, so an interrupted run never blocks the next one.
+    """
+    out.mkdir(parents=True, exist_ok=True)
+    lock = filelock.FileLock(str(out / ".redblue.lock"), timeout=0)
+    try:
+        lock.acquire()
+    except filelock.Timeout:
+        raise RedblueError(
+            f"--out {out}: another redblue run is using this folder (lock {out / '.redblue.lock'}); "
+            "wait for it to finish or choose another --out"
+        ) from None
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+@dataclass(frozen=True)
+class Workflow:
+    """Everything ``redblue run`` needs: the output folder and one frozen config per stage."""
+
+    out: Path
+    run: RunConfig
+    data: DataConfig
+    train: TrainConfig
+    defend: DefendConfig
+    poison: PoisonConfig
+    backdoor: BackdoorDefenseConfig
+    force_retrain: bool = False
+    progress: bool = True
+
+
+def quick_configs(wf: Workflow) -> Workflow:
+    """``--quick``: one epoch per model, fewer test images, a coarse sweep, no poison-rate sweep."""
+    if not wf.run.quick:
+        return wf
+    return replace(
+        wf,
+        run=replace(
+            wf.run,
+            n_examples=min(wf.run.n_examples, 200),
+            pgd_steps=min(wf.run.pgd_steps, 10),
+            pgd_alpha=max(wf.run.pgd_alpha, 2.5 * wf.run.eps / min(wf.run.pgd_steps, 10)),
+        ),
+        train=replace(wf.train, epochs=1),
+        defend=replace(wf.defend, eval_n=min(wf.defend.eval_n, 200), guard_size=min(wf.defend.guard_size, 200)),
+    )
+
+
+def run_workflow(wf: Workflow) -> dict[str, Any]:
+    """Run the selected stages in order (each cached), then write the summary and the report.
+
+    Returns the ``metrics_summary.json`` content.
+    """
+    from redblue.summary import build_summary
+
+    wf = quick_configs(wf)
+    device = resolve_device(wf.train.device)
+    data = load_data(wf.data, device=str(device))
+    if wf.run.quick:
+        data = data.subset(QUICK_TRAIN, QUICK_TEST)
+    stages = set(wf.run.stages)
+    timings: dict[str, float] = {}
+    with output_lock(wf.out):
+        if "baseline" in stages or "redteam" in stages:
+            with _timed(timings, "baseline"):
+                train_baseline(
+                    wf.out, data, wf.train, data_cfg=wf.data, force_retrain=wf.force_retrain, progress=wf.progress
+                )
+        if "redteam" in stages:
+            with _timed(timings, "redteam"):
+                red_team(wf, data)
+        if "blueteam" in stages:
+            from redblue.defenses.adversarial import defend_stage
+
+            with _timed(timings, "blueteam"):
+                defend_stage(
+                    wf.out,
+                    data,
+                    replace(wf.train, model_name=wf.train.model_name),
+                    wf.defend,
+                    data_cfg=wf.data,
+                    force_retrain=wf.force_retrain,
+                    progress=wf.progress,
+                )
+        if "poison" in stages:
+            with _timed(timings, "poison"):
+                poisoning(wf, data)
+        summary = build_summary(wf.out, timings=timings, quick=wf.run.quick)
+        atomic_write_json(wf.out / "metrics" / "metrics_summary.json", summary)
+        atomic_write_json(
+            wf.out / "metrics" / "run_config.json",
+            {
+                "run": asdict(wf.run),
+                "data": asdict(wf.data),
+                "train": asdict(wf.train),
+                "defend": asdict(wf.defend),
+                "poison": asdict(wf.poison),
+                "backdoor": asdict(wf.backdoor),
+            },
+        )
+        if "report" in stages:
+            from redblue.report.render import render_report
+
+            render_report(wf.out)
+    return summary
+
+
+@contextlib.contextmanager
+def _timed(timings: dict[str, float], name: str) -> Iterator[None]:
+    start = time.perf_counter()
+    yield
+    timings[name] = time.perf_counter() - start
+
+
+def poisoning(wf: Workflow, data: Dataset) -> None:
+    """BadNets model, C-Acc/ASR/RA, then each detection method with clean retraining."""
+    from redblue.defenses.backdoor import defend_backdoor_stage
+    from redblue.poison.stage import poison_stage
+
+    poison_stage(
+        wf.out, data, wf.train, wf.poison, data_cfg=wf.data, force_retrain=wf.force_retrain, progress=wf.progress
+    )
+    for method in wf.run.detection:
+        defend_backdoor_stage(
+            wf.out,
+            data,
+            wf.out / "models" / f"{wf.poison.name}.json",
+            replace(wf.backdoor, method=method),
+            train_cfg=wf.train,
+            data_cfg=wf.data,
+            force_retrain=wf.force_retrain,
+            progress=wf.progress,
+        )
+
+
+def red_team(wf: Workflow, data: Dataset) -> list[dict[str, Any]]:
+    """FGSM at eps on the whole test set, PGD (with the eps sweep) and the standard suite on
+    the first ``n_examples`` test images, each with its sanity checks; cached per attack."""
+    from redblue.artifacts import load_model
+    from redblue.evaluation import attack_stage
+
+    device = resolve_device(wf.train.device)
+    model_json = wf.out / "models" / "baseline.json"
+    loaded = load_model(model_json, device=device)
+    eps = wf.run.eps
+    n = wf.run.n_examples
+    attack = "standard,square" if wf.run.square else "standard"
+    plans = [
+        ("fgsm", AttackConfig(attack="fgsm", eps=eps, n_examples=None, seed=wf.train.seed, device=wf.train.device)),
+        (
+            "pgd",
+            AttackConfig(
+                attack="pgd",
+                eps=eps,
+                alpha=wf.run.pgd_alpha,
+                steps=wf.run.pgd_steps,
+                restarts=wf.run.restarts,
+                n_examples=n,
+                sweep=wf.run.sweep,
+                seed=wf.train.seed,
+                device=wf.train.device,
+            ),
+        ),
+        ("standard", AttackConfig(attack=attack, eps=eps, n_examples=n, seed=wf.train.seed, device=wf.train.device)),
+    ]
+    results = []
+    for name, cfg in plans:
+        settings = asdict(cfg)
+        settings.pop("device")
+        key = sha256_json({"attack": settings, "weights": loaded.record["weights_sha256"], "data": data.describe()})
+        cached = cached_result(wf.out, name, key)
+        if cached is not None:
+            print(f"reusing metrics/{name}_metrics.json (same attack, model and data)", file=sys.stderr)
+            results.append(cached)
+            continue
+        seed_everything(wf.train.seed)
+        result = attack_stage(wf.out, loaded, data, cfg, name=name, data_cfg=wf.data, progress=wf.progress)
+        result["cache_key"] = key
+        atomic_write_json(wf.out / "metrics" / f"{name}_metrics.json", result)
+        results.append(result)
+    return results

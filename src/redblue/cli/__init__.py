@@ -35,6 +35,14 @@ def _register() -> None:
 
     cli.add_command(attack_commands.attack)
 
+    from redblue.cli import report as report_commands
+
+    cli.add_command(report_commands.report)
+
+    from redblue.cli import run as run_commands
+
+    cli.add_command(run_commands.run)
+
     from redblue.cli import scan as scan_commands
 
     cli.add_command(scan_commands.scan)
@@ -44,6 +52,10 @@ def _register() -> None:
 
     cli.add_command(poison_commands.poison)
     cli.add_command(poison_commands.defend_backdoor)
+
+    from redblue.cli import defend as defend_commands
+
+    cli.add_command(defend_commands.defend)
 
 
 _register()
@@ -57,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
             click.echo(cli.get_help(ctx))
         return 0
     try:
-        cli.main(args=args, prog_name="redblue", standalone_mode=False)
+        returned = cli.main(args=args, prog_name="redblue", standalone_mode=False)
     except click.UsageError as exc:
         hint = f" (see 'redblue {exc.ctx.info_name} --help')" if exc.ctx and exc.ctx.parent else ""
         print(f"redblue: error: {exc.format_message()}{hint}", file=sys.stderr)
@@ -76,7 +88,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except click.exceptions.Exit as exc:
         return int(exc.exit_code)
-    return 0
+    # With standalone_mode=False, click returns ctx.exit(code)'s code (or the command's value).
+    return returned if isinstance(returned, int) else 0
 
 
 if __name__ == "__main__":  # pragma: no cover

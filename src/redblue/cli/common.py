@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import tempfile
 from collections.abc import Callable
 from dataclasses import asdict
@@ -103,21 +102,24 @@ def load_configs(config_file: str | None, options: dict[str, Any]) -> tuple[dict
 
 
 def check_output_dir(out: str) -> Path:
-    """Fail early, before any work, when ``out`` cannot be created or written."""
+    """Fail early, before any work, when ``out`` cannot be created or written.
+
+    Creates nothing: it probes the folder (or its nearest existing parent) with a
+    temporary file that is removed at once.
+    """
     path = Path(out)
     if path.exists() and not path.is_dir():
         raise ConfigError(f"--out {path}: exists and is not a directory")
     probe_dir = path
     while not probe_dir.exists():
         probe_dir = probe_dir.parent
-    if not os.access(probe_dir, os.W_OK | os.X_OK):
-        raise ConfigError(f"--out {path}: not writable ({probe_dir} is not writable)")
+    if not probe_dir.is_dir():
+        raise ConfigError(f"--out {path}: {probe_dir} is not a directory")
     try:
-        path.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=path):
+        with tempfile.TemporaryFile(dir=probe_dir):
             pass
     except OSError as exc:
-        raise ConfigError(f"--out {path}: not writable ({exc.strerror or exc})") from None
+        raise ConfigError(f"--out {path}: not writable ({probe_dir}: {exc.strerror or exc})") from None
     return path
 
 

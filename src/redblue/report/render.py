@@ -29,7 +29,9 @@ def _stage_rank(name: str) -> tuple[int, str]:
     return len(STAGE_ORDER), name
 
 
-def _numbers(obj: Any, prefix: str = "", depth: int = 0, out: list[tuple[str, Any]] | None = None) -> list[tuple[str, Any]]:
+def _numbers(
+    obj: Any, prefix: str = "", depth: int = 0, out: list[tuple[str, Any]] | None = None
+) -> list[tuple[str, Any]]:
     """(dotted key, value) for scalar leaves of a metrics dict, two levels deep at most."""
     rows = [] if out is None else out
     if isinstance(obj, dict):
@@ -49,7 +51,10 @@ def _warnings(obj: Any, where: str, found: list[dict[str, Any]]) -> list[dict[st
             if key == "warnings" and isinstance(value, list):
                 for item in value:
                     if isinstance(item, dict) and "message" in item:
-                        found.append({**item, "where": where})
+                        check_id = item.get("id") or item.get("check") or "warning"
+                        entry = {**item, "id": check_id, "where": where}
+                        if not any(f["where"] == where and f["message"] == item["message"] for f in found):
+                            found.append(entry)
             else:
                 _warnings(value, where, found)
     elif isinstance(obj, list):

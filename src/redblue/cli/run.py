@@ -1,0 +1,95 @@
+"""``redblue run``: the whole red/blue workflow in one command."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import click
+
+from redblue.cli.common import check_output_dir, data_options, output_options, train_options
+from redblue.config import RUN_STAGES, BackdoorDefenseConfig, DefendConfig, PoisonConfig, RunConfig, build
+
+
+def _stages(value: str | None) -> tuple[str, ...] | None:
+    if value is None:
+        return None
+    return tuple(s.strip() for s in value.split(",") if s.strip())
+
+
+@click.command()
+@data_options
+@train_options
+@output_options
+@click.option("--stages", default=None, help=f"Comma-separated subset of {','.join(RUN_STAGES)}. [default: all]")
+@click.option(
+    "--quick",
+    is_flag=True,
+    default=None,
+    help="Shrink everything (data subset, 1 epoch, few test images) for a one-minute look.",
+)
+@click.option(
+    "--eps",
+    type=float,
+    default=None,
+    help="Red-team L-inf budget in pixel units for FGSM, PGD and the standard suite. [default: 0.25]",
+)
+@click.option(
+    "--recipe",
+    default=None,
+    help="Blue-team adversarial-training recipe: fgsm (the original's), fgsm-rs, pgd or trades. [default: fgsm-rs]",
+)
+@click.option("--defend-eps", type=float, default=None, help="Adversarial-training eps. [default: the red-team eps]")
+@click.option(
+    "--rate", type=float, default=None, help="Poisoned share of the non-target training images. [default: 0.1]"
+)
+@click.option("--target", type=int, default=None, help="Backdoor target class. [default: 7]")
+@click.option("--size", type=int, default=None, help="Trigger patch size in pixels. [default: 4]")
+def run(
+    config_file: str | None,
+    out: str,
+    force_retrain: bool,
+    stages: str | None,
+    quick: bool | None,
+    eps: float | None,
+    recipe: str | None,
+    defend_eps: float | None,
+    rate: float | None,
+    target: int | None,
+    size: int | None,
+    **options: Any,
+) -> None:
+    """Run the whole workflow: baseline, red team, blue team, poisoning, report.
+
+    Each stage is cached: it is skipped when its config and input hashes match a saved
+    result, so an interrupted run picks up where it stopped. Results go to OUT/metrics
+    (one JSON per stage and metrics_summary.json), OUT/images, OUT/models and
+    OUT/report.html + OUT/report.md. Config file sections: [data], [train], [run],
+    [defend], [poison], [backdoor].
+    """
+    from redblue.cli.common import load_configs
+    from redblue.pipeline import Workflow, run_workflow
+    from redblue.summary import console_table
+
+    raw, data_cfg, train_cfg = load_configs(config_file, options)
+    run_cfg = build(RunConfig, raw.get("run"), {"stages": _stages(stages), "quick": quick, "eps": eps}, "run")
+    defend_section = {"eps": run_cfg.eps, **(raw.get("defend") or {})}
+    defend_cfg = build(DefendConfig, defend_section, {"recipe": recipe, "eps": defend_eps}, "defend")
+    poison_cfg = build(PoisonConfig, raw.get("poison"), {"rate": rate, "target": target, "size": size}, "poison")
+    backdoor_cfg = build(BackdoorDefenseConfig, raw.get("backdoor"), {}, "backdoor")
+    out_dir = check_output_dir(out)
+    summary = run_workflow(
+        Workflow(
+            out=Path(out_dir),
+            run=run_cfg,
+            data=data_cfg,
+            train=train_cfg,
+            defend=defend_cfg,
+            poison=poison_cfg,
+            backdoor=backdoor_cfg,
+            force_retrain=force_retrain,
+        )
+    )
+    click.echo(console_table(summary))
+    if "report" in run_cfg.stages:
+        click.echo(f"report: {out_dir / 'report.html'}")

@@ -1,0 +1,195 @@
+"""The scenario table (``metrics_summary.json``) and its console rendering, from the stage JSONs.
+
+Rows follow the original project's README (Baseline; Baseline + FGSM; Adv. trained;
+Poisoned), extended with the stronger attacks, the robustness gap, C-Acc / ASR / RA and
+the backdoor detection results. Every row carries the settings that produced it.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+COLUMNS: list[dict[str, Any]] = [
+    {"key": "scenario", "label": "Scenario"},
+    {"key": "model", "label": "Model"},
+    {"key": "clean_accuracy", "label": "Clean acc.", "percent": True},
+    {"key": "robust_accuracy", "label": "Adversarial acc.", "percent": True},
+    {"key": "asr", "label": "ASR", "percent": True},
+    {"key": "ra", "label": "RA", "percent": True},
+    {"key": "detail", "label": "Settings / notes"},
+]
+
+
+def _load(out: Path, stem: str) -> dict[str, Any] | None:
+    path = out / "metrics" / f"{stem}_metrics.json"
+    if not path.is_file():
+        return None
+    data = json.loads(path.read_text(encoding="utf-8"))
+    return data if isinstance(data, dict) else None
+
+
+def _get(obj: Any, *keys: str) -> Any:
+    for key in keys:
+        if not isinstance(obj, dict):
+            return None
+        obj = obj.get(key)
+    return obj
+
+
+def _pct(value: Any) -> str:
+    return f"{100 * value:.2f}%" if isinstance(value, int | float) else "—"
+
+
+def _attack_row(scenario: str, result: dict[str, Any], model: str) -> dict[str, Any]:
+    m = result.get("metrics", {})
+    attacks = m.get("attacks") or {}
+    parts = []
+    for attack, a in attacks.items():
+        s = a.get("settings", {})
+        knobs = ", ".join(f"{k} {s[k]}" for k in ("alpha", "steps", "restarts") if s.get(k) is not None)
+        parts.append(f"{attack}: {_pct(a.get('robust_accuracy'))}" + (f" ({knobs})" if knobs else ""))
+    warnings = [w.get("id") or w.get("check") for w in result.get("warnings") or []]
+    return {
+        "scenario": scenario,
+        "model": model,
+        "clean_accuracy": m.get("clean_accuracy"),
+        "robust_accuracy": m.get("robust_accuracy"),
+        "eps": m.get("eps"),
+        "norm": m.get("norm"),
+        "n": m.get("n"),
+        "detail": f"{m.get('norm')} eps {m.get('eps')} on {m.get('n')} test images; "
+        + "; ".join(parts)
+        + (f"; warnings: {', '.join(str(w) for w in warnings)}" if warnings else ""),
+        "warnings": warnings,
+        "settings": {"attacks": {k: v.get("settings") for k, v in attacks.items()}},
+    }
+
+
+def build_summary(out: Path, *, timings: dict[str, float] | None = None, quick: bool = False) -> dict[str, Any]:
+    """The scenario table from whatever stage JSONs exist under ``out/metrics``."""
+    rows: list[dict[str, Any]] = []
+    notes: list[str] = []
+    dataset = None
+    baseline = _load(out, "baseline")
+    if baseline:
+        dataset = baseline.get("dataset")
+        train = _get(baseline, "config", "train") or {}
+        rows.append(
+            {
+                "scenario": "Baseline",
+                "model": "baseline",
+                "clean_accuracy": _get(baseline, "metrics", "accuracy"),
+                "detail": f"{train.get('model_name')} , {train.get('epochs')} epochs, batch {train.get('batch_size')}, "
+                f"seed {train.get('seed')}",
+                "settings": {"train": train},
+            }
+        )
+    for stem, scenario in (
+        ("fgsm", "Baseline + FGSM"),
+        ("pgd", "Baseline + PGD"),
+        ("standard", "Baseline + standard suite (APGD-CE + APGD-T)"),
+    ):
+        result = _load(out, stem)
+        if result:
+            rows.append(_attack_row(scenario, result, "baseline"))
+    adv = _load(out, "advtrain")
+    if adv:
+        m = adv.get("metrics", {})
+        recipe = adv.get("recipe") or {}
+        warnings = [w.get("id") or w.get("check") for w in adv.get("warnings") or []]
+        gap = None
+        if isinstance(m.get("fgsm_accuracy"), float) and isinstance(m.get("robust_accuracy"), float):
+            gap = m["fgsm_accuracy"] - m["robust_accuracy"]
+        rows.append(
+            {
+                "scenario": f"Adv. trained ({recipe.get('recipe', '?')})",
+                "model": "advtrain",
+                "clean_accuracy": m.get("clean_accuracy"),
+                "robust_accuracy": m.get("robust_accuracy"),
+                "fgsm_accuracy": m.get("fgsm_accuracy"),
+                "pgd_accuracy": m.get("pgd_accuracy"),
+                "standard_accuracy": m.get("standard_accuracy"),
+                "robustness_gap": gap,
+                "detail": f"eps {recipe.get('eps')}: FGSM {_pct(m.get('fgsm_accuracy'))}, PGD {_pct(m.get('pgd_accuracy'))}, "
+                f"standard {_pct(m.get('standard_accuracy'))} on {m.get('eval_n')} test images; robustness gap "
+                f"{_pct(gap)}" + (f"; warnings: {', '.join(str(w) for w in warnings)}" if warnings else ""),
+                "warnings": warnings,
+                "settings": {"recipe": recipe, "train": _get(adv, "config", "train")},
+            }
+        )
+    poison = _load(out, "poison")
+    if poison:
+        m = poison.get("metrics", {})
+        p = poison.get("poison") or {}
+        trigger = poison.get("trigger") or {}
+        rows.append(
+            {
+                "scenario": "Poisoned (BadNets)",
+                "model": _get(poison, "model", "name"),
+                "clean_accuracy": m.get("c_acc"),
+                "asr": m.get("asr"),
+                "ra": m.get("ra"),
+                "detail": f"rate {p.get('rate')}, target {p.get('target')}, {trigger.get('size')}x{trigger.get('size')} "
+                f"{trigger.get('pattern')} patch {trigger.get('position')}",
+                "settings": {"poison": p, "trigger": trigger},
+            }
+        )
+    defense = _load(out, "backdoor_defense")
+    for method, result in sorted(((defense or {}).get("methods") or {}).items()):
+        det = result.get("detection") or {}
+        after = result.get("after") or {}
+        rows.append(
+            {
+                "scenario": f"Backdoor removed ({method})",
+                "model": _get(result, "retrained", "name") or f"retrained ({method})",
+                "clean_accuracy": after.get("c_acc"),
+                "asr": after.get("asr"),
+                "ra": after.get("ra"),
+                "precision": det.get("precision"),
+                "recall": det.get("recall"),
+                "detail": f"flagged {det.get('n_flagged')} of {det.get('n')}: precision {_pct(det.get('precision'))}, "
+                f"recall {_pct(det.get('recall'))}; retrained without them",
+                "settings": {"defense": _get(result, "config")},
+            }
+        )
+    if quick:
+        notes.append("--quick run: data subset, one epoch per model, few test images; not comparable to full runs")
+    if dataset and dataset.get("name") != "mnist":
+        notes.append(f"dataset {dataset.get('name')} ({dataset.get('n_train')} train / {dataset.get('n_test')} test)")
+    return {
+        "generated": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "dataset": dataset,
+        "quick": quick,
+        "columns": COLUMNS,
+        "rows": rows,
+        "notes": notes,
+        "timings_s": timings or {},
+    }
+
+
+def console_table(summary: dict[str, Any]) -> str:
+    """A plain-text table of the scenario rows for the end of ``redblue run``."""
+    headers = [c["label"] for c in COLUMNS[:-1]]
+    lines = []
+    for row in summary.get("rows", []):
+        cells = []
+        for col in COLUMNS[:-1]:
+            value = row.get(col["key"])
+            cells.append(_pct(value) if col.get("percent") else ("—" if value is None else str(value)))
+        lines.append(cells)
+    widths = [max(len(h), *(len(r[i]) for r in lines)) if lines else len(h) for i, h in enumerate(headers)]
+    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
+    out = [fmt.format(*headers), fmt.format(*("-" * w for w in widths))]
+    out += [fmt.format(*r) for r in lines]
+    timings = summary.get("timings_s") or {}
+    if timings:
+        out.append(
+            "time per stage: "
+            + ", ".join(f"{k} {v:.1f} s" for k, v in timings.items())
+            + f" (total {sum(timings.values()):.1f} s)"
+        )
+    out.extend(f"note: {n}" for n in summary.get("notes", []))
+    return "\n".join(out)
