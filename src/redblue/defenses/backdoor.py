@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from redblue.artifacts import find_reusable, load_model, save_model
-from redblue.config import BackdoorDefenseConfig, DataConfig, TrainConfig
+from redblue.config import BackdoorDefenseConfig, DataConfig, TrainConfig, build
 from redblue.data import Dataset, to_float
 from redblue.errors import ConfigError, IntegrityError
 from redblue.metrics import backdoor_metrics, detection_scores, json_dict
@@ -372,7 +372,10 @@ def defend_backdoor_stage(
     record = loaded.record
     poison_cfg = poison_config_from_record(record)
     if train_cfg is None:
-        train_cfg = TrainConfig(**record["config"]["train"])
+        recorded = (record.get("config") or {}).get("train")
+        if not isinstance(recorded, dict):
+            raise IntegrityError(f"{loaded.json_path}: no training config in the record")
+        train_cfg = build(TrainConfig, recorded, {}, "train")
     poisoned, indices = build_poisoned(data, poison_cfg)
     verify_indices(record, indices)
     poisoned = poisoned.to(device)
@@ -384,8 +387,7 @@ def defend_backdoor_stage(
                  num_classes=data.num_classes)
     scores = detection_scores(det.flagged, indices.cpu(), int(poisoned.y_train.numel()))
     print(f"{defense_cfg.method}: flagged {scores['n_flagged']} of {scores['n']} "
-          f"(precision {100 * scores['precision'] if scores['precision'] == scores['precision'] else float('nan'):.2f}%, "
-          f"recall {100 * scores['recall'] if scores['recall'] == scores['recall'] else float('nan'):.2f}%) "
+          f"(precision {100 * scores['precision']:.2f}%, recall {100 * scores['recall']:.2f}%) "
           f"in {det.seconds:.1f} s", file=sys.stderr)
     per_class_poison = torch.bincount(poisoned.y_train[indices].cpu(), minlength=data.num_classes)
     for row in det.per_class:

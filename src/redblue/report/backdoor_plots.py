@@ -127,6 +127,6 @@ def defense_summary(result: dict[str, Any], path: Path) -> Path:
         title=f"{result['method']}: precision {_pct(det['precision'])}, recall {_pct(det['recall'])}",
     )
     ax.title.set_fontsize(9)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="lower center")
     ax.grid(axis="y", alpha=0.3)
     return save_figure(fig, path)
