@@ -1,0 +1,282 @@
+"""Adversarial training: recipes, TRADES loss, the catastrophic-overfitting guard, the stage."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from redblue.artifacts import load_model
+from redblue.attacks import fgsm, pgd
+from redblue.config import DefendConfig, TrainConfig
+from redblue.data import Dataset, to_float
+from redblue.defenses.adversarial import (
+    EpsSchedule,
+    OverfitGuard,
+    defend_stage,
+    fgsm_mix_perturb,
+    make_recipe,
+    pgd_perturb,
+    split_guard_slice,
+    trades_loss,
+    trades_perturb,
+)
+from redblue.errors import ConfigError
+from redblue.models import build_model
+from redblue.train import accuracy, fit
+
+
+def _in_ball(x_adv: torch.Tensor, x: torch.Tensor, eps: float) -> bool:
+    return bool((x_adv - x).abs().amax() <= eps + 1e-6 and x_adv.min() >= 0 and x_adv.max() <= 1)
+
+
+@pytest.fixture(scope="module")
+def trained(mini: Dataset) -> nn.Module:
+    """The original CNN after one clean epoch on mnist-mini (about 95% accurate)."""
+    model = build_model("cnn", seed=0)
+    fit(model, mini, TrainConfig(epochs=1, device="cpu", precision="fp32"), progress=False)
+    return model
+
+
+@pytest.fixture(scope="module")
+def batch(mini: Dataset) -> tuple[torch.Tensor, torch.Tensor]:
+    return to_float(mini.x_test[:64]), mini.y_test[:64]
+
+
+# --- configuration -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"alpha": 0.0}, "--alpha 0: must be in (0, inf)"),
+        ({"alpha": -0.1}, "--alpha -0.1: must be in (0, inf)"),
+        ({"eps": 0.0}, "--eps 0: must be in (0, 1]"),
+        ({"eps": 1.5}, "--eps 1.5: must be in (0, 1]"),
+        ({"beta": -1.0}, "--beta -1: must be in [0, inf)"),
+        ({"steps": 0}, "--steps 0: must be at least 1"),
+        ({"ratio": 1.2}, "--ratio 1.2: must be in [0, 1]"),
+        ({"recipe": "free"}, "--recipe 'free': expected one of fgsm, fgsm-rs, pgd, trades"),
+    ],
+)
+def test_bad_settings_are_config_errors(settings: dict[str, object], message: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        DefendConfig(**settings)  # type: ignore[arg-type]
+    assert str(info.value) == message
+
+
+def test_recipe_defaults_follow_the_papers() -> None:
+    assert DefendConfig(recipe="fgsm-rs", eps=0.3).step_size == pytest.approx(0.375)  # 1.25·eps
+    assert DefendConfig(recipe="pgd", eps=0.3, steps=40).step_size == pytest.approx(2.5 * 0.3 / 40)
+    assert DefendConfig(recipe="pgd", eps=0.3, steps=40, alpha=0.01).step_size == 0.01
+    assert DefendConfig().beta == 6.0
+    assert DefendConfig(recipe="fgsm").guarded is False  # the original recipe, as it was
+    assert DefendConfig(recipe="fgsm", guard=True).guarded is True
+    assert all(DefendConfig(recipe=r).guarded for r in ("fgsm-rs", "pgd", "trades"))
+
+
+def test_eps_schedule_ramps_linearly_then_holds() -> None:
+    ramp = EpsSchedule(0.3, ramp_steps=4)
+    assert [ramp() for _ in range(6)] == pytest.approx([0.075, 0.15, 0.225, 0.3, 0.3, 0.3])
+    constant = EpsSchedule(0.25)
+    assert [constant() for _ in range(3)] == [0.25, 0.25, 0.25]
+
+
+# --- recipes -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("ratio", [0.0, 0.5, 1.0, 0.3])
+def test_fgsm_mix_replaces_a_ratio_share_of_the_batch_by_fgsm(
+    trained: nn.Module, batch: tuple[torch.Tensor, torch.Tensor], ratio: float
+) -> None:
+    x, y = batch
+    x_train = fgsm_mix_perturb(EpsSchedule(0.25), ratio)(trained, x, y)
+    k = math.ceil(ratio * x.shape[0])  # ART's AdversarialTrainer: ceil(ratio · batch)
+    assert x_train.shape == x.shape
+    assert torch.equal(x_train[k:], x[k:])
+    assert torch.equal(x_train[:k], fgsm(trained, x[:k], y[:k], eps=0.25))
+    assert _in_ball(x_train, x, 0.25)
+
+
+def test_fgsm_rs_is_one_step_of_alpha_from_a_random_start(
+    trained: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]
+) -> None:
+    x, y = batch
+    recipe = make_recipe(DefendConfig(recipe="fgsm-rs", eps=0.3))
+    assert recipe.settings == {
+        "recipe": "fgsm-rs", "eps": 0.3, "eps_ramp": 0, "alpha": 0.375, "steps": 1, "random_start": True
+    }
+    torch.manual_seed(1)
+    x_rs = recipe.perturb(trained, x, y)
+    torch.manual_seed(1)
+    x_ref = pgd(trained, x, y, eps=0.3, alpha=0.375, steps=1, random_start=True)
+    assert torch.equal(x_rs, x_ref)
+    assert _in_ball(x_rs, x, 0.3)
+    assert not torch.equal(x_rs, fgsm(trained, x, y, eps=0.3))  # the random start matters
+
+
+def test_ramped_eps_scales_the_step_and_the_ball(
+    trained: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]
+) -> None:
+    x, y = batch
+    perturb = pgd_perturb(EpsSchedule(0.3, ramp_steps=3), alpha=0.375, steps=1)
+    radii = [float((perturb(trained, x, y) - x).abs().amax()) for _ in range(4)]
+    assert radii == pytest.approx([0.1, 0.2, 0.3, 0.3], abs=1e-6)
+
+
+def test_pgd_recipe_is_stronger_than_fgsm_against_a_clean_model(
+    trained: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]
+) -> None:
+    x, y = batch
+    recipe = make_recipe(DefendConfig(recipe="pgd", eps=0.2, steps=10))
+    x_pgd = recipe.perturb(trained, x, y)
+    assert _in_ball(x_pgd, x, 0.2)
+    assert accuracy(trained, x_pgd, y) <= accuracy(trained, fgsm(trained, x, y, eps=0.2), y)
+    assert accuracy(trained, x_pgd, y) < 0.2
+
+
+def _reference_trades_loss(model: nn.Module, x: torch.Tensor, x_adv: torch.Tensor, y: torch.Tensor, beta: float) -> torch.Tensor:
+    """TRADES' official formulation (yaodongyu/TRADES, trades.py): two forward passes,
+    KLDivLoss(size_average=False) / batch size."""
+    logits = model(x)
+    loss_natural = F.cross_entropy(logits, y)
+    loss_robust = (1.0 / x.shape[0]) * nn.KLDivLoss(reduction="sum")(
+        F.log_softmax(model(x_adv), dim=1), F.softmax(model(x), dim=1)
+    )
+    return loss_natural + beta * loss_robust
+
+
+def test_trades_loss_matches_the_reference(trained: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> None:
+    x, y = batch
+    x_adv = pgd(trained, x, y, eps=0.3, alpha=0.05, steps=5)
+    trained.eval()
+    for beta in (0.0, 1.0, 6.0):
+        value, logits = trades_loss(beta)(trained, x, x_adv, y)
+        assert value.item() == pytest.approx(_reference_trades_loss(trained, x, x_adv, y, beta).item(), rel=1e-5)
+        assert torch.allclose(logits, trained(x), atol=1e-5)
+    # no perturbation: the KL term vanishes and TRADES is cross-entropy
+    same, _ = trades_loss(6.0)(trained, x, x, y)
+    assert same.item() == pytest.approx(F.cross_entropy(trained(x), y).item(), rel=1e-5)
+
+
+def test_trades_perturbation_stays_in_the_ball_and_raises_the_kl(
+    trained: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]
+) -> None:
+    x, y = batch
+    trained.train()
+    x_adv = trades_perturb(EpsSchedule(0.3), alpha=0.075, steps=10)(trained, x, y)
+    assert trained.training  # mode restored
+    assert _in_ball(x_adv, x, 0.3)
+    trained.eval()
+    with torch.no_grad():
+        p = F.softmax(trained(x), 1)
+        kl_adv = F.kl_div(F.log_softmax(trained(x_adv), 1), p, reduction="batchmean")
+        x_noise = (x + torch.empty_like(x).uniform_(-0.3, 0.3)).clamp(0, 1)
+        kl_noise = F.kl_div(F.log_softmax(trained(x_noise), 1), p, reduction="batchmean")
+    assert kl_adv.item() > 5 * kl_noise.item()
+
+
+# --- the catastrophic-overfitting guard -----------------------------------------------------
+
+
+class _ScriptedGuard(OverfitGuard):
+    """The guard with PGD accuracy read from a script instead of measured (its logic alone)."""
+
+    def __init__(self, pgd_accuracies: list[float], x: torch.Tensor, y: torch.Tensor, **kwargs: object) -> None:
+        super().__init__(x, y, eps=0.3, **kwargs)  # type: ignore[arg-type]
+        self.script = list(pgd_accuracies)
+        self.weights_seen: list[torch.Tensor] = []
+
+    def measure(self, model: nn.Module) -> dict[str, float]:
+        self.weights_seen.append(next(model.parameters()).detach().clone())
+        return {"clean": 0.9, "fgsm": 0.9, "pgd": self.script.pop(0)}
+
+
+def test_guard_restores_the_best_epoch_and_stops_training(mini: Dataset) -> None:
+    data = mini.subset(512, 64)
+    guard = _ScriptedGuard([0.30, 0.60, 0.55, 0.10, 0.70], data.x_train[:8], data.y_train[:8])
+    model = build_model("cnn", seed=0)
+    result = fit(model, data, TrainConfig(epochs=5, device="cpu"), epoch_end=guard, progress=False)
+    assert [h["epoch"] for h in result.history] == [1, 2, 3, 4]  # stopped after the collapse
+    assert result.history[-1]["stop_training"] is True
+    assert result.history[-1]["guard_restored_epoch"] == 2
+    assert torch.equal(next(model.parameters()), guard.weights_seen[1])  # epoch 2's weights
+    assert not torch.equal(next(model.parameters()), guard.weights_seen[3])
+    summary = guard.summary()
+    assert summary["triggered"] and summary["best_epoch"] == 2
+    assert summary["event"] == {
+        "collapsed_epoch": 4, "restored_epoch": 2, "best_pgd_accuracy": 0.6, "collapsed_pgd_accuracy": 0.1
+    }
+    assert "restored epoch 2" in summary["message"]
+
+
+def test_guard_ignores_small_dips_and_only_measures_when_disabled(mini: Dataset) -> None:
+    data = mini.subset(256, 64)
+    for enabled, script in ((True, [0.5, 0.35, 0.6]), (False, [0.5, 0.0, 0.6])):
+        guard = _ScriptedGuard(script, data.x_train[:8], data.y_train[:8], enabled=enabled)
+        result = fit(build_model("cnn", seed=0), data, TrainConfig(epochs=3, device="cpu"), epoch_end=guard, progress=False)
+        assert len(result.history) == 3
+        assert not guard.summary()["triggered"]
+        assert guard.summary()["best_epoch"] == 3
+
+
+def test_guard_measures_clean_fgsm_and_pgd_on_its_slice(trained: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> None:
+    x, y = batch
+    guard = OverfitGuard(x, y, eps=0.2, steps=10)
+    measured = guard.measure(trained)
+    assert measured["clean"] == pytest.approx(accuracy(trained, x, y))
+    assert measured["clean"] > 0.8
+    assert measured["pgd"] <= measured["fgsm"] < measured["clean"]
+
+
+def test_guard_slice_is_held_out_of_training(mini: Dataset) -> None:
+    n = int(mini.x_train.shape[0])
+    ids = torch.arange(n)  # image i carries its index in its first two pixels
+    x = mini.x_train.clone().view(n, -1)
+    x[:, 0], x[:, 1] = (ids // 256).to(torch.uint8), (ids % 256).to(torch.uint8)
+    data = dataclasses.replace(mini, x_train=x.view_as(mini.x_train))
+
+    def index(images: torch.Tensor) -> set[int]:
+        flat = images.reshape(images.shape[0], -1).long()
+        return set((flat[:, 0] * 256 + flat[:, 1]).tolist())
+
+    train, x_slice, y_slice = split_guard_slice(data, 300, seed=0)
+    assert len(index(x_slice)) == 300 and len(index(train.x_train)) == n - 300
+    assert index(x_slice).isdisjoint(index(train.x_train))
+    assert torch.equal(split_guard_slice(data, 300, seed=0)[1], x_slice)  # fixed by the seed
+    assert not torch.equal(split_guard_slice(data, 300, seed=1)[1], x_slice)
+    assert sorted(y_slice.unique().tolist()) == list(range(10))
+
+
+# --- the stage -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("recipe", ["fgsm", "fgsm-rs", "pgd", "trades"])
+def test_each_recipe_trains_saves_and_evaluates(mini: Dataset, tmp_path: Path, recipe: str) -> None:
+    data = mini.subset(600, 300)
+    train_cfg = TrainConfig(epochs=1, batch_size=100, device="cpu")
+    defend_cfg = DefendConfig(recipe=recipe, eps=0.2, steps=3, guard_size=100, eval_n=60)
+    result = defend_stage(tmp_path, data, train_cfg, defend_cfg, progress=False)
+    assert result["recipe"]["recipe"] == recipe
+    assert result["training"]["n_train"] == 500
+    assert result["training"]["guard"]["enabled"] is (recipe != "fgsm")
+    loaded = load_model(tmp_path / "models" / "advtrain.json")
+    assert loaded.record["recipe"] == result["recipe"]
+    assert loaded.record["config"]["defend"] == dataclasses.asdict(defend_cfg)
+    on_disk = json.loads((tmp_path / "metrics" / "advtrain_metrics.json").read_text())
+    assert on_disk["metrics"] == result["metrics"]
+    m = result["metrics"]
+    assert m["eval_n"] == 60 and m["n"] == 300
+    assert m["robust_accuracy"] <= min(m["pgd_accuracy"], m["standard_accuracy"]) <= m["eval_clean_accuracy"]
+    assert set(result["eps_sweep"]) == {"eps", "fgsm", "pgd"}
+    assert (tmp_path / "images" / "advtrain_training_curves.png").stat().st_size > 1000
+    # the same settings reuse the saved model
+    again = defend_stage(tmp_path, data, train_cfg, defend_cfg, progress=False)
+    assert again["reused"] and again["model"]["weights_sha256"] == result["model"]["weights_sha256"]
+    assert again["metrics"] == result["metrics"]

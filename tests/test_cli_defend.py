@@ -1,0 +1,84 @@
+"""``redblue defend`` as a user runs it: a subprocess on a temporary folder."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from redblue.artifacts import load_model
+
+Cli = Callable[..., subprocess.CompletedProcess[str]]
+
+FAST = ("--dataset", "mnist-mini", "--epochs", "1", "--device", "cpu", "--guard-size", "200", "--eval-n", "100")
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("--alpha", "0"), "redblue: error: --alpha 0: must be in (0, inf)"),
+        (("--alpha", "-0.5"), "redblue: error: --alpha -0.5: must be in (0, inf)"),
+        (("--eps", "0"), "redblue: error: --eps 0: must be in (0, 1]"),
+        (("--eps", "1.2"), "redblue: error: --eps 1.2: must be in (0, 1]"),
+        (("--beta", "-1"), "redblue: error: --beta -1: must be in [0, inf)"),
+        (("--steps", "0"), "redblue: error: --steps 0: must be at least 1"),
+        (("--ratio", "1.5"), "redblue: error: --ratio 1.5: must be in [0, 1]"),
+        (("--recipe", "free"), "redblue: error: --recipe 'free': expected one of fgsm, fgsm-rs, pgd, trades"),
+    ],
+)
+def test_bad_settings_give_one_line_and_exit_2(cli: Cli, tmp_path: Path, args: tuple[str, ...], message: str) -> None:
+    out = tmp_path / "out"
+    proc = cli("defend", *args, "--dataset", "mnist-mini", "--out", str(out))
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [message]
+    assert "Traceback" not in proc.stderr
+    assert not (out / "models").exists()  # nothing half-written
+
+
+def test_bad_config_file_setting_names_the_section(cli: Cli, tmp_path: Path) -> None:
+    config = tmp_path / "redblue.toml"
+    config.write_text("[defend]\nrecipe = 'pgd'\nbeta = -2.0\n")
+    proc = cli("defend", "--config", str(config), "--dataset", "mnist-mini", "--out", str(tmp_path / "out"))
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == "redblue: error: --beta -2: must be in [0, inf)"
+
+
+def test_defend_trains_saves_evaluates_and_reuses(cli: Cli, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    args = ("defend", "--recipe", "fgsm-rs", "--eps", "0.3", *FAST, "--out", str(out))
+    first = cli(*args)
+    assert first.returncode == 0, first.stderr
+    assert first.stdout.startswith("advtrain (fgsm-rs, eps 0.3): clean ")
+    for path in (
+        "models/advtrain.safetensors",
+        "models/advtrain.json",
+        "metrics/advtrain_metrics.json",
+        "metrics/advtrain_config.json",
+        "images/advtrain_training_curves.png",
+        "images/advtrain_robustness.png",
+    ):
+        assert (out / path).is_file(), path
+    result = json.loads((out / "metrics" / "advtrain_metrics.json").read_text())
+    assert result["recipe"] == {
+        "recipe": "fgsm-rs", "eps": 0.3, "eps_ramp": 0, "alpha": 0.375, "steps": 1, "random_start": True
+    }
+    assert result["config"]["defend"]["guard_size"] == 200
+    assert result["training"]["n_train"] == 3800  # the guard slice is held out
+    epoch = result["training"]["history"][0]
+    for key in ("guard_clean_accuracy", "guard_fgsm_accuracy", "guard_pgd_accuracy", "test_accuracy"):
+        assert isinstance(epoch[key], float) and 0.0 <= epoch[key] <= 1.0
+    metrics = result["metrics"]
+    assert metrics["eval_n"] == 100 and metrics["n"] == 1000
+    assert metrics["robust_accuracy"] <= metrics["fgsm_accuracy"] or metrics["robust_accuracy"] <= metrics["pgd_accuracy"]
+    loaded = load_model(out / "models" / "advtrain.json")  # hash-verified
+    assert loaded.record["recipe"]["recipe"] == "fgsm-rs"
+    assert loaded.record["config"]["defend"]["eps"] == 0.3
+    assert loaded.record["weights_sha256"] == result["model"]["weights_sha256"]
+
+    again = cli(*args)
+    assert again.returncode == 0, again.stderr
+    assert "reusing" in again.stderr
+    assert json.loads((out / "metrics" / "advtrain_metrics.json").read_text())["reused"] is True
