@@ -76,8 +76,10 @@ def test_activation_clustering_agrees_with_art(
     ART is given our penultimate activations (for an nn.Sequential, ART's own "last layer"
     is the logits layer); a second check runs ART end to end on its own (logit)
     activations against ours on the same logits. Measured overlap (Jaccard of the flagged
-    sets) on this model: penultimate 0.980 overall, 1.000 in the target class; logits 0.981
-    overall, 0.979 in the target class (k-means restarts differ: ART runs one, we run 10).
+    sets; the model varies slightly with the torch thread count): penultimate 0.975-0.980
+    overall, 1.000 in the target class; logits 0.79-0.98 overall, 0.974-0.979 in the target
+    class. The overall figure moves with k-means restarts (ART runs one, we run 10) in the
+    clean classes, which have no real two-cluster structure; the poisoned class agrees.
     """
     from art.defences.detector.poison import ActivationDefence
     from art.estimators.classification import PyTorchClassifier
@@ -120,7 +122,7 @@ def test_activation_clustering_agrees_with_art(
     ours2 = set(activation_clustering(logits, data.y_train, analysis="size").flagged.tolist())
     print("overlap (Jaccard) on logits: all", _jaccard(ours2, art2_flagged), "target class",
           _jaccard(ours2 & target_idx, art2_flagged & target_idx))
-    assert _jaccard(ours2, art2_flagged) >= 0.9
+    assert _jaccard(ours2, art2_flagged) >= 0.7
     assert _jaccard(ours2 & target_idx, art2_flagged & target_idx) >= 0.95
 
 
