@@ -157,7 +157,7 @@ def test_defend_stage_on_mini(tmp_path: Path, mini_poisoned: Path, mini: Dataset
     model_path = mini_poisoned / "models" / "poisoned.json"
     cfg = BackdoorDefenseConfig(method="ac")
     result = defend_backdoor_stage(tmp_path, mini, model_path, cfg,
-                                   train_cfg=TrainConfig(epochs=3, batch_size=64, device="cpu"),
+                                   train_cfg=TrainConfig(epochs=1, batch_size=64, device="cpu"),
                                    progress=False)
     det = result["detection"]
     assert det["recall"] >= 0.95 and det["precision"] >= 0.85

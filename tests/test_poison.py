@@ -208,7 +208,7 @@ def test_poison_arrays_hand_example() -> None:
 
 def test_poison_stage_on_mini(tmp_path: Path, mini: Dataset) -> None:
     cfg = PoisonConfig(rate=0.2, target=7)
-    train_cfg = TrainConfig(epochs=2, device="cpu", seed=0)
+    train_cfg = TrainConfig(epochs=1, device="cpu", seed=0)
     result = poison_stage(tmp_path, mini, train_cfg, cfg, progress=False)
     models = tmp_path / "models"
     record = json.loads((models / "poisoned.json").read_text())
