@@ -82,7 +82,7 @@ def build_summary(out: Path, *, timings: dict[str, float] | None = None, quick: 
                 "scenario": "Baseline",
                 "model": "baseline",
                 "clean_accuracy": _get(baseline, "metrics", "accuracy"),
-                "detail": f"{train.get('model_name')} , {train.get('epochs')} epochs, batch {train.get('batch_size')}, "
+                "detail": f"{train.get('model_name')}, {train.get('epochs')} epochs, batch {train.get('batch_size')}, "
                 f"seed {train.get('seed')}",
                 "settings": {"train": train},
             }

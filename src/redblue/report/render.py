@@ -71,6 +71,22 @@ def _fmt(value: Any) -> str:
     return "—" if value is None else str(value)
 
 
+def check_explanations() -> dict[str, str]:
+    """Check id -> "Means ... Do ..." text from docs/checks.md (in a source checkout), else the
+    one-line summaries of :data:`redblue.checks.CHECKS`."""
+    from redblue.checks import CHECKS
+
+    explanations = {k: v[:1].upper() + v[1:] + "." for k, v in CHECKS.items()}
+    doc = Path(__file__).resolve().parents[3] / "docs" / "checks.md"
+    if doc.is_file():
+        for section in doc.read_text(encoding="utf-8").split("\n## ")[1:]:
+            check_id, _, body = section.partition("\n")
+            text = " ".join(line.strip() for line in body.splitlines() if line.strip())
+            if check_id.strip() in explanations and text:
+                explanations[check_id.strip()] = text.replace("**", "")
+    return explanations
+
+
 def load_results(out: Path) -> dict[str, dict[str, Any]]:
     """Every ``metrics/*.json`` under ``out``, by file stem."""
     folder = out / "metrics"
@@ -106,6 +122,9 @@ def build_context(out: Path) -> dict[str, Any]:
                 "seconds": data.get("seconds") or (data.get("training") or {}).get("seconds"),
             }
         )
+    explanations = check_explanations()
+    for w in warnings:
+        w.setdefault("explanation", explanations.get(w["id"], ""))
     configs = {s: results[s] for s in results if s.endswith("_config")}
     images = []
     for png in sorted((out / "images").glob("*.png"), key=lambda p: (_stage_rank(p.stem), p.name)):

@@ -1,0 +1,143 @@
+"""`redblue run --quick` end to end, as a user runs it: files, JSON schema, report sections,
+interruption with kill -9 and resume, and the lock against a second concurrent run."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from subprocess import CompletedProcess
+
+import pytest
+
+Cli = Callable[..., CompletedProcess[str]]
+
+STAGE_FILES = [
+    "metrics/baseline_metrics.json",
+    "metrics/fgsm_metrics.json",
+    "metrics/pgd_metrics.json",
+    "metrics/standard_metrics.json",
+    "metrics/advtrain_metrics.json",
+    "metrics/poison_metrics.json",
+    "metrics/backdoor_defense_metrics.json",
+    "metrics/metrics_summary.json",
+    "metrics/run_config.json",
+    "models/baseline.safetensors",
+    "models/advtrain.safetensors",
+    "models/poisoned.safetensors",
+    "report.html",
+    "report.md",
+]
+SCENARIOS = [
+    "Baseline",
+    "Baseline + FGSM",
+    "Baseline + PGD",
+    "Baseline + standard suite (APGD-CE + APGD-T)",
+    "Adv. trained (fgsm-rs)",
+    "Poisoned (BadNets)",
+    "Backdoor removed (ac)",
+    "Backdoor removed (spectral)",
+]
+
+
+def _numbers(summary: dict[str, object]) -> list[tuple[object, ...]]:
+    rows = summary["rows"]
+    assert isinstance(rows, list)
+    return [(r["scenario"], r.get("clean_accuracy"), r.get("robust_accuracy"), r.get("asr"), r.get("ra")) for r in rows]
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, CompletedProcess[str]]:
+    from tests.conftest import run_cli
+
+    out = tmp_path_factory.mktemp("run") / "out"
+    result = run_cli("run", "--quick", "--out", str(out), "--device", "cpu")
+    return out, result
+
+
+def test_quick_run_writes_every_stage_and_the_report(quick_run: tuple[Path, CompletedProcess[str]]) -> None:
+    out, result = quick_run
+    assert result.returncode == 0, result.stderr[-3000:]
+    for name in STAGE_FILES:
+        assert (out / name).is_file(), name
+    summary = json.loads((out / "metrics" / "metrics_summary.json").read_text())
+    assert [r["scenario"] for r in summary["rows"]] == SCENARIOS
+    assert summary["quick"] is True and set(summary["timings_s"]) == {"baseline", "redteam", "blueteam", "poison"}
+    for row in summary["rows"]:
+        assert isinstance(row["settings"], dict) and row["settings"]
+        for key in ("clean_accuracy", "robust_accuracy", "asr", "ra"):
+            assert row.get(key) is None or 0.0 <= row[key] <= 1.0
+    fgsm_row = summary["rows"][1]
+    assert fgsm_row["robust_accuracy"] < fgsm_row["clean_accuracy"]
+    poison_row = summary["rows"][5]
+    assert poison_row["asr"] is not None and poison_row["ra"] is not None
+    # The console table ends the run.
+    assert "Baseline + FGSM" in result.stdout and "report:" in result.stdout
+
+
+def test_report_is_self_contained_with_every_section(quick_run: tuple[Path, CompletedProcess[str]]) -> None:
+    out, _ = quick_run
+    html = (out / "report.html").read_text()
+    for anchor in ('id="summary"', 'id="warnings"', 'id="stages"', 'id="plots"', 'id="data"', 'id="config"', 'id="versions"'):
+        assert anchor in html
+    assert "http://" not in html and "https://" not in html and "<script" not in html
+    pngs = sorted(p.name for p in (out / "images").glob("*.png"))
+    assert len(pngs) >= 8
+    assert html.count("data:image/png;base64,") == len(pngs)
+    for scenario in SCENARIOS:
+        assert scenario.replace("+", "+") in html
+    md = (out / "report.md").read_text()
+    assert "## Scenario table" in md and "| Baseline + FGSM |" in md
+
+
+def test_report_rerenders_from_json_alone(quick_run: tuple[Path, CompletedProcess[str]], cli: Cli, tmp_path: Path) -> None:
+    out, _ = quick_run
+    copy = tmp_path / "copy"
+    (copy / "metrics").mkdir(parents=True)
+    (copy / "images").mkdir()
+    for sub in ("metrics", "images"):
+        for f in (out / sub).iterdir():
+            if f.suffix in (".json", ".png"):
+                (copy / sub / f.name).write_bytes(f.read_bytes())
+    result = cli("report", "--out", str(copy))
+    assert result.returncode == 0, result.stderr
+    assert not (copy / "models").exists()
+    assert (copy / "report.md").read_text().split("\n", 3)[3] == (out / "report.md").read_text().split("\n", 3)[3]
+
+
+def test_interrupted_run_resumes_to_the_same_summary(
+    quick_run: tuple[Path, CompletedProcess[str]], tmp_path: Path, cli: Cli
+) -> None:
+    reference, _ = quick_run
+    out = tmp_path / "out"
+    env = {**os.environ}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "redblue", "run", "--quick", "--out", str(out), "--device", "cpu"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
+    )
+    try:
+        deadline = time.monotonic() + 600
+        while not (out / "metrics" / "pgd_metrics.json").exists():
+            assert proc.poll() is None, "run ended before it could be interrupted"
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+        # A second run on the same folder is refused while the first holds the lock.
+        second = cli("run", "--quick", "--out", str(out), "--device", "cpu")
+        assert second.returncode == 2 and "another redblue run is using this folder" in second.stderr
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert not (out / "metrics" / "metrics_summary.json").exists()
+    resumed = cli("run", "--quick", "--out", str(out), "--device", "cpu")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "reusing" in resumed.stderr
+    mine = json.loads((out / "metrics" / "metrics_summary.json").read_text())
+    theirs = json.loads((reference / "metrics" / "metrics_summary.json").read_text())
+    assert _numbers(mine) == _numbers(theirs)
