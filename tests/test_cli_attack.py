@@ -50,7 +50,7 @@ def test_attack_quick_writes_metrics_examples_and_plots(cli: Cli, tiny_model_dir
     assert result["dataset"]["name"] == "mnist-mini" and result["dataset"]["files"]
     assert result["config"]["attack"]["attack"] == "quick"
     assert set(metrics["sweep"]) == {"fgsm", "pgd"} and metrics["sweep"]["pgd"][0]["eps"] == 0.0
-    assert result["samples"]["sha256"] == sha256_file(out / result["samples"]["file"])
+    assert result["samples_sha256"] == sha256_file(out / "metrics" / result["samples_file"])
     assert isinstance(result["warnings"], list)
 
 

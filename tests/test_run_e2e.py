@@ -141,3 +141,12 @@ def test_interrupted_run_resumes_to_the_same_summary(
     mine = json.loads((out / "metrics" / "metrics_summary.json").read_text())
     theirs = json.loads((reference / "metrics" / "metrics_summary.json").read_text())
     assert _numbers(mine) == _numbers(theirs)
+
+
+def test_run_outputs_verify_and_scan_clean(quick_run: tuple[Path, CompletedProcess[str]], cli: Cli) -> None:
+    out, _ = quick_run
+    verified = cli("verify", str(out))
+    assert verified.returncode == 0, verified.stdout + verified.stderr
+    assert "0 modified, 0 missing" in verified.stdout
+    scanned = cli("scan", str(out))
+    assert scanned.returncode == 0, scanned.stdout + scanned.stderr

@@ -418,7 +418,9 @@ def attack_stage(
         "dataset_notice": data.notice,
         "metrics": result.to_json(),
         "warnings": result.warnings,
-        "samples": {"file": samples_rel, "sha256": samples_sha},
+        # X_file / X_sha256 pairs name files relative to the JSON's own folder (redblue verify).
+        "samples_file": Path(samples_rel).name,
+        "samples_sha256": samples_sha,
         "versions": library_versions(),
     }
     atomic_write_json(out / "metrics" / f"{name}_metrics.json", record)

@@ -298,7 +298,8 @@ def evaluate_poisoned(
                 "path": str(weights),
                 "model_name": record["model_name"],
                 "weights_sha256": record["weights_sha256"],
-                "poison_indices_file": record["poison_indices_file"],
+                # Relative to this JSON's folder (metrics/), as redblue verify resolves it.
+                "poison_indices_file": f"../models/{record['poison_indices_file']}",
                 "poison_indices_sha256": record["poison_indices_sha256"],
             },
             "config": record["config"],
