@@ -280,3 +280,38 @@ def test_each_recipe_trains_saves_and_evaluates(mini: Dataset, tmp_path: Path, r
     again = defend_stage(tmp_path, data, train_cfg, defend_cfg, progress=False)
     assert again["reused"] and again["model"]["weights_sha256"] == result["model"]["weights_sha256"]
     assert again["metrics"] == result["metrics"]
+
+
+# --- full MNIST (slow) ---------------------------------------------------------------------
+
+
+def _warning_ids(result: dict[str, object]) -> set[str]:
+    return {w["id"] for w in result["warnings"]}  # type: ignore[attr-defined, index]
+
+
+@pytest.mark.slow
+def test_fgsm_recipe_reproduces_the_original_pattern_and_the_gap_warning_fires(mnist: Dataset, tmp_path: Path) -> None:
+    """The original project's recipe looks robust to FGSM (it reported 98.48%) while PGD
+    and APGD break it: the robustness-gap warning must say so."""
+    defend_cfg = DefendConfig(recipe="fgsm", eps=0.25, ratio=0.5, eval_n=500)
+    result = defend_stage(tmp_path, mnist, TrainConfig(epochs=2, device="cpu"), defend_cfg, progress=False)
+    m = result["metrics"]
+    assert m["clean_accuracy"] >= 0.97
+    assert m["fgsm_accuracy"] >= 0.75
+    assert m["pgd_accuracy"] <= m["fgsm_accuracy"] - 0.3
+    assert m["robust_accuracy"] <= m["fgsm_accuracy"] - 0.3
+    assert "robustness-gap" in _warning_ids(result)
+    history = result["training"]["history"]
+    assert all(h["guard_fgsm_accuracy"] > h["guard_pgd_accuracy"] + 0.3 for h in history)
+
+
+@pytest.mark.slow
+def test_fgsm_rs_is_robust_and_raises_no_gap_warning(mnist: Dataset, tmp_path: Path) -> None:
+    defend_cfg = DefendConfig(recipe="fgsm-rs", eps=0.1, eval_n=500)
+    result = defend_stage(tmp_path, mnist, TrainConfig(epochs=2, device="cpu"), defend_cfg, progress=False)
+    m = result["metrics"]
+    assert m["clean_accuracy"] >= 0.98
+    assert m["robust_accuracy"] >= 0.85
+    assert m["fgsm_accuracy"] - m["robust_accuracy"] <= 0.10
+    assert "robustness-gap" not in _warning_ids(result)
+    assert not result["training"]["guard"]["triggered"]
