@@ -307,7 +307,7 @@ def test_fgsm_recipe_reproduces_the_original_pattern_and_the_gap_warning_fires(m
 
 @pytest.mark.slow
 def test_fgsm_rs_is_robust_and_raises_no_gap_warning(mnist: Dataset, tmp_path: Path) -> None:
-    defend_cfg = DefendConfig(recipe="fgsm-rs", eps=0.1, eval_n=500)
+    defend_cfg = DefendConfig(recipe="fgsm-rs", eps=0.1, eval_n=200)
     result = defend_stage(tmp_path, mnist, TrainConfig(epochs=2, device="cpu"), defend_cfg, progress=False)
     m = result["metrics"]
     assert m["clean_accuracy"] >= 0.98

@@ -381,6 +381,7 @@ def attack_stage(
     data_cfg: DataConfig | None = None,
     progress: bool = True,
     plots: bool = True,
+    check_options: dict[str, int] | None = None,
 ) -> dict[str, Any]:
     """Evaluate a saved model against ``cfg``'s attacks and write the results.
 
@@ -401,7 +402,7 @@ def attack_stage(
         net, x, y, attacks=cfg.attack, eps=cfg.eps, norm=cfg.norm, batch_size=cfg.batch_size,
         seed=cfg.seed, sweep=cfg.sweep, checks=cfg.checks, progress=progress,
         alpha=cfg.alpha, steps=cfg.steps, restarts=cfg.restarts, random_start=cfg.random_start,
-        n_targets=cfg.n_targets,
+        n_targets=cfg.n_targets, check_options=check_options,
     )  # fmt: skip
     samples_rel = f"metrics/{name}_examples.safetensors"
     samples_sha = save_samples(out / samples_rel, result.samples, sample_predictions(net, result.samples))

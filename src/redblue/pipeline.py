@@ -128,6 +128,8 @@ def render_training_plots(out: Path, name: str, result: dict[str, Any]) -> list[
 
 QUICK_TRAIN = 12_000
 QUICK_TEST = 1_000
+QUICK_CHECKS = {"check_examples": 100, "square_examples": 50, "square_queries": 200}
+"""--quick: the sanity checks on fewer images, and a shorter Square attack."""
 
 
 def cached_result(out: Path, metrics_name: str, key: str) -> dict[str, Any] | None:
@@ -285,47 +287,44 @@ def poisoning(wf: Workflow, data: Dataset) -> None:
 
 def red_team(wf: Workflow, data: Dataset) -> list[dict[str, Any]]:
     """FGSM at eps on the whole test set, PGD (with the eps sweep) and the standard suite on
-    the first ``n_examples`` test images, each with its sanity checks; cached per attack."""
+    the first ``n_examples`` test images; cached per attack.
+
+    The sanity checks run once per model, with the standard suite (they run FGSM and PGD
+    themselves, so they cover the other two stages too); the FGSM and PGD JSONs say so.
+    """
     from redblue.artifacts import load_model
     from redblue.evaluation import attack_stage
 
     device = resolve_device(wf.train.device)
-    model_json = wf.out / "models" / "baseline.json"
-    loaded = load_model(model_json, device=device)
-    eps = wf.run.eps
-    n = wf.run.n_examples
-    attack = "standard,square" if wf.run.square else "standard"
+    loaded = load_model(wf.out / "models" / "baseline.json", device=device)
+    eps, n, seed, dev = wf.run.eps, wf.run.n_examples, wf.train.seed, wf.train.device
+    standard = {"steps": 20, "n_targets": 3} if wf.run.quick else {}
     plans = [
-        ("fgsm", AttackConfig(attack="fgsm", eps=eps, n_examples=None, seed=wf.train.seed, device=wf.train.device)),
-        (
-            "pgd",
-            AttackConfig(
-                attack="pgd",
-                eps=eps,
-                alpha=wf.run.pgd_alpha,
-                steps=wf.run.pgd_steps,
-                restarts=wf.run.restarts,
-                n_examples=n,
-                sweep=wf.run.sweep,
-                seed=wf.train.seed,
-                device=wf.train.device,
-            ),
-        ),
-        ("standard", AttackConfig(attack=attack, eps=eps, n_examples=n, seed=wf.train.seed, device=wf.train.device)),
+        ("fgsm", AttackConfig(attack="fgsm", eps=eps, n_examples=None, checks=False, seed=seed, device=dev)),
+        ("pgd", AttackConfig(attack="pgd", eps=eps, alpha=wf.run.pgd_alpha, steps=wf.run.pgd_steps,
+                             restarts=wf.run.restarts, n_examples=n, sweep=wf.run.sweep, checks=False,
+                             seed=seed, device=dev)),
+        ("standard", AttackConfig(attack="standard,square" if wf.run.square else "standard", eps=eps,
+                                  n_examples=n, seed=seed, device=dev, **standard)),  # type: ignore[arg-type]
     ]
+    check_options = QUICK_CHECKS if wf.run.quick else None
     results = []
     for name, cfg in plans:
         settings = asdict(cfg)
         settings.pop("device")
-        key = sha256_json({"attack": settings, "weights": loaded.record["weights_sha256"], "data": data.describe()})
+        key = sha256_json({"attack": settings, "checks": check_options, "weights": loaded.record["weights_sha256"],
+                           "data": data.describe()})
         cached = cached_result(wf.out, name, key)
         if cached is not None:
             print(f"reusing metrics/{name}_metrics.json (same attack, model and data)", file=sys.stderr)
             results.append(cached)
             continue
-        seed_everything(wf.train.seed)
-        result = attack_stage(wf.out, loaded, data, cfg, name=name, data_cfg=wf.data, progress=wf.progress)
+        seed_everything(seed)
+        result = attack_stage(wf.out, loaded, data, cfg, name=name, data_cfg=wf.data, progress=wf.progress,
+                              check_options=check_options)
         result["cache_key"] = key
+        if not cfg.checks:
+            result["checks"] = "run once per model with the standard suite: see standard_metrics.json"
         atomic_write_json(wf.out / "metrics" / f"{name}_metrics.json", result)
         results.append(result)
     return results

@@ -382,6 +382,7 @@ def robustness_metrics(
     restarts: int = 3,
     sweep_n: int = 500,
     seed: int = 0,
+    check_options: dict[str, int] | None = None,
 ) -> dict[str, Any]:
     """How robust a defended model is at ``eps`` (L-inf), per example and in the worst case.
 
@@ -416,7 +417,7 @@ def robustness_metrics(
         for name in ("fgsm", "pgd")
     }
     result.sweep = points
-    result.warnings = run_checks(model, x, y, result, seed=seed)
+    result.warnings = run_checks(model, x, y, result, seed=seed, **(check_options or {}))
     standard = worst.clone() if result.clean_correct is None else result.clean_correct.clone()
     for name in ("apgd-ce", "apgd-t"):
         standard &= result.robust[name]
@@ -450,6 +451,7 @@ def defend_stage(
     force_retrain: bool = False,
     progress: bool = True,
     name: str = "advtrain",
+    check_options: dict[str, int] | None = None,
 ) -> dict[str, Any]:
     """Train (or reload) a defended model, save it, evaluate it, write its JSON and plots.
 
@@ -480,6 +482,7 @@ def defend_stage(
         test.y_test[:n_eval],
         eps=defend_cfg.eps,
         seed=train_cfg.seed,
+        check_options=check_options,
     )
     metrics = {"clean_accuracy": clean.accuracy, "loss": clean.loss, "n": clean.n, **robust["metrics"]}
     config = {
