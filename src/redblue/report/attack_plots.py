@@ -84,9 +84,9 @@ def render_attack_plots(out: Path, name: str, result: Mapping[str, Any]) -> list
     images = out / "images"
     metrics = result["metrics"]
     paths: list[Path] = []
-    samples_file = result.get("samples", {}).get("file")
+    samples_file = result.get("samples_file")  # relative to the JSON's folder, metrics/
     if samples_file:
-        samples = load_samples(out / samples_file)
+        samples = load_samples(out / "metrics" / str(samples_file))
         attack = strongest_attack(result)
         paths.append(
             adversarial_grid(
