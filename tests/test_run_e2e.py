@@ -30,6 +30,10 @@ STAGE_FILES = [
     "models/baseline.safetensors",
     "models/advtrain.safetensors",
     "models/poisoned.safetensors",
+    "images/baseline_training_curves.png",
+    "images/fgsm_examples.png",
+    "images/pgd_accuracy_vs_eps.png",
+    "images/standard_perturbation.png",
     "report.html",
     "report.md",
 ]
