@@ -21,6 +21,7 @@ T = TypeVar("T")
 
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("auto", "fp32", "bf16")
+LR_SCHEDULES = ("cosine", "one-cycle")
 
 
 def _opt(name: str) -> str:
@@ -83,6 +84,7 @@ class TrainConfig:
     epochs: int = 5
     batch_size: int = 128
     lr: float = 3e-3
+    lr_schedule: str = "cosine"
     weight_decay: float = 0.0
     seed: int = 0
     device: str = "auto"
@@ -93,6 +95,7 @@ class TrainConfig:
         check_int("epochs", self.epochs, 1, 1000)
         check_int("batch_size", self.batch_size, 1, 65536)
         check_float("lr", self.lr, 0.0, 10.0, low_open=True)
+        check_choice("lr_schedule", self.lr_schedule, LR_SCHEDULES)
         check_float("weight_decay", self.weight_decay, 0.0, 1.0)
         check_int("seed", self.seed, 0, 2**63 - 1)
         if not (self.device in DEVICES or self.device.startswith("cuda:")):

@@ -47,13 +47,19 @@ def data_options(func: F) -> F:
 
 
 def train_options(func: F) -> F:
-    """--epochs, --batch-size, --lr, --seed, --device, --precision, --model-name."""
+    """--epochs, --batch-size, --lr, --lr-schedule, --seed, --device, --precision, --model-name."""
     for option in reversed(
         [
             click.option("--epochs", type=int, default=None, help="Training epochs. [default: 5]"),
             click.option("--batch-size", type=int, default=None, help="Batch size. [default: 128]"),
             click.option(
-                "--lr", type=float, default=None, help="Adam learning rate (cosine decay to 0). [default: 0.003]"
+                "--lr", type=float, default=None, help="Adam learning rate (its peak). [default: 0.003]"
+            ),
+            click.option(
+                "--lr-schedule",
+                default=None,
+                help="cosine (decay to 0) or one-cycle (up to --lr over 2/5 of the steps, then down to 0). "
+                "[default: cosine]",
             ),
             click.option(
                 "--seed", type=int, default=None, help="Seeds everything; same seed, same metrics on CPU. [default: 0]"
@@ -67,7 +73,7 @@ def train_options(func: F) -> F:
             click.option(
                 "--model-name",
                 default=None,
-                help="Architecture from the model registry: cnn or cnn-large. [default: cnn]",
+                help="Architecture from the model registry: cnn, cnn-small, cnn-wide or cnn-large. [default: cnn]",
             ),
         ]
     ):
