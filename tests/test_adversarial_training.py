@@ -21,11 +21,13 @@ from redblue.defenses.adversarial import (
     OverfitGuard,
     defend_stage,
     fgsm_mix_perturb,
+    fgsm_rs_perturb,
     make_recipe,
     pgd_perturb,
     split_guard_slice,
     trades_loss,
     trades_perturb,
+    train_defended,
 )
 from redblue.errors import ConfigError
 from redblue.models import build_model
@@ -107,27 +109,56 @@ def test_fgsm_mix_replaces_a_ratio_share_of_the_batch_by_fgsm(
 def test_fgsm_rs_is_one_step_of_alpha_from_a_random_start(
     trained: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]
 ) -> None:
+    """Wong et al.'s step, computed here by hand: delta ~ U(-eps, eps), one signed step of
+    alpha at x + delta, projection to the ball, then the image clamped to [0, 1]."""
     x, y = batch
     recipe = make_recipe(DefendConfig(recipe="fgsm-rs", eps=0.3))
     assert recipe.settings == {
-        "recipe": "fgsm-rs", "eps": 0.3, "eps_ramp": 0, "alpha": 0.375, "steps": 1, "random_start": True
+        "recipe": "fgsm-rs", "eps": 0.3, "eps_ramp": 0, "alpha": 0.375, "steps": 1, "random_start": "unclamped"
     }
     torch.manual_seed(1)
     x_rs = recipe.perturb(trained, x, y)
     torch.manual_seed(1)
-    x_ref = pgd(trained, x, y, eps=0.3, alpha=0.375, steps=1, random_start=True)
+    delta = torch.empty_like(x).uniform_(-0.3, 0.3).requires_grad_(True)
+    (grad,) = torch.autograd.grad(F.cross_entropy(trained.eval()(x + delta), y), delta)
+    x_ref = (x + (delta.detach() + 0.375 * grad.sign()).clamp(-0.3, 0.3)).clamp(0.0, 1.0)
     assert torch.equal(x_rs, x_ref)
     assert _in_ball(x_rs, x, 0.3)
     assert not torch.equal(x_rs, fgsm(trained, x, y, eps=0.3))  # the random start matters
+
+
+def test_fgsm_rs_takes_its_gradient_at_an_unclamped_start(
+    trained: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]
+) -> None:
+    """The start is not clamped to [0, 1] (clamping it is what made FGSM-RS overfit
+    catastrophically on MNIST): the model sees negative pixels at the gradient step."""
+    seen: list[torch.Tensor] = []
+    spy = nn.Sequential(_Record(seen), trained)
+    x, y = batch
+    make_recipe(DefendConfig(recipe="fgsm-rs", eps=0.3)).perturb(spy, x, y)
+    assert seen[0].min() < -0.2 and seen[0].max() > 1.0  # MNIST has black and white pixels
+
+
+class _Record(nn.Module):
+    def __init__(self, seen: list[torch.Tensor]) -> None:
+        super().__init__()
+        self.seen = seen
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.seen.append(x.detach().clone())
+        return x
 
 
 def test_ramped_eps_scales_the_step_and_the_ball(
     trained: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]
 ) -> None:
     x, y = batch
-    perturb = pgd_perturb(EpsSchedule(0.3, ramp_steps=3), alpha=0.375, steps=1)
-    radii = [float((perturb(trained, x, y) - x).abs().amax()) for _ in range(4)]
-    assert radii == pytest.approx([0.1, 0.2, 0.3, 0.3], abs=1e-6)
+    for perturb in (
+        pgd_perturb(EpsSchedule(0.3, ramp_steps=3), alpha=0.375, steps=1),
+        fgsm_rs_perturb(EpsSchedule(0.3, ramp_steps=3), alpha=0.375),
+    ):
+        radii = [float((perturb(trained, x, y) - x).abs().amax()) for _ in range(4)]
+        assert radii == pytest.approx([0.1, 0.2, 0.3, 0.3], abs=1e-6)
 
 
 def test_pgd_recipe_is_stronger_than_fgsm_against_a_clean_model(
@@ -315,3 +346,31 @@ def test_fgsm_rs_is_robust_and_raises_no_gap_warning(mnist: Dataset, tmp_path: P
     assert m["fgsm_accuracy"] - m["robust_accuracy"] <= 0.10
     assert "robustness-gap" not in _warning_ids(result)
     assert not result["training"]["guard"]["triggered"]
+
+
+@pytest.mark.slow
+def test_guard_restores_the_best_epoch_of_a_run_that_really_overfits(mnist: Dataset) -> None:
+    """A real catastrophic-overfitting run, not a scripted one: FGSM-RS at eps 0.3 on
+    ``cnn-small`` with a one-cycle LR climbing to 5e-3 over 12 of 30 epochs. Measured here,
+    PGD accuracy on the guard slice climbs for four epochs (6%, 14%, 27%, 52%) and falls to
+    about 3% in the fifth as the LR rises: the guard must restore the best epoch and stop."""
+    train_cfg = TrainConfig(model_name="cnn-small", epochs=30, batch_size=100, lr=5e-3, lr_schedule="one-cycle")
+    model, training = train_defended(mnist, train_cfg, DefendConfig(recipe="fgsm-rs", eps=0.3), progress=False)
+    guard = training["guard"]
+    assert guard["triggered"], [round(h["guard_pgd_accuracy"], 3) for h in training["history"]]
+    history = training["history"]
+    event = guard["event"]
+    assert len(history) == event["collapsed_epoch"] < 30  # training stopped at the collapse
+    pgd_by_epoch = [h["guard_pgd_accuracy"] for h in history]
+    best = max(pgd_by_epoch[:-1])
+    assert event["restored_epoch"] == pgd_by_epoch.index(best) + 1
+    assert best - pgd_by_epoch[-1] > 0.2  # a real collapse, bigger than the guard's 20 pp
+    assert history[-1]["guard_fgsm_accuracy"] > history[-1]["guard_pgd_accuracy"] + 0.2  # FGSM stays high
+    # the returned model is the restored epoch's: its PGD accuracy on the slice is the best one
+    restored = OverfitGuard(*_guard_slice(mnist, train_cfg), eps=0.3).measure(model)
+    assert restored["pgd"] == pytest.approx(best, abs=0.03)
+
+
+def _guard_slice(data: Dataset, train_cfg: TrainConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    _, x, y = split_guard_slice(data, DefendConfig().guard_size, train_cfg.seed)
+    return x, y

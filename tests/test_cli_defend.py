@@ -63,7 +63,7 @@ def test_defend_trains_saves_evaluates_and_reuses(cli: Cli, tmp_path: Path) -> N
         assert (out / path).is_file(), path
     result = json.loads((out / "metrics" / "advtrain_metrics.json").read_text())
     assert result["recipe"] == {
-        "recipe": "fgsm-rs", "eps": 0.3, "eps_ramp": 0, "alpha": 0.375, "steps": 1, "random_start": True
+        "recipe": "fgsm-rs", "eps": 0.3, "eps_ramp": 0, "alpha": 0.375, "steps": 1, "random_start": "unclamped"
     }
     assert result["config"]["defend"]["guard_size"] == 200
     assert result["training"]["n_train"] == 3800  # the guard slice is held out

@@ -47,6 +47,40 @@ def cnn() -> nn.Sequential:
     )
 
 
+def cnn_small() -> nn.Sequential:
+    """Wong, Rice & Kolter's MNIST model for fast adversarial training (about 166k weights):
+    Conv16(4x4, stride 2)-Conv32(4x4, stride 2)-FC100-Linear(10), no pooling, no dropout.
+    The architecture FGSM-RS trains robustly at eps 0.3 here (``docs/adversarial-training.md``)."""
+    return nn.Sequential(
+        Normalize(),
+        nn.Conv2d(1, 16, 4, stride=2, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(16, 32, 4, stride=2, padding=1),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(32 * 7 * 7, 100),
+        nn.ReLU(),
+        nn.Linear(100, 10),
+    )
+
+
+def cnn_wide() -> nn.Sequential:
+    """:func:`cnn_small` at twice the width (about 839k weights):
+    Conv32(4x4, stride 2)-Conv64(4x4, stride 2)-FC256-Linear(10). The best FGSM-RS model at
+    eps 0.3 in ``docs/adversarial-training.md``."""
+    return nn.Sequential(
+        Normalize(),
+        nn.Conv2d(1, 32, 4, stride=2, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(32, 64, 4, stride=2, padding=1),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(64 * 7 * 7, 256),
+        nn.ReLU(),
+        nn.Linear(256, 10),
+    )
+
+
 def cnn_large() -> nn.Sequential:
     """A wider all-convolutional CNN for robust training (about 1.9M weights):
     Conv32(3x3)-Conv32(4x4, stride 2)-Conv64(3x3)-Conv64(4x4, stride 2)-FC512-FC512-Linear(10)."""
@@ -69,7 +103,12 @@ def cnn_large() -> nn.Sequential:
     )
 
 
-MODELS: dict[str, Callable[[], nn.Module]] = {"cnn": cnn, "cnn-large": cnn_large}
+MODELS: dict[str, Callable[[], nn.Module]] = {
+    "cnn": cnn,
+    "cnn-small": cnn_small,
+    "cnn-wide": cnn_wide,
+    "cnn-large": cnn_large,
+}
 
 
 def build_model(name: str = "cnn", *, seed: int | None = None) -> nn.Module:
