@@ -8,7 +8,8 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-SCRIPTS = ["bench_train", "bench_attacks", "bench_advtrain", "bench_poison"]
+SCRIPTS = ["bench_train", "bench_attacks", "bench_advtrain", "bench_poison", "bench_workflow"]
+EXTRA_ARGS = {"bench_workflow": ["--full-run"]}
 
 
 def main() -> int:
@@ -19,6 +20,7 @@ def main() -> int:
     for name in SCRIPTS:
         print(f"== {name}", flush=True)
         extra = ["--data-dir", os.environ["REDBLUE_DATA_DIR"]] if name == "bench_attacks" else []
+        extra += EXTRA_ARGS.get(name, [])
         code = subprocess.call([sys.executable, "-m", f"benchmarks.{name}", *extra], cwd=HERE.parent)
         if code:
             failed.append(name)
