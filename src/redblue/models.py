@@ -47,38 +47,35 @@ def cnn() -> nn.Sequential:
     )
 
 
-def cnn_small() -> nn.Sequential:
-    """Wong, Rice & Kolter's MNIST model for fast adversarial training (about 166k weights):
-    Conv16(4x4, stride 2)-Conv32(4x4, stride 2)-FC100-Linear(10), no pooling, no dropout.
-    The architecture FGSM-RS trains robustly at eps 0.3 here (``docs/adversarial-training.md``)."""
+def strided_cnn(channels: tuple[int, int], hidden: int) -> nn.Sequential:
+    """Two 4x4 stride-2 convolutions, one hidden layer, no pooling and no dropout: the shape
+    of Wong et al.'s MNIST model for fast adversarial training."""
+    c1, c2 = channels
     return nn.Sequential(
         Normalize(),
-        nn.Conv2d(1, 16, 4, stride=2, padding=1),
+        nn.Conv2d(1, c1, 4, stride=2, padding=1),
         nn.ReLU(),
-        nn.Conv2d(16, 32, 4, stride=2, padding=1),
+        nn.Conv2d(c1, c2, 4, stride=2, padding=1),
         nn.ReLU(),
         nn.Flatten(),
-        nn.Linear(32 * 7 * 7, 100),
+        nn.Linear(c2 * 7 * 7, hidden),
         nn.ReLU(),
-        nn.Linear(100, 10),
+        nn.Linear(hidden, 10),
     )
+
+
+def cnn_small() -> nn.Sequential:
+    """Wong, Rice & Kolter's MNIST model for fast adversarial training (about 166k weights):
+    Conv16(4x4, stride 2)-Conv32(4x4, stride 2)-FC100-Linear(10). FGSM-RS trains it
+    robustly at eps 0.3 (``docs/adversarial-training.md``)."""
+    return strided_cnn((16, 32), 100)
 
 
 def cnn_wide() -> nn.Sequential:
     """:func:`cnn_small` at twice the width (about 839k weights):
     Conv32(4x4, stride 2)-Conv64(4x4, stride 2)-FC256-Linear(10). The best FGSM-RS model at
     eps 0.3 in ``docs/adversarial-training.md``."""
-    return nn.Sequential(
-        Normalize(),
-        nn.Conv2d(1, 32, 4, stride=2, padding=1),
-        nn.ReLU(),
-        nn.Conv2d(32, 64, 4, stride=2, padding=1),
-        nn.ReLU(),
-        nn.Flatten(),
-        nn.Linear(64 * 7 * 7, 256),
-        nn.ReLU(),
-        nn.Linear(256, 10),
-    )
+    return strided_cnn((32, 64), 256)
 
 
 def cnn_large() -> nn.Sequential:
