@@ -11,7 +11,8 @@ process:
 
 After each run, FGSM accuracy (eps 0.25) on the first 2,000 test images checks that the
 faster run is not a weaker one. Also timed: one epoch of ``fgsm-rs`` (eps 0.3) and of
-``pgd`` (eps 0.3, 10 steps) with redblue, on the original CNN and on ``cnn-large``. Run:
+``pgd`` (eps 0.3, 10 steps) with redblue, on the original CNN and on ``cnn-wide`` (the
+robust FGSM-RS model of ``docs/adversarial-training.md``). Run:
 
     REDBLUE_DATA_DIR=../shared/datasets python benchmarks/bench_advtrain.py
 """
@@ -100,7 +101,7 @@ def redblue_epoch(data: Dataset, cfg: DefendConfig, precision: str, model_name: 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--skip-art", action="store_true", help="time redblue only")
-    parser.add_argument("--skip-large", action="store_true", help="skip the cnn-large rows")
+    parser.add_argument("--skip-large", action="store_true", help="skip the cnn-wide rows")
     args = parser.parse_args()
     data = load_dataset("mnist", data_dir(), download=False)
     auto = resolve_precision("auto", torch.device("cpu"))
@@ -121,7 +122,7 @@ def main() -> None:
     add(redblue_epoch(data, original, "fp32"))
     if auto != "fp32":
         add(redblue_epoch(data, original, auto))
-    models = ["cnn"] if args.skip_large else ["cnn", "cnn-large"]
+    models = ["cnn"] if args.skip_large else ["cnn", "cnn-wide"]
     for model_name in models:
         add(redblue_epoch(data, DefendConfig(recipe="fgsm-rs", eps=0.3), auto, model_name))
         add(redblue_epoch(data, DefendConfig(recipe="pgd", eps=0.3, steps=10), auto, model_name))

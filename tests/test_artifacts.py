@@ -86,3 +86,11 @@ def test_atomic_writes_leave_no_temporary_files(tmp_path: Path) -> None:
         atomic_write_json(tmp_path / "models" / "nan.json", {"a": float("nan")})
     assert not (tmp_path / "models" / "nan.json").exists()
     assert sorted(p.name for p in (tmp_path / "models").iterdir()) == names
+
+
+def test_the_same_weights_always_give_the_same_file(tmp_path: Path) -> None:
+    """The weights' SHA-256 is a function of the weights alone (a reused model saved again
+    under another name keeps its hash)."""
+    model = build_model("cnn", seed=3)
+    hashes = {save_model(tmp_path, f"m{i}", model, {"model_name": "cnn"})["weights_sha256"] for i in range(12)}
+    assert len(hashes) == 1

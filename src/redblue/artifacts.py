@@ -45,7 +45,10 @@ def save_model(out: Path, name: str, model: nn.Module, record: dict[str, Any]) -
     """Write weights (safetensors) then the JSON record, each atomically; returns the record."""
     weights_path, json_path = model_paths(out, name)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    payload = st_save(state, metadata={"format": FORMAT, "model_name": str(record.get("model_name", ""))})
+    # One metadata key only: safetensors writes a metadata map in no fixed order, so two keys
+    # gave the same weights two different files (and SHA-256s) at random. The model name is
+    # in the JSON record.
+    payload = st_save(state, metadata={"format": FORMAT})
     atomic_write_bytes(weights_path, payload)
     full = {
         "format": FORMAT,
