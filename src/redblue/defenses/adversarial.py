@@ -36,6 +36,7 @@ from torch import nn
 
 from redblue.artifacts import find_reusable, save_model
 from redblue.attacks import fgsm, pgd
+from redblue.attacks.projection import input_gradient
 from redblue.config import DataConfig, DefendConfig, TrainConfig
 from redblue.data import Dataset, to_float
 from redblue.evaluation import DEFAULT_SWEEP
@@ -122,11 +123,10 @@ def fgsm_rs_perturb(schedule: EpsSchedule, alpha: float) -> Perturb:
         eps = schedule()
         step = alpha * eps / schedule.eps
         x = x.detach().float()
-        delta = torch.empty_like(x).uniform_(-eps, eps).requires_grad_(True)
+        delta = torch.empty_like(x).uniform_(-eps, eps)
         with eval_mode(model):
-            loss = F.cross_entropy(model(x + delta).float(), y)
-        (grad,) = torch.autograd.grad(loss, delta)
-        delta = (delta.detach() + step * grad.sign()).clamp(-eps, eps)
+            grad, _, _ = input_gradient(model, x + delta, y)
+        delta = (delta + step * grad.sign()).clamp(-eps, eps)
         return channels_last((x + delta).clamp(0.0, 1.0))
 
     return perturb
