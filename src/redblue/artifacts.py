@@ -82,28 +82,34 @@ def read_record(path: Path) -> dict[str, Any]:
     return record
 
 
+def read_verified_tensors(path: Path, sha256: object, record_path: Path, *, kind: str) -> dict[str, torch.Tensor]:
+    """The tensors of the safetensors file ``path``, after checking its SHA-256 against ``sha256``
+    (recorded in ``record_path``). IntegrityError naming the file when it is missing,
+    unreadable, modified or not safetensors; nothing is deserialised before the hash matches."""
+    try:
+        payload = path.read_bytes()
+    except FileNotFoundError:
+        raise IntegrityError(f"{path}: {kind} file not found (recorded in {record_path.name})") from None
+    except OSError as exc:
+        raise IntegrityError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    digest = sha256_bytes(payload)
+    if digest != sha256:
+        raise IntegrityError(
+            f"{path}: SHA-256 mismatch (got {digest[:16]}…, recorded {str(sha256)[:16]}… in "
+            f"{record_path.name}): the file was modified or does not belong to this record"
+        )
+    try:
+        return st_load(payload)
+    except (SafetensorError, ValueError, json.JSONDecodeError) as exc:
+        raise IntegrityError(f"{path}: not a valid safetensors file ({exc})") from None
+
+
 def load_model(path: str | Path, device: torch.device | str = "cpu") -> LoadedModel:
     """Load a model saved by :func:`save_model`, verifying the weights' SHA-256 first."""
     json_path, weights_path = _resolve(Path(path))
     record = read_record(json_path)
     weights_path = json_path.parent / str(record.get("weights_file", weights_path.name))
-    try:
-        payload = weights_path.read_bytes()
-    except FileNotFoundError:
-        raise IntegrityError(f"{weights_path}: weights file not found") from None
-    except OSError as exc:
-        raise IntegrityError(f"{weights_path}: cannot read ({exc.strerror or exc})") from None
-    digest = sha256_bytes(payload)
-    if digest != record.get("weights_sha256"):
-        raise IntegrityError(
-            f"{weights_path}: SHA-256 mismatch (got {digest[:16]}…, recorded "
-            f"{str(record.get('weights_sha256'))[:16]}… in {json_path.name}): the file was modified "
-            "or does not belong to this record"
-        )
-    try:
-        state = st_load(payload)
-    except (SafetensorError, ValueError, json.JSONDecodeError) as exc:
-        raise IntegrityError(f"{weights_path}: not a valid safetensors file ({exc})") from None
+    state = read_verified_tensors(weights_path, record.get("weights_sha256"), json_path, kind="weights")
     model = build_model(str(record.get("model_name", "cnn")))
     try:
         model.load_state_dict(state, strict=True)

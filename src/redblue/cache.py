@@ -29,7 +29,6 @@ Example:
 
 from __future__ import annotations
 
-import json
 import math
 import re
 import sys
@@ -40,10 +39,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
+from redblue.artifacts import read_verified_tensors
 from redblue.errors import ConfigError, IntegrityError
 from redblue.utils import (
     atomic_write_bytes,
@@ -169,22 +167,7 @@ class Cache:
             raise IntegrityError(f"{json_path}: not a redblue cache record (format {FORMAT})")
         if record.get("key") != key or record.get("stage") != stage or record.get("tensors_file") != tensors_path.name:
             raise IntegrityError(f"{json_path}: record does not belong to key {key[:16]}… of stage {stage!r}")
-        try:
-            payload = tensors_path.read_bytes()
-        except FileNotFoundError:
-            raise IntegrityError(f"{tensors_path}: cached tensors file not found (recorded in {json_path.name})") from None
-        except OSError as exc:
-            raise IntegrityError(f"{tensors_path}: cannot read ({exc.strerror or exc})") from None
-        digest = sha256_bytes(payload)
-        if digest != record.get("tensors_sha256"):
-            raise IntegrityError(
-                f"{tensors_path}: SHA-256 mismatch (got {digest[:16]}…, recorded "
-                f"{str(record.get('tensors_sha256'))[:16]}… in {json_path.name}): the cache entry was modified"
-            )
-        try:
-            state = st_load(payload)
-        except (SafetensorError, ValueError, json.JSONDecodeError) as exc:
-            raise IntegrityError(f"{tensors_path}: not a valid safetensors file ({exc})") from None
+        state = read_verified_tensors(tensors_path, record.get("tensors_sha256"), json_path, kind="cached tensors")
         described = record.get("tensors")
         actual = {name: {"dtype": str(t.dtype), "shape": list(t.shape)} for name, t in state.items()}
         if described != actual:

@@ -71,13 +71,7 @@ def train_baseline(
     else:
         model = build_model(train_cfg.model_name, seed=train_cfg.seed)
         result = fit(model, data, train_cfg, progress=progress, desc=name)
-        fit_info = {
-            "history": result.history,
-            "seconds": result.seconds,
-            "images_per_s": result.images_per_s,
-            "device": result.device,
-            "precision": result.precision,
-        }
+        fit_info = result.summary()
     test = data.to(device)
     ev = evaluate(model, test.x_test, test.y_test)
     metrics = {"accuracy": ev.accuracy, "loss": ev.loss, "n": ev.n, "latency": ev.latency}

@@ -102,6 +102,16 @@ class FitResult:
     config: dict[str, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
 
+    def summary(self) -> dict[str, Any]:
+        """The JSON-ready account every stage records as ``training``."""
+        return {
+            "history": self.history,
+            "seconds": self.seconds,
+            "images_per_s": self.images_per_s,
+            "device": self.device,
+            "precision": self.precision,
+        }
+
 
 def lr_factor(schedule: str, total_steps: int) -> Callable[[int], float]:
     """The learning-rate multiplier per optimizer step for ``schedule``.

@@ -391,11 +391,7 @@ def train_defended(
     )
     notes = [guard.event.message()] if guard.event else []
     return model, {
-        "history": result.history,
-        "seconds": result.seconds,
-        "images_per_s": result.images_per_s,
-        "device": result.device,
-        "precision": result.precision,
+        **result.summary(),
         "n_train": int(train_data.x_train.shape[0]),
         "recipe": recipe.settings,
         "guard": guard.summary(),

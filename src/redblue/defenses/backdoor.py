@@ -420,9 +420,7 @@ def defend_backdoor_stage(
                 "dataset": data.describe(),
                 "removed": {"method": defense_cfg.method, "n_removed": int(det.flagged.numel()),
                             "poisoned_weights_sha256": record["weights_sha256"]},
-                "training": {"history": fit_result.history, "seconds": fit_result.seconds,
-                             "images_per_s": fit_result.images_per_s,
-                             "device": fit_result.device, "precision": fit_result.precision},
+                "training": fit_result.summary(),
             })
         m = backdoor_metrics(new_model, poisoned.x_test, poisoned.y_test, poison_cfg.trigger(),
                              poison_cfg.target, num_classes=data.num_classes)

@@ -202,13 +202,7 @@ def train_poisoned(
         seed_everything(train_cfg.seed)
         model = build_model(train_cfg.model_name)
         result = fit(model, poisoned, train_cfg, progress=progress, desc=name)
-        fit_info = {
-            "history": result.history,
-            "seconds": result.seconds,
-            "images_per_s": result.images_per_s,
-            "device": result.device,
-            "precision": result.precision,
-        }
+        fit_info = result.summary()
     idx_path = indices_path(out, name)
     atomic_write_bytes(idx_path, index_payload)
     n_eligible = int((data.y_train != poison_cfg.target).sum())
