@@ -304,7 +304,9 @@ def test_each_recipe_trains_saves_and_evaluates(mini: Dataset, tmp_path: Path, r
     assert on_disk["metrics"] == result["metrics"]
     m = result["metrics"]
     assert m["eval_n"] == 60 and m["n"] == 300
-    assert m["robust_accuracy"] <= min(m["pgd_accuracy"], m["standard_accuracy"]) <= m["eval_clean_accuracy"]
+    assert m["robust_accuracy"] <= min(m["pgd_accuracy"], m["standard_accuracy"], m["square_accuracy"])
+    assert max(m["pgd_accuracy"], m["standard_accuracy"], m["square_accuracy"]) <= m["eval_clean_accuracy"]
+    assert list(result["evaluation"]["attacks"]) == ["fgsm", "pgd", "apgd-ce", "apgd-t", "square"]
     assert set(result["eps_sweep"]) == {"eps", "fgsm", "pgd"}
     assert (tmp_path / "images" / "advtrain_training_curves.png").stat().st_size > 1000
     # the same settings reuse the saved model

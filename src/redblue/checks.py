@@ -174,6 +174,10 @@ def _accuracy(mask: torch.Tensor) -> float:
     return float(mask.float().mean()) if mask.numel() else float("nan")
 
 
+SQUARE_QUERIES = 1000
+"""Square's query budget in the checks and in a defended model's evaluation (AutoAttack: 5,000)."""
+
+
 def run_checks(
     model: nn.Module,
     x: torch.Tensor,
@@ -184,7 +188,7 @@ def run_checks(
     seed: int = 0,
     check_examples: int = 500,
     square_examples: int = 200,
-    square_queries: int = 1000,
+    square_queries: int = SQUARE_QUERIES,
     **settings: Any,
 ) -> list[dict[str, str]]:
     """Every check of :data:`CHECKS` on the first ``check_examples`` evaluated images.

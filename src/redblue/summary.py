@@ -112,9 +112,11 @@ def build_summary(out: Path, *, timings: dict[str, float] | None = None, quick: 
                 "fgsm_accuracy": m.get("fgsm_accuracy"),
                 "pgd_accuracy": m.get("pgd_accuracy"),
                 "standard_accuracy": m.get("standard_accuracy"),
+                "square_accuracy": m.get("square_accuracy"),
                 "robustness_gap": gap,
                 "detail": f"eps {recipe.get('eps')}: FGSM {_pct(m.get('fgsm_accuracy'))}, PGD {_pct(m.get('pgd_accuracy'))}, "
-                f"standard {_pct(m.get('standard_accuracy'))} on {m.get('eval_n')} test images; robustness gap "
+                f"standard {_pct(m.get('standard_accuracy'))}, Square {_pct(m.get('square_accuracy'))} "
+                f"on {m.get('eval_n')} test images; robustness gap "
                 f"{_pct(gap)}" + (f"; warnings: {', '.join(str(w) for w in warnings)}" if warnings else ""),
                 "warnings": warnings,
                 "settings": {"recipe": recipe, "train": _get(adv, "config", "train")},
