@@ -1,7 +1,7 @@
 """The original project's workflow end to end: redblue's Python API vs the same workflow built on ART.
 
-Four stages, same model (``build_model("cnn", seed=0)``), same data, batch 128, same epochs
-(``--epochs``, 5) for every training run, built two ways:
+Four stages, the same network with the same initial weights (``build_model(..., seed=0)``),
+same data, batch 128, same epochs (``--epochs``, 5) for every training run, built two ways:
 
 1. baseline: train on the training set, clean accuracy on the test set;
 2. red team: FGSM at eps 0.25 on every test image (robust accuracy);
@@ -14,7 +14,10 @@ Four stages, same model (``build_model("cnn", seed=0)``), same data, batch 128, 
   autocast where the CPU has native bf16, as ``redblue run`` does): ``fit``, ``evaluate``,
   ``evaluate_robustness(attacks="fgsm")``, the ``fgsm`` recipe (``make_recipe`` + ``fit``,
   ``guard=False``), ``select_poison_indices`` / ``poison_dataset`` / ``backdoor_metrics``.
-- ART 1.20: what a user writes with it: ``PyTorchClassifier`` (cross-entropy, Adam 3e-3),
+- ART 1.20: what a user writes with it, on the original CNN as Keras code writes it
+  (``cnn-keras``: Conv-ReLU-Pool; ``--art-model cnn`` gives ART redblue's pool-before-ReLU
+  order, the same function, to separate the model's share of the speed-up from the
+  library's): ``PyTorchClassifier`` (cross-entropy, Adam 3e-3),
   float32 numpy arrays in [0, 1], ``classifier.fit``, ``FastGradientMethod.generate``,
   ``AdversarialTrainer(classifier, FastGradientMethod(eps=0.25), ratio=0.5).fit``,
   ``PoisoningAttackBackdoor(<4x4 white patch>).poison``.
@@ -23,7 +26,8 @@ Each side runs in its own subprocess (its own memory and threads), cold: no warm
 excluded, loading MNIST included (the ``data`` stage). ``--full-run`` also times the full
 default ``redblue run`` (every stage, sanity checks, detection, report) in a subprocess and
 reads its per-stage times from ``metrics/metrics_summary.json``. Writes
-``benchmarks/results/workflow.json`` and prints Markdown tables. Run:
+``benchmarks/results/workflow.json`` (``workflow_art-cnn.json`` with ``--art-model cnn``) and
+prints Markdown tables. Run:
 
     python -m benchmarks.bench_workflow --data-dir ../shared/datasets [--device cpu|cuda] [--full-run]
 """
@@ -168,7 +172,7 @@ def art_workflow(args: argparse.Namespace) -> dict[str, Any]:
     torch.manual_seed(SEED)  # ART's fit shuffles through a torch DataLoader
 
     def classifier() -> Any:
-        model = build_model("cnn", seed=SEED)
+        model = build_model(args.art_model, seed=SEED)
         return PyTorchClassifier(
             model=model,
             loss=nn.CrossEntropyLoss(),
@@ -266,7 +270,7 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
 
 def run_side(side: str, args: argparse.Namespace) -> dict[str, Any]:
     cmd = [sys.executable, "-m", "benchmarks.bench_workflow", "--worker", side, "--data-dir", args.data_dir,
-           "--device", args.device, "--epochs", str(args.epochs)]
+           "--device", args.device, "--epochs", str(args.epochs), "--art-model", args.art_model]
     for option, value in (("--train-subset", args.train_subset), ("--test-subset", args.test_subset),
                           ("--threads", args.threads)):
         if value:
@@ -361,6 +365,9 @@ def main() -> None:
     parser.add_argument("--full-run", action="store_true",
                         help="also time the full default `redblue run --data-dir DIR --out TMPDIR`")
     parser.add_argument("--full-run-args", default="", help="extra options for the full run (e.g. '--quick')")
+    parser.add_argument("--art-model", default="cnn-keras", choices=("cnn-keras", "cnn"),
+                        help="the ART side's model: cnn-keras (Conv-ReLU-Pool, as a user writes it) or cnn "
+                        "(redblue's pool-before-ReLU order, the same function) [default: cnn-keras]")
     parser.add_argument("--worker", choices=SIDES, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if not args.data_dir:
@@ -390,13 +397,14 @@ def main() -> None:
     if complete and "total" in speedup:
         targets["speedup_met"] = speedup["total"] >= TARGET_SPEEDUP
     write(
-        "workflow",
+        "workflow" if args.art_model == "cnn-keras" else f"workflow_art-{args.art_model}",
         {
             "what": "the original project's workflow (baseline, FGSM red team, FGSM adversarial training, "
             "BadNets poisoning), redblue's Python API vs the same workflow built on ART, one subprocess each, "
             "cold (imports excluded, loading MNIST included)",
             "settings": {
-                "model": "cnn (build_model('cnn', seed=0))",
+                "model": "redblue: build_model('cnn', seed=0); ART: build_model(art_model, seed=0), same weights",
+                "art_model": args.art_model,
                 "epochs": args.epochs,
                 "batch_size": BATCH_SIZE,
                 "lr": LR,

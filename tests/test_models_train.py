@@ -22,6 +22,32 @@ def test_cnn_is_the_original_architecture() -> None:
     assert model(torch.rand(2, 1, 28, 28)).shape == (2, 10)
 
 
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_cnn_pools_before_relu_with_keras_outputs_and_gradients(precision: str) -> None:
+    """``cnn`` (pool, then ReLU: faster) against ``cnn-keras`` (ReLU, then pool), same seed:
+    the same weights, and bit-identical logits and weight gradients, in fp32 and under bf16."""
+    ours = build_model("cnn", seed=0).to(memory_format=torch.channels_last)
+    keras = build_model("cnn-keras", seed=0).to(memory_format=torch.channels_last)
+    assert [type(m) for m in ours][2:4] == [torch.nn.MaxPool2d, torch.nn.ReLU]
+    assert [type(m) for m in keras][2:4] == [torch.nn.ReLU, torch.nn.MaxPool2d]
+    assert all(torch.equal(a, b) for a, b in zip(ours.state_dict().values(), keras.state_dict().values(), strict=True))
+    assert list(ours.state_dict()) == list(keras.state_dict())
+    x = torch.rand(64, 1, 28, 28, generator=torch.Generator().manual_seed(0)).contiguous(
+        memory_format=torch.channels_last
+    )
+    y = torch.arange(64) % 10
+    grads, logits = [], []
+    for model in (ours, keras):
+        model.eval()  # dropout off, so both see the same network
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+            out = model(x)
+        torch.nn.functional.cross_entropy(out.float(), y).backward()
+        logits.append(out.detach())
+        grads.append([p.grad for p in model.parameters()])
+    assert torch.equal(logits[0], logits[1])
+    assert all(torch.equal(a, b) for a, b in zip(*grads, strict=True))
+
+
 @pytest.mark.parametrize("name", sorted(MODELS))
 def test_every_registered_model_maps_pixels_to_logits(name: str) -> None:
     out = build_model(name).eval()(torch.rand(3, 1, 28, 28))

@@ -73,7 +73,7 @@ def train_options(func: F) -> F:
             click.option(
                 "--model-name",
                 default=None,
-                help="Architecture from the model registry: cnn, cnn-small, cnn-wide or cnn-large. [default: cnn]",
+                help="Architecture from the model registry: cnn, cnn-keras (the same network in Keras's slower layer order), cnn-small, cnn-wide or cnn-large. [default: cnn]",
             ),
         ]
     ):
