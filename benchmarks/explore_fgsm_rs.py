@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 import torch
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from benchmarks.common import data_dir
 from redblue.attacks import apgd_ce, apgd_t, pgd
@@ -50,6 +51,7 @@ def main() -> None:
     parser.add_argument("--eps-ramp", type=float, default=4.0, help="epochs (may be fractional)")
     parser.add_argument("--start", choices=("unclamped", "clamped"), default="unclamped")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--ema", type=float, default=0.0, help="EMA decay of the weights per step (0: off)")
     parser.add_argument("--n", type=int, default=1000)
     parser.add_argument("--results", default="fgsm_rs_exploration.jsonl")
     args = parser.parse_args()
@@ -62,9 +64,18 @@ def main() -> None:
     schedule = EpsSchedule(args.eps, ramp_steps=int(args.eps_ramp * steps_per_epoch))
     perturb = fgsm_rs_perturb(schedule, alpha) if args.start == "unclamped" else pgd_perturb(schedule, alpha, steps=1)
     guard = OverfitGuard(x_slice, y_slice, eps=args.eps, enabled=False)
+    model = build_model(args.model_name, seed=args.seed)
+    averaged = None
+    if args.ema > 0:
+        averaged = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(args.ema))
+        step_perturb = perturb
+
+        def perturb(m: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            averaged.update_parameters(m)  # after the previous optimizer step
+            return step_perturb(m, x, y)
 
     def epoch_end(epoch: int, model: torch.nn.Module) -> dict[str, object]:
-        entry = guard(epoch, model)
+        entry = guard(epoch, averaged.module if averaged is not None else model)
         print(epoch, {k: round(float(v), 3) for k, v in entry.items()}, flush=True)
         return entry
 
@@ -72,16 +83,29 @@ def main() -> None:
         model_name=args.model_name, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
         lr_schedule=args.lr_schedule, seed=args.seed,
     )
-    model = build_model(args.model_name, seed=args.seed)
     start = time.perf_counter()
     fit(model, train, cfg, perturb=perturb, epoch_end=epoch_end, progress=False)
     train_s = time.perf_counter() - start
-
     x, y = to_float(data.x_test[: args.n]), data.y_test[: args.n]
+    # With --ema both the last weights and their average are scored (same training run).
+    variants = {"last": model} if averaged is None else {"last": model, "ema": averaged.module.eval()}
+    for variant, scored in variants.items():
+        result = {
+            **vars(args), "alpha": alpha, "train_s": round(train_s, 1), "weights": variant,
+            **robust_accuracies(scored, x, y, args.eps),
+            "clean": evaluate(scored, data.x_test, data.y_test).accuracy,
+        }
+        print(json.dumps(result), flush=True)
+        with Path(args.results).open("a") as handle:
+            handle.write(json.dumps(result) + "\n")
+
+
+def robust_accuracies(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float) -> dict[str, float]:
+    """PGD-50 (step 0.01), APGD-CE and APGD-T accuracy on (x, y), and the worst case over them."""
     attacks = {
-        "pgd50": pgd(model, x, y, eps=args.eps, alpha=0.01, steps=50),
-        "apgd_ce": apgd_ce(model, x, y, eps=args.eps),
-        "apgd_t": apgd_t(model, x, y, eps=args.eps),
+        "pgd50": pgd(model, x, y, eps=eps, alpha=0.01, steps=50),
+        "apgd_ce": apgd_ce(model, x, y, eps=eps),
+        "apgd_t": apgd_t(model, x, y, eps=eps),
     }
     with torch.no_grad():
         worst = model(x).argmax(1) == y
@@ -90,14 +114,7 @@ def main() -> None:
             ok = model(x_adv).argmax(1) == y
             accuracy[name] = float(ok.float().mean())
             worst &= ok
-    result = {
-        **vars(args), "alpha": alpha, "train_s": round(train_s, 1),
-        "clean": evaluate(model, data.x_test, data.y_test).accuracy, **accuracy, "worst": float(worst.float().mean()),
-    }
-    print(json.dumps(result), flush=True)
-    with Path(args.results).open("a") as handle:
-        handle.write(json.dumps(result) + "\n")
-
+    return {**accuracy, "worst": float(worst.float().mean())}
 
 if __name__ == "__main__":
     main()
