@@ -94,3 +94,21 @@ def test_the_same_weights_always_give_the_same_file(tmp_path: Path) -> None:
     model = build_model("cnn", seed=3)
     hashes = {save_model(tmp_path, f"m{i}", model, {"model_name": "cnn"})["weights_sha256"] for i in range(12)}
     assert len(hashes) == 1
+
+
+def test_atomic_writes_get_the_permissions_of_a_plain_open(tmp_path: Path) -> None:
+    """Not mkstemp's owner-only 0o600: the mode a new file gets from open() under the umask."""
+    import os
+    import stat
+
+    plain = tmp_path / "plain.json"
+    plain.write_text("{}")
+    atomic_write_json(tmp_path / "atomic.json", {"a": 1})
+    old = os.umask(0o077)
+    try:
+        atomic_write_json(tmp_path / "private.json", {"a": 1})
+    finally:
+        os.umask(old)
+    mode = stat.S_IMODE((tmp_path / "atomic.json").stat().st_mode)
+    assert mode == stat.S_IMODE(plain.stat().st_mode) == 0o666 & ~old
+    assert stat.S_IMODE((tmp_path / "private.json").stat().st_mode) == 0o600

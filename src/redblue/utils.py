@@ -89,11 +89,23 @@ def sha256_tensor(tensor: torch.Tensor) -> str:
     return sha256_bytes(header + t.numpy().tobytes())
 
 
+def _new_file_mode() -> int:
+    """The mode ``open()`` gives a new file here: 0o666 less the process umask."""
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file in the same folder, then rename."""
+    """Write ``data`` to ``path`` through a temporary file in the same folder, then rename.
+
+    The file ends with the permissions a plain ``open()`` would give it (umask applied), not
+    the owner-only 0o600 of the temporary file, so a report or model can be shared as usual.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, _new_file_mode())
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
             handle.flush()
