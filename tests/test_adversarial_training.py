@@ -19,7 +19,6 @@ from redblue.data import Dataset, to_float
 from redblue.defenses.adversarial import (
     EpsSchedule,
     OverfitGuard,
-    defend_stage,
     fgsm_mix_perturb,
     fgsm_rs_perturb,
     make_recipe,
@@ -27,10 +26,12 @@ from redblue.defenses.adversarial import (
     split_guard_slice,
     trades_loss,
     trades_perturb,
-    train_defended,
 )
 from redblue.errors import ConfigError
 from redblue.models import build_model
+from redblue.report.stage_plots import render_stage_plots
+from redblue.results import DefendResult
+from redblue.stages import defend_stage
 from redblue.train import accuracy, fit
 
 
@@ -292,27 +293,34 @@ def test_guard_slice_is_held_out_of_training(mini: Dataset) -> None:
 def test_each_recipe_trains_saves_and_evaluates(mini: Dataset, tmp_path: Path, recipe: str) -> None:
     data = mini.subset(600, 300)
     train_cfg = TrainConfig(epochs=1, batch_size=100, device="cpu")
-    defend_cfg = DefendConfig(recipe=recipe, eps=0.2, steps=3, guard_size=100, eval_n=60)
+    defend_cfg = DefendConfig(recipe=recipe, eps=0.2, steps=3, guard_size=100, n_examples=60)
     result = defend_stage(tmp_path, data, train_cfg, defend_cfg, progress=False)
     assert result["recipe"]["recipe"] == recipe
     assert result["training"]["n_train"] == 500
     assert result["training"]["guard"]["enabled"] is (recipe != "fgsm")
+    assert isinstance(result, DefendResult)
     loaded = load_model(tmp_path / "models" / "advtrain.json")
-    assert loaded.record["recipe"] == result["recipe"]
+    assert loaded.record["training"]["recipe"] == result.recipe
     assert loaded.record["config"]["defend"] == dataclasses.asdict(defend_cfg)
-    on_disk = json.loads((tmp_path / "metrics" / "advtrain_metrics.json").read_text())
-    assert on_disk["metrics"] == result["metrics"]
-    m = result["metrics"]
-    assert m["eval_n"] == 60 and m["n"] == 300
+    path = tmp_path / "metrics" / "advtrain_metrics.json"
+    on_disk = json.loads(path.read_text())
+    assert on_disk == result.to_json() and on_disk["schema"] == {"name": "redblue.defend", "version": 1}
+    m = result.metrics
+    assert m["n_examples"] == 60 and m["n_test"] == 300
     assert m["robust_accuracy"] <= min(m["pgd_accuracy"], m["standard_accuracy"], m["square_accuracy"])
-    assert max(m["pgd_accuracy"], m["standard_accuracy"], m["square_accuracy"]) <= m["eval_clean_accuracy"]
-    assert list(result["evaluation"]["attacks"]) == ["fgsm", "pgd", "apgd-ce", "apgd-t", "square"]
-    assert set(result["eps_sweep"]) == {"eps", "fgsm", "pgd"}
+    assert max(m["pgd_accuracy"], m["standard_accuracy"], m["square_accuracy"]) <= m["examples_clean_accuracy"]
+    assert list(result.evaluation["attacks"]) == ["fgsm", "pgd", "apgd-ce", "apgd-t", "square"]
+    assert set(result.eps_sweep) == {"eps", "fgsm", "pgd"}
+    render_stage_plots(tmp_path, result)
     assert (tmp_path / "images" / "advtrain_training_curves.png").stat().st_size > 1000
-    # the same settings reuse the saved model
+    # the same settings reuse the saved model and its evaluation: the JSON is left as it was
+    before = path.read_bytes()
     again = defend_stage(tmp_path, data, train_cfg, defend_cfg, progress=False)
-    assert again["reused"] and again["model"]["weights_sha256"] == result["model"]["weights_sha256"]
-    assert again["metrics"] == result["metrics"]
+    assert again.reused and again.model["weights_sha256"] == result.model["weights_sha256"]
+    assert again.metrics == result.metrics and path.read_bytes() == before
+    # another evaluation size re-evaluates the same model (no retraining)
+    other = defend_stage(tmp_path, data, train_cfg, dataclasses.replace(defend_cfg, n_examples=40), progress=False)
+    assert other.reused and other.model == result.model and other.metrics["n_examples"] == 40
 
 
 # --- full MNIST (slow) ---------------------------------------------------------------------
@@ -325,8 +333,13 @@ def _warning_ids(result: dict[str, object]) -> set[str]:
 @pytest.mark.slow
 def test_fgsm_recipe_reproduces_the_original_pattern_and_the_gap_warning_fires(mnist: Dataset, tmp_path: Path) -> None:
     """The original project's recipe looks robust to FGSM (it reported 98.48%) while PGD
-    and APGD break it: the robustness-gap warning must say so."""
-    defend_cfg = DefendConfig(recipe="fgsm", eps=0.25, ratio=0.5, eval_n=500)
+    and APGD break it: the robustness-gap warning must say so.
+
+    Bounds, not figures: on 5 epochs the recipe gave FGSM 88.5-88.6% against PGD 9.5-9.7%
+    on both CPU kinds (AMD EPYC avx512_bf16 and Intel Xeon AMX bf16, README); 2 epochs here
+    leave wide margins on both sides of the 30 pp gap asserted.
+    """
+    defend_cfg = DefendConfig(recipe="fgsm", eps=0.25, ratio=0.5, n_examples=500)
     result = defend_stage(tmp_path, mnist, TrainConfig(epochs=2, device="cpu"), defend_cfg, progress=False)
     m = result["metrics"]
     assert m["clean_accuracy"] >= 0.97
@@ -340,7 +353,10 @@ def test_fgsm_recipe_reproduces_the_original_pattern_and_the_gap_warning_fires(m
 
 @pytest.mark.slow
 def test_fgsm_rs_is_robust_and_raises_no_gap_warning(mnist: Dataset, tmp_path: Path) -> None:
-    defend_cfg = DefendConfig(recipe="fgsm-rs", eps=0.1, eval_n=200)
+    """FGSM-RS at a small eps (0.1) trains robustly on any CPU: a bound (worst case >= 85%)
+    well below what it reaches, and no gap warning. Passed on AMD EPYC (avx512_bf16) and
+    Intel Xeon (AMX bf16) runs of the suite."""
+    defend_cfg = DefendConfig(recipe="fgsm-rs", eps=0.1, n_examples=200)
     result = defend_stage(tmp_path, mnist, TrainConfig(epochs=2, device="cpu"), defend_cfg, progress=False)
     m = result["metrics"]
     assert m["clean_accuracy"] >= 0.98
@@ -352,27 +368,47 @@ def test_fgsm_rs_is_robust_and_raises_no_gap_warning(mnist: Dataset, tmp_path: P
 
 @pytest.mark.slow
 def test_guard_restores_the_best_epoch_of_a_run_that_really_overfits(mnist: Dataset) -> None:
-    """A real catastrophic-overfitting run, not a scripted one: FGSM-RS at eps 0.3 on
-    ``cnn-small`` with a one-cycle LR climbing to 5e-3 over 12 of 30 epochs. Measured here,
-    PGD accuracy on the guard slice climbs for four epochs (6%, 14%, 27%, 52%) and falls to
-    about 3% in the fifth as the LR rises: the guard must restore the best epoch and stop."""
-    train_cfg = TrainConfig(model_name="cnn-small", epochs=30, batch_size=100, lr=5e-3, lr_schedule="one-cycle")
-    model, training = train_defended(mnist, train_cfg, DefendConfig(recipe="fgsm-rs", eps=0.3), progress=False)
-    guard = training["guard"]
-    assert guard["triggered"], [round(h["guard_pgd_accuracy"], 3) for h in training["history"]]
-    history = training["history"]
-    event = guard["event"]
-    assert len(history) == event["collapsed_epoch"] < 30  # training stopped at the collapse
+    """A real catastrophic-overfitting run, not a scripted one, made certain by its recipe.
+
+    ``cnn-small`` first trains for three epochs with PGD (5 steps, eps ramped up to 0.3 over
+    the first epoch), which builds real PGD robustness on the guard slice, then switches to
+    plain FGSM (no random start, step = eps, the whole batch): one deterministic step at a
+    large eps is the textbook trigger of catastrophic overfitting (the network bends its
+    loss surface so that the one step misses; multi-step attacks go straight through). From
+    scratch, that FGSM recipe never got above 1% PGD accuracy on the slice while its FGSM
+    accuracy passed 90%, and FGSM-RS at eps 0.3 collapsed or not depending on the LR
+    schedule and the thread count (both measured on AMD EPYC, avx512_bf16): the earlier
+    version of this test relied on a one-cycle FGSM-RS run happening to collapse, which it
+    did on an Intel Xeon and never on AMD EPYC. Measured on AMD EPYC with this recipe: PGD on
+    the slice 56%, 80%, 87% in the PGD epochs, then 65.5% in the first FGSM epoch while FGSM
+    accuracy stayed at 89%: the guard must fire, restore the best epoch and stop.
+    """
+    train_cfg = TrainConfig(model_name="cnn-small", epochs=8, batch_size=100, lr=1e-3)
+    train, x_slice, y_slice = split_guard_slice(mnist, DefendConfig().guard_size, train_cfg.seed)
+    batches_per_epoch = math.ceil(train.x_train.shape[0] / train_cfg.batch_size)
+    robust_phase = pgd_perturb(EpsSchedule(0.3, batches_per_epoch), alpha=2.5 * 0.3 / 5, steps=5)
+    overfit_phase = fgsm_mix_perturb(EpsSchedule(0.3, 0), 1.0)
+    seen = [0]
+
+    def perturb(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        seen[0] += 1
+        return (robust_phase if seen[0] <= 3 * batches_per_epoch else overfit_phase)(model, x, y)
+
+    guard = OverfitGuard(x_slice, y_slice, eps=0.3)
+    model = build_model("cnn-small", seed=train_cfg.seed)
+    history = fit(model, train, train_cfg, perturb=perturb, epoch_end=guard, progress=False).history
     pgd_by_epoch = [h["guard_pgd_accuracy"] for h in history]
+    assert max(pgd_by_epoch[:3]) > 0.3, f"FGSM-RS built no PGD robustness to lose: {pgd_by_epoch}"
+    summary = guard.summary()
+    assert summary["triggered"], pgd_by_epoch
+    event = summary["event"]
+    assert len(history) == event["collapsed_epoch"] < train_cfg.epochs  # stopped at the collapse
     best = max(pgd_by_epoch[:-1])
     assert event["restored_epoch"] == pgd_by_epoch.index(best) + 1
-    assert best - pgd_by_epoch[-1] > 0.2  # a real collapse, bigger than the guard's 20 pp
+    # the guard fires at the first epoch that falls more than 20 pp below the best so far
+    assert all(max(pgd_by_epoch[: i + 1]) - pgd_by_epoch[i] <= 0.2 for i in range(len(history) - 1))
+    assert best - pgd_by_epoch[-1] > 0.2
     assert history[-1]["guard_fgsm_accuracy"] > history[-1]["guard_pgd_accuracy"] + 0.2  # FGSM stays high
     # the returned model is the restored epoch's: its PGD accuracy on the slice is the best one
-    restored = OverfitGuard(*_guard_slice(mnist, train_cfg), eps=0.3).measure(model)
+    restored = OverfitGuard(x_slice, y_slice, eps=0.3).measure(model)
     assert restored["pgd"] == pytest.approx(best, abs=0.03)
-
-
-def _guard_slice(data: Dataset, train_cfg: TrainConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    _, x, y = split_guard_slice(data, DefendConfig().guard_size, train_cfg.seed)
-    return x, y
