@@ -38,7 +38,7 @@ from redblue.defenses.backdoor import (
 from redblue.metrics import detection_scores
 from redblue.models import build_model
 from redblue.poison import apply_trigger, poison_arrays, select_poison_indices
-from redblue.poison.stage import build_poisoned, poison_config_from_record
+from redblue.stages.poison import build_poisoned, poison_config_from_record
 from redblue.train import fit
 from redblue.utils import seed_everything
 

@@ -25,7 +25,7 @@ same data, batch 128, same epochs (``--epochs``, 5) for every training run, buil
 Each side runs in its own subprocess (its own memory and threads), cold: no warm-up, imports
 excluded, loading MNIST included (the ``data`` stage). ``--full-run`` also times the full
 default ``redblue run`` (every stage, sanity checks, detection, report) in a subprocess and
-reads its per-stage times from ``metrics/metrics_summary.json``. Writes
+reads its per-stage times from ``run_timings.json``. Writes
 ``benchmarks/results/workflow.json`` (``workflow_art-cnn.json`` with ``--art-model cnn``) and
 prints Markdown tables. Run:
 
@@ -130,7 +130,7 @@ def redblue_workflow(args: argparse.Namespace) -> dict[str, Any]:
         backdoored = build_model("cnn", seed=SEED)
         fit(backdoored, poisoned, train_cfg, progress=False)
         backdoor = backdoor_metrics(backdoored, x_test, y_test, trigger, TARGET)
-        accuracy["poisoned_c_acc"] = backdoor.c_acc
+        accuracy["poisoned_c_acc"] = backdoor.clean_accuracy
         accuracy["poisoned_asr"] = backdoor.asr
     total = time.perf_counter() - start
     return {
@@ -288,7 +288,7 @@ def run_side(side: str, args: argparse.Namespace) -> dict[str, Any]:
 
 def full_run(args: argparse.Namespace) -> dict[str, Any]:
     """Wall time of ``python -m redblue run --data-dir DIR --out TMP`` (the full default workflow)
-    and its per-stage times (``timings_s`` in ``metrics/metrics_summary.json``)."""
+    and its per-stage times (``seconds`` in ``run_timings.json``)."""
     extra = shlex.split(args.full_run_args)
     env = dict(os.environ)
     if args.threads:
@@ -302,8 +302,8 @@ def full_run(args: argparse.Namespace) -> dict[str, Any]:
         if proc.returncode != 0:
             print(f"full run: failed (exit {proc.returncode}):\n{proc.stderr.strip()[-2000:]}", file=sys.stderr)
             return {"command": ["redblue", *cmd[3:]], "error": proc.stderr.strip().splitlines()[-1:]}
-        summary = json.loads((Path(out) / "metrics" / "metrics_summary.json").read_text(encoding="utf-8"))
-    timings = {name: round(float(value), 2) for name, value in (summary.get("timings_s") or {}).items()}
+        summary = json.loads((Path(out) / "run_timings.json").read_text(encoding="utf-8"))
+    timings = {name: round(float(value), 2) for name, value in (summary.get("seconds") or {}).items()}
     return {
         "command": ["redblue", "run", "--data-dir", "DIR", "--out", "TMPDIR", *extra],
         "total_s": round(seconds, 2),

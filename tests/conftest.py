@@ -13,7 +13,7 @@ import pytest
 from redblue.artifacts import LoadedModel, load_model
 from redblue.config import TrainConfig
 from redblue.data import Dataset, load_dataset
-from redblue.pipeline import train_baseline
+from redblue.stages import train_baseline
 
 
 @pytest.fixture(autouse=True)
@@ -100,9 +100,19 @@ def mini_poisoned(tmp_path_factory: pytest.TempPathFactory, mini: Dataset) -> Pa
     """An output folder with a BadNets model on mnist-mini (rate 0.05, target 7, 5x5
     bottom-right patch, 3 epochs of batch 64: ASR ~90%), saved by ``poison_stage``."""
     from redblue.config import PoisonConfig
-    from redblue.poison.stage import poison_stage
+    from redblue.stages import poison_stage
 
     out = tmp_path_factory.mktemp("mini_poisoned")
     poison_stage(out, mini, TrainConfig(epochs=3, batch_size=64, seed=0, device="cpu"),
                  PoisonConfig(rate=0.05, size=5), progress=False)
     return out
+
+
+@pytest.fixture(scope="session")
+def quick_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, subprocess.CompletedProcess[str]]:
+    """One ``redblue run --quick`` in a subprocess, shared by the tests that read its outputs
+    (full MNIST when REDBLUE_DATA_DIR is set, as in CI; else the mnist-mini fallback)."""
+    out = tmp_path_factory.mktemp("run") / "out"
+    env = {"REDBLUE_OFFLINE": "1", "REDBLUE_CACHE_DIR": str(tmp_path_factory.getbasetemp() / "cache")}
+    result = run_cli("run", "--quick", "--out", str(out), "--device", "cpu", env=env)
+    return out, result

@@ -17,12 +17,12 @@ from redblue.config import BackdoorDefenseConfig, PoisonConfig, TrainConfig
 from redblue.data import Dataset, to_float
 from redblue.defenses.backdoor import (
     activation_clustering,
-    defend_backdoor_stage,
     penultimate_activations,
     spectral_signatures,
 )
 from redblue.metrics import detection_scores
-from redblue.poison.stage import build_poisoned, poison_config_from_record, poison_stage
+from redblue.stages import defend_backdoor_stage
+from redblue.stages.poison import build_poisoned, poison_config_from_record, poison_stage
 
 
 @pytest.fixture(scope="module")
@@ -163,23 +163,34 @@ def test_defend_stage_on_mini(tmp_path: Path, mini_poisoned: Path, mini: Dataset
     assert det["recall"] >= 0.95 and det["precision"] >= 0.85
     assert result["after"]["n_train"] == mini.y_train.numel() - det["n_flagged"]
     assert result["after"]["asr"] < result["before"]["asr"]
-    on_disk = json.loads((tmp_path / "metrics" / "backdoor_defense_metrics.json").read_text())
-    assert on_disk["methods"]["ac"]["detection"] == det
+    path = tmp_path / "metrics" / "backdoor_defense_ac_metrics.json"
+    on_disk = json.loads(path.read_text())
+    assert on_disk == result.to_json() and on_disk["detection"] == det
     assert sum(row["n_poison"] for row in result["per_class"]) == det["n_poison"]
+    # the same detection on the same model is reused: nothing detected, trained or written again
+    before = path.read_bytes()
+    again = defend_backdoor_stage(tmp_path, mini, model_path, cfg,
+                                  train_cfg=TrainConfig(epochs=1, batch_size=64, device="cpu"), progress=False)
+    assert again.reused and again.detection == det and path.read_bytes() == before
 
 
 @pytest.mark.slow
 def test_full_mnist_poison_detect_and_retrain(tmp_path: Path, mnist: Dataset) -> None:
     """10% BadNets on full MNIST (2 epochs to fit the CI budget), then activation
-    clustering and retraining without what it flagged."""
+    clustering and retraining without what it flagged.
+
+    Bounds: at 5 epochs the poisoned model scored clean accuracy 99.03-99.04% and ASR
+    99.94-99.96%, detection precision 100% and recall 99.87%, on both AMD EPYC (avx512_bf16)
+    and Intel Xeon (AMX bf16).
+    """
     train_cfg = TrainConfig(epochs=2, seed=0, device="cpu")
     result = poison_stage(tmp_path, mnist, train_cfg, PoisonConfig(rate=0.1), progress=False)
     m = result["metrics"]
-    assert m["c_acc"] >= 0.985 and m["asr"] >= 0.99, m
+    assert m["clean_accuracy"] >= 0.985 and m["asr"] >= 0.99, m
     defended = defend_backdoor_stage(tmp_path, mnist, tmp_path / "models" / "poisoned.json",
                                      BackdoorDefenseConfig(method="ac"), train_cfg=train_cfg,
                                      progress=False)
     det = defended["detection"]
     assert det["recall"] >= 0.95 and det["precision"] >= 0.9, det
     after = defended["after"]
-    assert after["asr"] <= 0.01 and after["c_acc"] >= m["c_acc"] - 0.005, after
+    assert after["asr"] <= 0.01 and after["clean_accuracy"] >= m["clean_accuracy"] - 0.005, after

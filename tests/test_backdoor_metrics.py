@@ -90,7 +90,7 @@ def test_backdoor_metrics_with_a_known_model() -> None:
     x = torch.zeros(6, 1, 28, 28, dtype=torch.uint8)
     x[:, 0, 0, 0] = torch.tensor([0, 1, 9, 7, 7, 5], dtype=torch.uint8)  # clean preds
     m = backdoor_metrics(_PatchDetector(), x, y, Trigger(), target=7)
-    assert m.c_acc == 5 / 6  # only the 2 (predicted 9) is wrong
+    assert m.clean_accuracy == 5 / 6  # only the 2 (predicted 9) is wrong
     assert m.n_triggered == 4 and m.asr == 1.0 and m.ra == 0.0
     assert m.triggered_predicted_counts[7] == 4
     # A trigger elsewhere does not fire the backdoor: ASR 0, RA = clean accuracy on non-target.

@@ -10,7 +10,9 @@ import torch
 from torch import nn
 
 from redblue.artifacts import LoadedModel, load_model
-from redblue.checks import (
+from redblue.data import Dataset
+from redblue.evaluation import evaluate_robustness
+from redblue.evaluation.checks import (
     CHECKS,
     check_convergence,
     check_eps_zero,
@@ -22,8 +24,6 @@ from redblue.checks import (
     check_sweep,
     check_zero_gradients,
 )
-from redblue.data import Dataset
-from redblue.evaluation import evaluate_robustness
 
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "checks.md"
 
@@ -93,7 +93,12 @@ def test_the_tiny_normal_model_raises_no_warning(tiny: nn.Module, mini: Dataset)
 
 @pytest.mark.slow
 def test_baseline_acceptance_on_full_mnist(baseline: LoadedModel, mnist: Dataset) -> None:
-    """FGSM eps 0.25 reported; PGD-40 (step 0.01) at eps 0.3 <= 1%; standard >= PGD; no warning."""
+    """FGSM eps 0.25 reported; PGD-40 (step 0.01) at eps 0.3 <= 1%; standard >= PGD; no warning.
+
+    Bounds with margin on both CPU kinds: the 5-epoch baseline scored FGSM 17.42% (AMD EPYC,
+    avx512_bf16) and 16.45% (Intel Xeon, AMX bf16) at eps 0.25 on all 10,000 images, and
+    PGD-40 reaches 0.0% at eps 0.3 on both.
+    """
     model = baseline.model
     x, y = mnist.x_test[:1000], mnist.y_test[:1000]
     fgsm_result = evaluate_robustness(model, x, y, attacks="fgsm", eps=0.25)

@@ -28,7 +28,9 @@ def test_attack_quick_writes_metrics_examples_and_plots(cli: Cli, tiny_model_dir
     assert proc.returncode == 0, proc.stderr
     assert "baseline_quick: clean" in proc.stdout
     files = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
-    assert files == [
+    cached = [f for f in files if f.startswith("cache/attack/")]
+    assert len(cached) == 2 and {Path(f).suffix for f in cached} == {".json", ".safetensors"}  # the evaluation
+    assert [f for f in files if not f.startswith("cache/")] == [
         "images/baseline_quick_accuracy_vs_eps.png",
         "images/baseline_quick_examples.png",
         "images/baseline_quick_perturbation.png",
@@ -38,7 +40,7 @@ def test_attack_quick_writes_metrics_examples_and_plots(cli: Cli, tiny_model_dir
     ]
     result = json.loads((out / "metrics" / "baseline_quick_metrics.json").read_text())
     metrics = result["metrics"]
-    assert metrics["n"] == 60 and metrics["eps"] == 0.3 and metrics["norm"] == "linf"
+    assert metrics["n_examples"] == 60 and metrics["eps"] == 0.3 and metrics["norm"] == "linf"
     assert set(metrics["attacks"]) == {"fgsm", "pgd"}
     assert metrics["robust_accuracy"] <= min(a["robust_accuracy"] for a in metrics["attacks"].values())
     assert metrics["attacks"]["pgd"]["settings"]["steps"] == 10
@@ -61,7 +63,7 @@ def test_attack_quick_writes_metrics_examples_and_plots(cli: Cli, tiny_model_dir
         (["--eps", "1.5"], "--eps 1.5: must be in [0, 1]"),
         (["--attack", "deepfool"], "--attack 'deepfool': unknown attack"),
         (["--attack", "pgd", "--steps", "0"], "--steps 0: must be at least 1"),
-        (["--norm", "l1"], "--norm 'l1'"),
+        (["--norm", "l1"], "Invalid value for '--norm': 'l1' is not one of 'linf', 'l2'."),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(

@@ -13,7 +13,7 @@ from redblue.artifacts import load_model
 
 Cli = Callable[..., subprocess.CompletedProcess[str]]
 
-FAST = ("--dataset", "mnist-mini", "--epochs", "1", "--device", "cpu", "--guard-size", "200", "--eval-n", "100")
+FAST = ("--dataset", "mnist-mini", "--epochs", "1", "--device", "cpu", "--guard-size", "200", "--n-examples", "100")
 
 
 @pytest.mark.parametrize(
@@ -26,7 +26,11 @@ FAST = ("--dataset", "mnist-mini", "--epochs", "1", "--device", "cpu", "--guard-
         (("--beta", "-1"), "redblue: error: --beta -1: must be in [0, inf)"),
         (("--steps", "0"), "redblue: error: --steps 0: must be at least 1"),
         (("--ratio", "1.5"), "redblue: error: --ratio 1.5: must be in [0, 1]"),
-        (("--recipe", "free"), "redblue: error: --recipe 'free': expected one of fgsm, fgsm-rs, pgd, trades"),
+        (
+            ("--recipe", "free"),
+            "redblue: error: Invalid value for '--recipe': 'free' is not one of 'fgsm', 'fgsm-rs', 'pgd', 'trades'. "
+            "(see 'redblue defend --help')",
+        ),
     ],
 )
 def test_bad_settings_give_one_line_and_exit_2(cli: Cli, tmp_path: Path, args: tuple[str, ...], message: str) -> None:
@@ -43,7 +47,7 @@ def test_bad_config_file_setting_names_the_section(cli: Cli, tmp_path: Path) -> 
     config.write_text("[defend]\nrecipe = 'pgd'\nbeta = -2.0\n")
     proc = cli("defend", "--config", str(config), "--dataset", "mnist-mini", "--out", str(tmp_path / "out"))
     assert proc.returncode == 2
-    assert proc.stderr.strip() == "redblue: error: --beta -2: must be in [0, inf)"
+    assert proc.stderr.strip() == f"redblue: error: {config}: [defend] beta = -2.0: must be in [0, inf)"
 
 
 def test_defend_trains_saves_evaluates_and_reuses(cli: Cli, tmp_path: Path) -> None:
@@ -71,14 +75,15 @@ def test_defend_trains_saves_evaluates_and_reuses(cli: Cli, tmp_path: Path) -> N
     for key in ("guard_clean_accuracy", "guard_fgsm_accuracy", "guard_pgd_accuracy", "test_accuracy"):
         assert isinstance(epoch[key], float) and 0.0 <= epoch[key] <= 1.0
     metrics = result["metrics"]
-    assert metrics["eval_n"] == 100 and metrics["n"] == 1000
+    assert metrics["n_examples"] == 100 and metrics["n_test"] == 1000
     assert metrics["robust_accuracy"] <= metrics["fgsm_accuracy"] or metrics["robust_accuracy"] <= metrics["pgd_accuracy"]
     loaded = load_model(out / "models" / "advtrain.json")  # hash-verified
-    assert loaded.record["recipe"]["recipe"] == "fgsm-rs"
+    assert loaded.record["training"]["recipe"]["recipe"] == "fgsm-rs"
     assert loaded.record["config"]["defend"]["eps"] == 0.3
     assert loaded.record["weights_sha256"] == result["model"]["weights_sha256"]
 
+    before = (out / "metrics" / "advtrain_metrics.json").read_bytes()
     again = cli(*args)
     assert again.returncode == 0, again.stderr
     assert "reusing" in again.stderr
-    assert json.loads((out / "metrics" / "advtrain_metrics.json").read_text())["reused"] is True
+    assert (out / "metrics" / "advtrain_metrics.json").read_bytes() == before

@@ -23,7 +23,7 @@ BAD_POISON_SETTINGS = [
     (("--position", "26,10"), "--position 26,10: a 4x4 patch there falls outside the 28x28 image"),
     (("--position", "center"), "--position 'center': expected one of"),
     (("--target", "10"), "--target 10: not a class"),
-    (("--pattern", "dots"), "--pattern 'dots': expected one of solid, checkerboard"),
+    (("--pattern", "dots"), "Invalid value for '--pattern': 'dots' is not one of 'solid', 'checkerboard'."),
     (("--sweep", "--sweep-rates", "0.1,x"), "--sweep-rates '0.1,x'"),
 ]
 
@@ -57,7 +57,7 @@ def test_poison_then_defend_backdoor(cli: Cli, tmp_path: Path, files_under: Call
     proc = cli("poison", *FAST, "--rate", "0.2", "--target", "3", "--size", "3",
                "--position", "1,2", "--pattern", "checkerboard", "--out", str(out))
     assert proc.returncode == 0, proc.stderr
-    assert "C-Acc" in proc.stdout and "ASR" in proc.stdout and "RA" in proc.stdout
+    assert "clean accuracy" in proc.stdout and "ASR" in proc.stdout and "RA" in proc.stdout
     written = files_under(out)
     for name in ("models/poisoned.safetensors", "models/poisoned.json",
                  "models/poisoned_poison_indices.safetensors", "metrics/poison_metrics.json",
@@ -67,7 +67,7 @@ def test_poison_then_defend_backdoor(cli: Cli, tmp_path: Path, files_under: Call
     record = json.loads((out / "models" / "poisoned.json").read_text())
     assert record["poison"]["target"] == 3
     assert record["poison"]["trigger"] == {"size": 3, "position": "1,2", "pattern": "checkerboard",
-                                           "alpha": 1.0}
+                                           "blend": 1.0}
     metrics = json.loads((out / "metrics" / "poison_metrics.json").read_text())
     assert f"ASR {100 * metrics['metrics']['asr']:.2f}%" in proc.stdout
 
@@ -77,21 +77,21 @@ def test_poison_then_defend_backdoor(cli: Cli, tmp_path: Path, files_under: Call
                "--out", str(out))
     assert proc.returncode == 0, proc.stderr
     assert "precision" in proc.stdout and "retrained without flagged" in proc.stdout
-    result = json.loads((out / "metrics" / "backdoor_defense_metrics.json").read_text())
-    spectral = result["methods"]["spectral"]
+    spectral = json.loads((out / "metrics" / "backdoor_defense_spectral_metrics.json").read_text())
+    assert spectral["schema"] == {"name": "redblue.backdoor_defense", "version": 1}
     assert spectral["params"]["expected_share_used"] == 0.2
     assert spectral["detection"]["n_poison"] == record["poison"]["n_poison"]
     assert spectral["config"]["train"]["epochs"] == 1  # CLI override of the recorded config
     assert (out / "models" / "poisoned_spectral_retrained.safetensors").is_file()
     assert (out / "images" / "backdoor_defense_spectral.png").is_file()
 
-    # A second method is added to the same file; --no-retrain skips retraining.
+    # A second method gets its own file; --no-retrain skips retraining.
     assert main(["defend-backdoor", "--model", str(out / "models" / "poisoned.safetensors"),
                  "--dataset", "mnist-mini", "--device", "cpu", "--method", "ac", "--no-retrain",
                  "--out", str(out)]) == 0
-    result = json.loads((out / "metrics" / "backdoor_defense_metrics.json").read_text())
-    assert set(result["methods"]) == {"ac", "spectral"}
-    assert result["methods"]["ac"]["after"] is None
+    ac = json.loads((out / "metrics" / "backdoor_defense_ac_metrics.json").read_text())
+    assert ac["method"] == "ac" and ac["after"] is None and ac["retrained_model"] is None
+    assert json.loads((out / "metrics" / "backdoor_defense_spectral_metrics.json").read_text()) == spectral
 
 
 
@@ -114,10 +114,12 @@ def test_defend_backdoor_refuses_a_tampered_record(cli: Cli, tmp_path: Path, min
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (("--method", "magic"), "--method 'magic': expected one of ac, spectral"),
+        (("--method", "magic"), "Invalid value for '--method': 'magic' is not one of 'ac', 'spectral'. "
+                                "(see 'redblue defend-backdoor --help')"),
         (("--max-share", "0.7"), "--max-share 0.7: must be in (0, 0.5]"),
         (("--expected-share", "2"), "--expected-share 2: must be in [0, 1]"),
-        (("--analysis", "vibes"), "--analysis 'vibes': expected one of reclassify, size, silhouette"),
+        (("--analysis", "vibes"), "Invalid value for '--analysis': 'vibes' is not one of 'reclassify', 'size', "
+                                  "'silhouette'. (see 'redblue defend-backdoor --help')"),
     ],
 )
 def test_bad_defense_settings_exit_2(capsys: pytest.CaptureFixture[str], tmp_path: Path,

@@ -54,12 +54,12 @@ def test_train_writes_safetensors_json_and_plots_then_reuses(
     ]
     metrics = json.loads((out / "metrics" / "baseline_metrics.json").read_text())
     assert metrics["dataset"]["name"] == "mnist-mini" and metrics["dataset"]["files"]
-    assert isinstance(metrics["metrics"]["accuracy"], float) and metrics["metrics"]["accuracy"] > 0.8
-    assert len(metrics["model"]["weights_sha256"]) == 64 and metrics["reused"] is False
+    assert isinstance(metrics["metrics"]["clean_accuracy"], float) and metrics["metrics"]["clean_accuracy"] > 0.8
+    assert len(metrics["model"]["weights_sha256"]) == 64 and "reused" not in metrics
+    before = (out / "metrics" / "baseline_metrics.json").read_bytes()
     second = cli(*args)
     assert second.returncode == 0 and "reusing" in second.stderr
-    again = json.loads((out / "metrics" / "baseline_metrics.json").read_text())
-    assert again["reused"] is True and again["metrics"]["accuracy"] == metrics["metrics"]["accuracy"]
+    assert (out / "metrics" / "baseline_metrics.json").read_bytes() == before  # the result is reused as it was
     forced = cli(*args, "--force-retrain")
     assert forced.returncode == 0 and "reusing" not in forced.stderr
 
@@ -73,7 +73,7 @@ def test_train_writes_safetensors_json_and_plots_then_reuses(
         str(out),
     )
     assert evaluated.returncode == 0, evaluated.stderr
-    assert f"{100 * metrics['metrics']['accuracy']:.2f}%" in evaluated.stdout
+    assert f"{100 * metrics['metrics']['clean_accuracy']:.2f}%" in evaluated.stdout
 
 
 def test_config_file_is_overridden_by_cli_and_saved(cli: Cli, tmp_path: Path) -> None:
@@ -91,11 +91,11 @@ def test_config_file_is_overridden_by_cli_and_saved(cli: Cli, tmp_path: Path) ->
     ("args", "expected"),
     [
         (("--epochs", "-1"), "--epochs -1: must be at least 1"),
-        (("--dataset", "cifar"), "--dataset 'cifar'"),
+        (("--dataset", "cifar"), "Invalid value for '--dataset': 'cifar' is not one of 'auto', 'mnist'"),
         (("--data-dir", "/nonexistent/dir"), "directory does not exist"),
         (("--config", "/nonexistent/c.toml"), "--config /nonexistent/c.toml: file not found"),
         (("--device", "tpu"), "--device 'tpu'"),
-        (("--precision", "fp8"), "--precision 'fp8'"),
+        (("--precision", "fp8"), "Invalid value for '--precision': 'fp8' is not one of 'auto', 'fp32', 'bf16'."),
         (("--batch-size", "abc"), "'abc' is not a valid integer"),
         (("--bogus",), "No such option"),
     ],
@@ -165,15 +165,16 @@ def test_unwritable_out_fails_before_any_training(cli: Cli, tmp_path: Path) -> N
 
 @pytest.mark.slow
 def test_train_on_full_mnist_reaches_99_and_reloads(cli: Cli, mnist_dir: Path, tmp_path: Path) -> None:
+    """A bound: 99.11% (AMD EPYC, avx512_bf16) and 99.10% (Intel Xeon, AMX bf16) measured."""
     out = tmp_path / "out"
     first = cli("train", "--data-dir", str(mnist_dir), "--out", str(out), "--device", "cpu")
     assert first.returncode == 0, first.stderr
     metrics = json.loads((out / "metrics" / "baseline_metrics.json").read_text())
     assert metrics["dataset"]["name"] == "mnist" and metrics["dataset"]["n_train"] == 60_000
-    assert metrics["metrics"]["accuracy"] >= 0.990
+    assert metrics["metrics"]["clean_accuracy"] >= 0.990
     again = cli("train", "--data-dir", str(mnist_dir), "--out", str(out), "--device", "cpu")
     assert again.returncode == 0 and "reusing" in again.stderr
     assert (
-        json.loads((out / "metrics" / "baseline_metrics.json").read_text())["metrics"]["accuracy"]
-        == metrics["metrics"]["accuracy"]
+        json.loads((out / "metrics" / "baseline_metrics.json").read_text())["metrics"]["clean_accuracy"]
+        == metrics["metrics"]["clean_accuracy"]
     )

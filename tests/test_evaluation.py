@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 import redblue.attacks as attacks_module
+import redblue.evaluation.runner as runner_module
 from redblue.artifacts import load_model
 from redblue.attacks import AttackOutput
 from redblue.data import Dataset
@@ -53,9 +54,7 @@ def flipper(indices: set[int], eps: float = 0.2) -> object:
 def fake_attacks(monkeypatch: pytest.MonkeyPatch) -> dict[str, object]:
     runners = dict(attacks_module.RUNNERS)
     monkeypatch.setattr(attacks_module, "RUNNERS", runners)
-    import redblue.evaluation as evaluation
-
-    monkeypatch.setattr(evaluation, "RUNNERS", runners)
+    monkeypatch.setattr(runner_module, "RUNNERS", runners)
     return runners
 
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -138,10 +141,12 @@ def test_perturb_hook_changes_what_is_trained_on(small: Dataset) -> None:
 
 
 @pytest.mark.slow
-def test_baseline_reaches_99_percent_on_full_mnist(baseline_dir: object, baseline: object) -> None:
+def test_baseline_reaches_99_percent_on_full_mnist(baseline_dir: Path, baseline: object) -> None:
+    """A bound: 5 epochs gave 99.11% (AMD EPYC, avx512_bf16) and 99.10% (Intel Xeon, AMX bf16)."""
     from redblue.artifacts import LoadedModel
 
     assert isinstance(baseline, LoadedModel)
-    assert baseline.record["metrics"]["accuracy"] >= 0.990
+    metrics = json.loads((baseline_dir / "metrics" / "baseline_metrics.json").read_text())["metrics"]
+    assert metrics["clean_accuracy"] >= 0.990 and metrics["n_test"] == 10_000
     history = baseline.record["training"]["history"]
     assert len(history) == 5 and history[-1]["test_accuracy"] >= 0.990

@@ -18,7 +18,7 @@ def test_walkthrough_notebook_runs_end_to_end(tmp_path: Path) -> None:
     outputs = [o for cell in nb.cells if cell.cell_type == "code" for o in cell.get("outputs", [])]
     assert not [o for o in outputs if o.get("output_type") == "error"]
     text = "".join(o.get("text", "") for o in outputs if o.get("output_type") == "stream")
-    assert "clean test accuracy" in text and "C-Acc" in text and "report.html" in text
+    assert "clean test accuracy" in text and "clean accuracy" in text and "report.html" in text
     assert "pixels changed per image: [16, 16, 16, 16]" in text
     images = [o for o in outputs if o.get("output_type") == "display_data" and "image/png" in o.get("data", {})]
     assert len(images) >= 3

@@ -21,7 +21,8 @@ from redblue.poison import (
     poison_dataset,
     select_poison_indices,
 )
-from redblue.poison.stage import poison_stage, poison_sweep_stage
+from redblue.report.stage_plots import render_stage_plots
+from redblue.stages import poison_stage, poison_sweep_stage
 from redblue.utils import sha256_file
 
 # --------------------------------------------------------------------------- trigger
@@ -73,16 +74,16 @@ def test_checkerboard_pattern_values() -> None:
     assert pattern.tolist() == [[1.0, 0.0, 1.0], [0.0, 1.0, 0.0], [1.0, 0.0, 1.0]]
 
 
-@pytest.mark.parametrize("alpha", [0.25, 0.5])
-def test_blended_trigger(alpha: float) -> None:
+@pytest.mark.parametrize("blend", [0.25, 0.5])
+def test_blended_trigger(blend: float) -> None:
     x = _random_images()
-    xt = apply_trigger(x, Trigger(alpha=alpha))
-    expected = torch.round((1 - alpha) * x[..., 24:, 24:].float() + alpha * 255).to(torch.uint8)
+    xt = apply_trigger(x, Trigger(blend=blend))
+    expected = torch.round((1 - blend) * x[..., 24:, 24:].float() + blend * 255).to(torch.uint8)
     assert torch.equal(xt[..., 24:, 24:], expected)
     assert torch.equal(xt[..., :24, :], x[..., :24, :]) and torch.equal(xt[..., :, :24], x[..., :, :24])
     xf = _random_images(dtype=torch.float32)
-    xft = apply_trigger(xf, Trigger(alpha=alpha))
-    assert torch.allclose(xft[..., 24:, 24:], (1 - alpha) * xf[..., 24:, 24:] + alpha)
+    xft = apply_trigger(xf, Trigger(blend=blend))
+    assert torch.allclose(xft[..., 24:, 24:], (1 - blend) * xf[..., 24:, 24:] + blend)
 
 
 def test_trigger_on_single_image_and_other_sizes() -> None:
@@ -100,8 +101,8 @@ def test_trigger_on_single_image_and_other_sizes() -> None:
         ({"position": "-1,0"}, "--position -1,0"),
         ({"position": "middle"}, "--position 'middle': expected one of"),
         ({"pattern": "stripes"}, "--pattern 'stripes'"),
-        ({"alpha": 0.0}, "--alpha 0.0: must be in (0, 1]"),
-        ({"alpha": 1.5}, "--alpha 1.5"),
+        ({"blend": 0.0}, "--blend 0.0: must be in (0, 1]"),
+        ({"blend": 1.5}, "--blend 1.5"),
         ({"size": 0}, "--size 0"),
     ],
 )
@@ -218,7 +219,7 @@ def test_poison_stage_on_mini(tmp_path: Path, mini: Dataset) -> None:
     saved_idx = load_file(str(idx_file))["indices"]
     assert torch.equal(saved_idx, select_poison_indices(mini.y_train, 0.2, 7, 0))
     assert record["poison"]["trigger"] == {"size": 4, "position": "bottom-right", "pattern": "solid",
-                                           "alpha": 1.0}
+                                           "blend": 1.0}
     assert record["poison"]["n_poison"] == round(0.2 * int((mini.y_train != 7).sum()))
     # Metrics in the JSON are the ones recomputed from the saved model.
     loaded = load_model(models / "poisoned.json")
@@ -227,15 +228,19 @@ def test_poison_stage_on_mini(tmp_path: Path, mini: Dataset) -> None:
     m = backdoor_metrics(loaded.model, mini.x_test, mini.y_test, Trigger(), 7)
     on_disk = json.loads((tmp_path / "metrics" / "poison_metrics.json").read_text())
     assert on_disk["metrics"]["asr"] == pytest.approx(m.asr)
-    assert on_disk["metrics"]["c_acc"] == pytest.approx(m.c_acc)
+    assert on_disk["metrics"]["clean_accuracy"] == pytest.approx(m.clean_accuracy)
     assert result["metrics"]["n_triggered"] == int((mini.y_test != 7).sum())
     assert sum(on_disk["metrics"]["triggered_predicted_counts"]) == on_disk["metrics"]["n_triggered"]
+    assert on_disk == result.to_json()
+    render_stage_plots(tmp_path, on_disk)  # the plots come from the JSON alone
     for image in ("poison_examples.png", "poison_trigger.png", "poison_triggered_predictions.png"):
         assert (tmp_path / "images" / image).stat().st_size > 1000
-    # Second call reuses the model (same config and data) and gives the same numbers.
+    # Second call reuses the model (same config and data) and its result, byte for byte.
+    before = (tmp_path / "metrics" / "poison_metrics.json").read_bytes()
     again = poison_stage(tmp_path, mini, train_cfg, cfg, progress=False)
-    assert again["reused"] is True
-    assert again["metrics"]["asr"] == result["metrics"]["asr"]
+    assert again.reused is True
+    assert again.metrics == result.metrics
+    assert (tmp_path / "metrics" / "poison_metrics.json").read_bytes() == before
 
 
 def test_sweep_reuses_the_main_model(tmp_path: Path, mini: Dataset) -> None:
@@ -250,6 +255,7 @@ def test_sweep_reuses_the_main_model(tmp_path: Path, mini: Dataset) -> None:
     main = json.loads((tmp_path / "models" / "poisoned.json").read_text())
     assert sweep["points"][1]["model"]["weights_sha256"] == main["weights_sha256"]
     assert sweep["points"][1]["reused"] is False  # saved under its own name, weights reused
+    render_stage_plots(tmp_path, sweep)
     assert (tmp_path / "images" / "poison_asr_vs_rate.png").is_file()
     assert json.loads((tmp_path / "metrics" / "poison_sweep_metrics.json").read_text())["points"] == [
         json.loads(json.dumps(p)) for p in sweep["points"]

@@ -5,7 +5,7 @@ The building blocks and the stages, importable from the top level (loaded on fir
     from redblue import load_dataset, build_model, fit, evaluate, fgsm, pgd, evaluate_robustness
     from redblue import apply_trigger, Trigger, select_poison_indices, backdoor_metrics
     from redblue import train_baseline, attack_stage, defend_stage, poison_stage
-    from redblue import defend_backdoor_stage, run_workflow, render_report
+    from redblue import defend_backdoor_stage, run_workflow, render_plots, render_report
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-__version__ = "0.1.0"
+from redblue._version import __version__
 
 _EXPORTS = {
     # data and models
@@ -43,7 +43,7 @@ _EXPORTS = {
     "ATTACKS": "redblue.attacks",
     "evaluate_robustness": "redblue.evaluation",
     "eps_sweep": "redblue.evaluation",
-    "run_checks": "redblue.checks",
+    "run_checks": "redblue.evaluation",
     # poisoning and metrics
     "Trigger": "redblue.poison.trigger",
     "apply_trigger": "redblue.poison.trigger",
@@ -53,21 +53,26 @@ _EXPORTS = {
     "attack_success_rate": "redblue.metrics",
     # defences
     "make_recipe": "redblue.defenses.adversarial",
+    "train_defended": "redblue.defenses.adversarial",
     "activation_clustering": "redblue.defenses.backdoor",
     "spectral_signatures": "redblue.defenses.backdoor",
     # artifacts
     "save_model": "redblue.artifacts",
     "load_model": "redblue.artifacts",
-    # stages
-    "train_baseline": "redblue.pipeline",
+    # stages, each returning a typed result (redblue.results)
+    "train_baseline": "redblue.stages",
+    "evaluate_stage": "redblue.stages",
+    "attack_stage": "redblue.stages",
+    "defend_stage": "redblue.stages",
+    "poison_stage": "redblue.stages",
+    "poison_sweep_stage": "redblue.stages",
+    "defend_backdoor_stage": "redblue.stages",
+    # the workflow and the report
     "run_workflow": "redblue.pipeline",
     "Workflow": "redblue.pipeline",
-    "attack_stage": "redblue.evaluation",
-    "defend_stage": "redblue.defenses.adversarial",
-    "poison_stage": "redblue.poison.stage",
-    "defend_backdoor_stage": "redblue.defenses.backdoor",
     "render_report": "redblue.report.render",
-    "build_summary": "redblue.summary",
+    "render_plots": "redblue.report.stage_plots",
+    "build_summary": "redblue.report.summary",
 }
 
 __all__ = ["__version__", *sorted(_EXPORTS)]

@@ -13,55 +13,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+from redblue.attacks import expand
 from redblue.data import DATASET_NAMES
 from redblue.errors import ConfigError
 from redblue.models import MODELS
+from redblue.poison.trigger import Trigger
+from redblue.validate import check_choice, check_float, check_int, opt
 
 T = TypeVar("T")
 
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("auto", "fp32", "bf16")
 LR_SCHEDULES = ("cosine", "one-cycle")
-
-
-def _opt(name: str) -> str:
-    return "--" + name.replace("_", "-")
-
-
-def check_choice(name: str, value: str, choices: tuple[str, ...] | list[str]) -> None:
-    if value not in choices:
-        raise ConfigError(f"{_opt(name)} {value!r}: expected one of {', '.join(choices)}")
-
-
-def check_int(name: str, value: int, low: int | None = None, high: int | None = None) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ConfigError(f"{_opt(name)} {value!r}: expected an integer")
-    if low is not None and value < low:
-        raise ConfigError(f"{_opt(name)} {value}: must be at least {low}")
-    if high is not None and value > high:
-        raise ConfigError(f"{_opt(name)} {value}: must be at most {high}")
-
-
-def check_float(
-    name: str,
-    value: float,
-    low: float | None = None,
-    high: float | None = None,
-    *,
-    low_open: bool = False,
-    high_open: bool = False,
-) -> None:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise ConfigError(f"{_opt(name)} {value!r}: expected a number")
-    if value != value:  # NaN
-        raise ConfigError(f"{_opt(name)} nan: expected a number")
-    lo_bad = low is not None and (value <= low if low_open else value < low)
-    hi_bad = high is not None and (value >= high if high_open else value > high)
-    if lo_bad or hi_bad:
-        lo = "-inf" if low is None else f"{low:g}"
-        hi = "inf" if high is None else f"{high:g}"
-        interval = f"{'(' if low_open or low is None else '['}{lo}, {hi}{')' if high_open or high is None else ']'}"
-        raise ConfigError(f"{_opt(name)} {value:g}: must be in {interval}")
 
 
 @dataclass(frozen=True)
@@ -103,37 +66,117 @@ class TrainConfig:
         check_choice("precision", self.precision, PRECISIONS)
 
 
-def load_toml(path: str | Path | None) -> dict[str, Any]:
-    """Read a TOML config file; a missing or malformed file is a ConfigError naming it."""
+@dataclass(frozen=True)
+class ConfigFile:
+    """A TOML config file: its path and its sections (empty when no file was given)."""
+
+    path: Path | None
+    sections: dict[str, Any]
+
+    def section(self, name: str) -> dict[str, Any] | None:
+        value = self.sections.get(name)
+        return value if isinstance(value, dict) else None
+
+
+def load_toml(path: str | Path | None, sections: tuple[str, ...] = ()) -> ConfigFile:
+    """Read a TOML config file strictly: a missing, unreadable or malformed file, a section
+    that is not one of ``sections`` (when given) or a section that is not a table is a
+    ConfigError naming the file and what is accepted."""
     if path is None:
-        return {}
+        return ConfigFile(None, {})
     p = Path(path)
     try:
         with open(p, "rb") as handle:
             data = tomllib.load(handle)
     except FileNotFoundError:
         raise ConfigError(f"--config {p}: file not found") from None
+    except IsADirectoryError:
+        raise ConfigError(f"--config {p}: is a directory, expected a TOML file") from None
     except OSError as exc:
         raise ConfigError(f"--config {p}: cannot read ({exc.strerror or exc})") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"--config {p}: not UTF-8 text, expected a TOML file") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"--config {p}: not valid TOML ({exc})") from None
-    return data
+    for name, value in data.items():
+        if sections and name not in sections:
+            raise ConfigError(f"{p}: unknown section [{name}], expected {', '.join(f'[{s}]' for s in sections)}")
+        if not isinstance(value, dict):
+            raise ConfigError(f"{p}: {name} = {value!r} is not a section, expected a [{name}] table")
+    return ConfigFile(p, data)
 
 
-def build(cls: type[T], section: dict[str, Any] | None, overrides: dict[str, Any], where: str = "") -> T:
-    """``cls`` from a TOML section overridden by CLI options (``None`` means not given)."""
-    names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+_TYPE_NAMES = {"int": "an integer", "float": "a number", "str": "a string", "bool": "true or false"}
+
+
+def _type_problem(value: Any, annotation: str) -> str | None:
+    """Why a TOML value does not fit a field annotation (``int``, ``float | None``,
+    ``tuple[str, ...]``, ...), or None when it fits."""
+    options = [a.strip() for a in annotation.split("|")]
+    if value is None and "None" in options:
+        return None
+    for option in options:
+        if option == "None":
+            continue
+        if option.startswith("tuple[") and isinstance(value, list):
+            inner = option[len("tuple[") : -len(", ...]")]
+            bad = next((v for v in value if _type_problem(v, inner) is not None), None)
+            if bad is None:
+                return None
+            return f"expected a list of {_TYPE_NAMES.get(inner, inner).removeprefix('a ').removeprefix('an ')}s"
+        if option == "bool" and isinstance(value, bool):
+            return None
+        if option == "int" and isinstance(value, int) and not isinstance(value, bool):
+            return None
+        if option == "float" and isinstance(value, int | float) and not isinstance(value, bool):
+            return None
+        if option == "str" and isinstance(value, str):
+            return None
+    names = [
+        f"a list of {o[len('tuple[') : -len(', ...]')]} values" if o.startswith("tuple[") else _TYPE_NAMES.get(o, o)
+        for o in options
+        if o != "None"
+    ]
+    return "expected " + " or ".join(names)
+
+
+def build(
+    cls: type[T],
+    file: ConfigFile | dict[str, Any] | None,
+    overrides: dict[str, Any],
+    where: str = "",
+) -> T:
+    """``cls`` from section ``where`` of a config file, overridden by CLI options (``None``
+    means not given). An unknown key or a value of the wrong type in the file is one line
+    naming the file, the section and the key, and what is accepted."""
+    if isinstance(file, ConfigFile):
+        section, origin = file.section(where), str(file.path)
+    else:
+        section, origin = file, "config"
+    fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
     values: dict[str, Any] = {}
+    from_file: dict[str, str] = {}
     for key, value in (section or {}).items():
         k = key.replace("-", "_")
-        if k not in names:
-            raise ConfigError(f"config [{where}] {key!r}: unknown setting, expected one of {', '.join(sorted(names))}")
-        values[k] = value
-    values.update({k: v for k, v in overrides.items() if v is not None and k in names})
+        if k not in fields:
+            raise ConfigError(f"{origin}: [{where}] {key}: unknown setting, expected one of {', '.join(sorted(fields))}")
+        problem = _type_problem(value, str(fields[k].type))
+        if problem is not None:
+            raise ConfigError(f"{origin}: [{where}] {key} = {value!r}: {problem}")
+        values[k] = tuple(value) if isinstance(value, list) else value
+        from_file[opt(k)] = key
+    given = {k: v for k, v in overrides.items() if v is not None and k in fields}
+    values.update(given)
     try:
         return cls(**values)
-    except TypeError as exc:
-        raise ConfigError(f"config [{where}]: {exc}") from None
+    except ConfigError as exc:
+        flag = str(exc).split(" ", 1)[0]
+        file_key = from_file.get(flag)
+        if file_key is not None and file_key.replace("-", "_") not in given:
+            reason = str(exc).split(": ", 1)[-1]
+            value = values[file_key.replace("-", "_")]
+            raise ConfigError(f"{origin}: [{where}] {file_key} = {value!r}: {reason}") from None
+        raise
 
 
 def as_dict(config: Any) -> dict[str, Any]:
@@ -154,7 +197,7 @@ class DefendConfig:
     """
 
     recipe: str = "fgsm-rs"
-    eps: float = 0.3
+    eps: float = 0.25
     alpha: float | None = None
     steps: int = 10
     beta: float = 6.0
@@ -164,7 +207,7 @@ class DefendConfig:
     guard_drop: float = 0.2
     guard_size: int = 1000
     guard_steps: int = 10
-    eval_n: int = 1000
+    n_examples: int = 1000
 
     def __post_init__(self) -> None:
         check_choice("recipe", self.recipe, RECIPES)
@@ -180,7 +223,7 @@ class DefendConfig:
         check_float("guard_drop", self.guard_drop, 0.0, 1.0, low_open=True)
         check_int("guard_size", self.guard_size, 1, 1_000_000)
         check_int("guard_steps", self.guard_steps, 1, 10_000)
-        check_int("eval_n", self.eval_n, 1, 1_000_000)
+        check_int("n_examples", self.n_examples, 1, 1_000_000)
 
     @property
     def step_size(self) -> float:
@@ -219,7 +262,7 @@ class PoisonConfig:
     size: int = 4
     position: str = "bottom-right"
     pattern: str = "solid"
-    alpha: float = 1.0
+    blend: float = 1.0
     poison_seed: int = 0
     sweep_rates: tuple[float, ...] = DEFAULT_SWEEP_RATES
     name: str = "poisoned"
@@ -240,11 +283,9 @@ class PoisonConfig:
         if not name_ok or not all(ch.isalnum() or ch in "-_." for ch in self.name):
             raise ConfigError(f"--name {self.name!r}: expected letters, digits, -, _ or .")
 
-    def trigger(self) -> Any:
+    def trigger(self) -> Trigger:
         """The :class:`redblue.poison.Trigger` these settings describe."""
-        from redblue.poison.trigger import Trigger
-
-        return Trigger(size=self.size, position=self.position, pattern=self.pattern, alpha=self.alpha)
+        return Trigger(size=self.size, position=self.position, pattern=self.pattern, blend=self.blend)
 
 
 @dataclass(frozen=True)
@@ -359,8 +400,6 @@ class AttackConfig:
     device: str = "auto"
 
     def __post_init__(self) -> None:
-        from redblue.attacks import expand
-
         expand(self.attack)
         check_choice("norm", self.norm, ("linf", "l2"))
         check_float("eps", self.eps, 0.0, 1.0 if self.norm == "linf" else 28.0)
@@ -377,6 +416,6 @@ class AttackConfig:
         check_int("seed", self.seed, 0, 2**63 - 1)
         for name in ("random_start", "sweep", "checks"):
             if not isinstance(getattr(self, name), bool):
-                raise ConfigError(f"{_opt(name)} {getattr(self, name)!r}: expected true or false")
+                raise ConfigError(f"{opt(name)} {getattr(self, name)!r}: expected true or false")
         if not (self.device in DEVICES or self.device.startswith("cuda:")):
             raise ConfigError(f"--device {self.device!r}: expected auto, cpu or cuda")

@@ -21,6 +21,7 @@ Every file is checked against a pinned SHA-256 of its *decompressed* content.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import gzip
 import hashlib
 import importlib.util
@@ -34,6 +35,7 @@ import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -123,33 +125,23 @@ class Dataset:
         c, h, w = self.x_train.shape[1:]
         return (int(c), int(h), int(w))
 
+    def replace(self, **changes: Any) -> Dataset:
+        """This dataset with some fields changed (tensors, notice, ...); the rest is kept and
+        ``files`` is copied, so the new dataset records the same provenance."""
+        return dataclasses.replace(self, **{"files": dict(self.files), **changes})
+
     def to(self, device: torch.device | str) -> Dataset:
         d = torch.device(device)
-        return Dataset(
-            name=self.name,
-            x_train=self.x_train.to(d),
-            y_train=self.y_train.to(d),
-            x_test=self.x_test.to(d),
-            y_test=self.y_test.to(d),
-            source=self.source,
-            files=dict(self.files),
-            notice=self.notice,
-            num_classes=self.num_classes,
+        return self.replace(
+            x_train=self.x_train.to(d), y_train=self.y_train.to(d), x_test=self.x_test.to(d), y_test=self.y_test.to(d)
         )
 
     def subset(self, n_train: int | None = None, n_test: int | None = None) -> Dataset:
         """The first ``n_train`` / ``n_test`` examples (for quick runs and tests)."""
-        return Dataset(
-            name=self.name,
-            x_train=self.x_train[:n_train],
-            y_train=self.y_train[:n_train],
-            x_test=self.x_test[:n_test],
-            y_test=self.y_test[:n_test],
-            source=self.source,
-            files=dict(self.files),
-            notice=self.notice,
-            num_classes=self.num_classes,
-        )
+        return self.replace(
+            x_train=self.x_train[:n_train], y_train=self.y_train[:n_train],
+            x_test=self.x_test[:n_test], y_test=self.y_test[:n_test],
+        )  # fmt: skip
 
     def describe(self) -> dict[str, object]:
         """What every result records about its data: name, source, sizes and file hashes."""
@@ -441,14 +433,5 @@ def load_dataset(
             "pass --data-dir DIR or set REDBLUE_DATA_DIR for the full dataset"
         )
         print(notice, file=sys.stderr)
-        return Dataset(
-            name=mini.name,
-            x_train=mini.x_train,
-            y_train=mini.y_train,
-            x_test=mini.x_test,
-            y_test=mini.y_test,
-            source=mini.source,
-            files=mini.files,
-            notice=notice,
-        ).to(device)
+        return mini.replace(notice=notice).to(device)
     raise DataError(f"{name}: not found ({'; '.join(tried)})")

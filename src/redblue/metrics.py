@@ -158,11 +158,11 @@ class BackdoorMetrics:
     """C-Acc on the clean test set; ASR and RA on its triggered non-target images; and
     breakdowns of the predictions on triggered images."""
 
-    c_acc: float
+    clean_accuracy: float
     asr: float
     ra: float
     target: int
-    n_clean: int
+    n_test: int
     n_triggered: int  # triggered non-target images (the ASR / RA denominator)
     triggered_predicted_counts: list[int]  # predicted classes on triggered non-target images
     per_class: list[dict[str, Any]]
@@ -192,11 +192,11 @@ def backdoor_metrics(
     y = y.to(pred_clean.device)
     eligible = y != target
     return BackdoorMetrics(
-        c_acc=clean_accuracy(pred_clean, y),
+        clean_accuracy=clean_accuracy(pred_clean, y),
         asr=attack_success_rate(pred_trig, y, target),
         ra=backdoor_robust_accuracy(pred_trig, y, target),
         target=int(target),
-        n_clean=int(y.numel()),
+        n_test=int(y.numel()),
         n_triggered=int(eligible.sum()),
         triggered_predicted_counts=predicted_class_counts(pred_trig[eligible], num_classes),
         per_class=per_class_backdoor(pred_clean, pred_trig, y, target, num_classes),

@@ -62,6 +62,8 @@ from typing import IO, Any
 
 import numpy as np
 
+from redblue.errors import ConfigError
+
 SEVERITIES: tuple[str, ...] = ("low", "medium", "high", "critical")
 SCANNED_SUFFIXES: tuple[str, ...] = (
     ".pkl", ".pickle", ".pt", ".pth", ".ckpt", ".bin", ".npy", ".npz", ".safetensors",
@@ -268,8 +270,6 @@ class ScanReport:
         """2 if any file could not be read or is malformed, else 1 if any finding is at
         least ``fail_on``, else 0."""
         if fail_on not in SEVERITIES:
-            from redblue.errors import ConfigError
-
             raise ConfigError(f"--fail-on {fail_on!r}: expected one of {', '.join(SEVERITIES)}")
         if any(r.status == "error" for r in self.files):
             return 2

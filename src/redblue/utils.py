@@ -6,6 +6,7 @@ import contextlib
 import hashlib
 import json
 import os
+import platform
 import random
 import tempfile
 from collections.abc import Iterator
@@ -13,9 +14,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import safetensors
 import torch
 
-from redblue.errors import ConfigError
+from redblue._version import __version__
+from redblue.errors import ConfigError, IntegrityError
 
 
 def seed_everything(seed: int) -> None:
@@ -124,8 +127,6 @@ def atomic_write_json(path: Path, obj: Any) -> None:
 
 
 def read_json(path: Path) -> Any:
-    from redblue.errors import IntegrityError
-
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
@@ -146,12 +147,6 @@ def eval_mode(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
 
 
 def library_versions() -> dict[str, str]:
-    import platform
-
-    import safetensors
-
-    from redblue import __version__
-
     return {
         "redblue": __version__,
         "python": platform.python_version(),
@@ -159,3 +154,10 @@ def library_versions() -> dict[str, str]:
         "numpy": np.__version__,
         "safetensors": safetensors.__version__,
     }
+
+
+def pct(value: Any, digits: int = 2, missing: str = "n/a") -> str:
+    """A share as a percentage (``0.1234`` -> ``"12.34%"``); ``missing`` for None or a non-number."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or value != value:
+        return missing
+    return f"{100 * value:.{digits}f}%"

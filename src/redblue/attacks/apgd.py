@@ -18,8 +18,8 @@ from redblue.attacks.projection import (
     project,
     steepest_ascent,
 )
-from redblue.config import check_int
 from redblue.utils import eval_mode
+from redblue.validate import check_int
 
 RHO = 0.75
 """Oscillation threshold: halve the step when the loss rose in at most rho·k of the last k steps."""

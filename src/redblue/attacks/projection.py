@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from redblue.config import check_float, check_int
 from redblue.errors import ConfigError
+from redblue.validate import check_float, check_int
 
 NORMS = ("linf", "l2")
 _TINY = 1e-12

@@ -8,9 +8,9 @@ import torch
 from torch import nn
 
 from redblue.attacks.projection import AttackOutput, check_inputs, check_settings
-from redblue.config import check_float
 from redblue.errors import ConfigError
 from redblue.utils import eval_mode
+from redblue.validate import check_float
 
 
 def margin_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

@@ -1,7 +1,7 @@
 """The ``redblue`` command line: one subcommand per stage.
 
 Every user mistake ends with one line on stderr and exit code 2, never a traceback.
-Each subcommand lives in its own module here and is registered in :func:`_register`.
+Each subcommand lives in its own module here; :func:`main` is the entry point.
 """
 
 from __future__ import annotations
@@ -10,7 +10,14 @@ import sys
 
 import click
 
-from redblue import __version__
+from redblue._version import __version__
+from redblue.cli import attack as attack_commands
+from redblue.cli import defend as defend_commands
+from redblue.cli import poison as poison_commands
+from redblue.cli import report as report_commands
+from redblue.cli import run as run_commands
+from redblue.cli import scan as scan_commands
+from redblue.cli import train as train_commands
 from redblue.errors import RedblueError
 
 
@@ -25,40 +32,19 @@ def cli() -> None:
     """
 
 
-def _register() -> None:
-    from redblue.cli import train as train_commands
-
-    cli.add_command(train_commands.train)
-    cli.add_command(train_commands.evaluate)
-
-    from redblue.cli import attack as attack_commands
-
-    cli.add_command(attack_commands.attack)
-
-    from redblue.cli import report as report_commands
-
-    cli.add_command(report_commands.report)
-
-    from redblue.cli import run as run_commands
-
-    cli.add_command(run_commands.run)
-
-    from redblue.cli import scan as scan_commands
-
-    cli.add_command(scan_commands.scan)
-    cli.add_command(scan_commands.verify)
-
-    from redblue.cli import poison as poison_commands
-
-    cli.add_command(poison_commands.poison)
-    cli.add_command(poison_commands.defend_backdoor)
-
-    from redblue.cli import defend as defend_commands
-
-    cli.add_command(defend_commands.defend)
-
-
-_register()
+for _command in (
+    train_commands.train,
+    train_commands.evaluate,
+    attack_commands.attack,
+    defend_commands.defend,
+    poison_commands.poison,
+    poison_commands.defend_backdoor,
+    run_commands.run,
+    report_commands.report,
+    scan_commands.scan,
+    scan_commands.verify,
+):
+    cli.add_command(_command)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -10,7 +10,8 @@ import click
 from redblue.artifacts import load_model
 from redblue.cli.common import check_output_dir, data_options, save_effective_config
 from redblue.config import AttackConfig, DataConfig, build, load_toml
-from redblue.pipeline import load_data
+from redblue.report.stage_plots import render_stage_plots
+from redblue.stages import attack_stage, load_data
 from redblue.utils import resolve_device
 
 
@@ -23,7 +24,7 @@ from redblue.utils import resolve_device
     "or a comma-separated list such as standard,square. [default: fgsm]",
 )
 @click.option("--eps", type=float, default=None, help="Perturbation radius in pixel units [0, 1]. [default: 0.25]")
-@click.option("--norm", default=None, help="linf or l2 (Square: linf only). [default: linf]")
+@click.option("--norm", type=click.Choice(["linf", "l2"]), default=None, help="Square: linf only. [default: linf]")
 @click.option("--alpha", type=float, default=None, help="PGD step size. [default: 2.5*eps/steps]")
 @click.option(
     "--steps", type=int, default=None, help="Iterations (Square: queries). [default: pgd 40, apgd 100, square 5000]"
@@ -50,23 +51,22 @@ def attack(model_path: str, out: str, config_file: str | None, name: str | None,
     images/NAME_examples.png, images/NAME_perturbation.png (and with --sweep
     images/NAME_accuracy_vs_eps.png).
     """
-    from redblue.evaluation import attack_stage
-
-    raw = load_toml(config_file)
-    attack_cfg = build(AttackConfig, raw.get("attack"), options, "attack")
-    data_cfg = build(DataConfig, raw.get("data"), options, "data")
+    file = load_toml(config_file, ("attack", "data"))
+    attack_cfg = build(AttackConfig, file, options, "attack")
+    data_cfg = build(DataConfig, file, options, "data")
     device = resolve_device(attack_cfg.device)
     loaded = load_model(Path(model_path), device=device)
     out_dir = check_output_dir(out)
     data = load_data(data_cfg, device=str(device))
     result = attack_stage(out_dir, loaded, data, attack_cfg, name=name, data_cfg=data_cfg)
+    render_stage_plots(out_dir, result)
     save_effective_config(out_dir, result["name"], {"attack": attack_cfg, "data": data_cfg})
     metrics = result["metrics"]
     parts = ", ".join(f"{a} {100 * v['robust_accuracy']:.2f}%" for a, v in metrics["attacks"].items())
     click.echo(
         f"{result['name']}: clean {100 * metrics['clean_accuracy']:.2f}%, {parts}, worst case "
         f"{100 * metrics['robust_accuracy']:.2f}% (eps {metrics['eps']:g} {metrics['norm']}, "
-        f"{metrics['n']} images, {metrics['seconds']:.1f} s)"
+        f"{metrics['n_examples']} images, {metrics['seconds']:.1f} s)"
     )
     for warning in result["warnings"]:
         click.echo(f"warning [{warning['id']}]: {warning['message']} (see {warning['doc']})", err=True)

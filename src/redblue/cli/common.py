@@ -10,8 +10,10 @@ from typing import Any, TypeVar
 
 import click
 
-from redblue.config import DataConfig, TrainConfig, build, load_toml
+from redblue.config import LR_SCHEDULES, PRECISIONS, ConfigFile, DataConfig, TrainConfig, build, load_toml
+from redblue.data import DATASET_NAMES
 from redblue.errors import ConfigError
+from redblue.models import MODELS
 from redblue.utils import atomic_write_json
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -25,6 +27,7 @@ def data_options(func: F) -> F:
         [
             click.option(
                 "--dataset",
+                type=click.Choice(DATASET_NAMES),
                 default=None,
                 help="auto (full MNIST if found or downloadable, else mnist-mini), mnist, "
                 "fashion-mnist or mnist-mini. [default: auto]",
@@ -57,6 +60,7 @@ def train_options(func: F) -> F:
             ),
             click.option(
                 "--lr-schedule",
+                type=click.Choice(LR_SCHEDULES),
                 default=None,
                 help="cosine (decay to 0) or one-cycle (up to --lr over 2/5 of the steps, then down to 0). "
                 "[default: cosine]",
@@ -67,11 +71,13 @@ def train_options(func: F) -> F:
             click.option("--device", default=None, help="auto, cpu or cuda. [default: auto]"),
             click.option(
                 "--precision",
+                type=click.Choice(PRECISIONS),
                 default=None,
                 help="auto (bf16 autocast where the hardware runs it fast, else fp32), fp32 or bf16. [default: auto]",
             ),
             click.option(
                 "--model-name",
+                type=click.Choice(list(MODELS)),
                 default=None,
                 help="Architecture from the model registry: cnn, cnn-keras (the same network in Keras's slower layer order), cnn-small, cnn-wide or cnn-large. [default: cnn]",
             ),
@@ -99,12 +105,17 @@ def output_options(func: F) -> F:
     return func
 
 
-def load_configs(config_file: str | None, options: dict[str, Any]) -> tuple[dict[str, Any], DataConfig, TrainConfig]:
-    """(raw TOML, data config, train config) from the file overridden by CLI options."""
-    raw = load_toml(config_file)
-    data_cfg = build(DataConfig, raw.get("data"), options, "data")
-    train_cfg = build(TrainConfig, raw.get("train"), options, "train")
-    return raw, data_cfg, train_cfg
+def load_configs(
+    config_file: str | None, options: dict[str, Any], sections: tuple[str, ...]
+) -> tuple[ConfigFile, DataConfig, TrainConfig]:
+    """(config file, data config, train config) from the file overridden by CLI options.
+
+    ``sections``: the sections this command reads; any other section in the file is an error.
+    """
+    file = load_toml(config_file, ("data", "train", *sections))
+    data_cfg = build(DataConfig, file, options, "data")
+    train_cfg = build(TrainConfig, file, options, "train")
+    return file, data_cfg, train_cfg
 
 
 def check_output_dir(out: str) -> Path:

@@ -15,19 +15,21 @@ from redblue.cli.common import (
     train_options,
 )
 from redblue.config import RECIPES, DefendConfig, build
-from redblue.pipeline import load_data
+from redblue.report.stage_plots import render_stage_plots
+from redblue.stages import defend_stage, load_data
 from redblue.utils import resolve_device
 
 
 @click.command()
 @click.option(
     "--recipe",
+    type=click.Choice(RECIPES),
     default=None,
     help="fgsm (the original project's: a --ratio share of each batch replaced by FGSM), "
     "fgsm-rs (Wong et al. 2020), pgd (Madry et al. 2018) or trades (Zhang et al. 2019). "
     "[default: fgsm-rs]",
 )
-@click.option("--eps", type=float, default=None, help="L-inf radius in pixel units, in (0, 1]. [default: 0.3]")
+@click.option("--eps", type=float, default=None, help="L-inf radius in pixel units, in (0, 1]. [default: 0.25]")
 @click.option(
     "--alpha",
     type=float,
@@ -62,7 +64,7 @@ from redblue.utils import resolve_device
 )
 @click.option("--guard-size", type=int, default=None, help="Training images held out for the guard. [default: 1000]")
 @click.option(
-    "--eval-n",
+    "--n-examples",
     type=int,
     default=None,
     help="Test images attacked in the robustness evaluation (clean accuracy uses all). [default: 1000]",
@@ -88,22 +90,21 @@ def defend(config_file: str | None, out: str, force_retrain: bool, name: str, **
     redblue defend --recipe fgsm-rs --eps 0.3 --model-name cnn-wide --epochs 15
       --eps-ramp 4 --lr 3e-3 --lr-schedule one-cycle --batch-size 100
     """
-    from redblue.defenses.adversarial import defend_stage
-
-    raw, data_cfg, train_cfg = load_configs(config_file, options)
-    defend_cfg = build(DefendConfig, raw.get("defend"), options, "defend")
+    file, data_cfg, train_cfg = load_configs(config_file, options, ("defend",))
+    defend_cfg = build(DefendConfig, file, options, "defend")
     device = resolve_device(train_cfg.device)
     out_dir = check_output_dir(out)
     data = load_data(data_cfg, device=str(device))
     result = defend_stage(
         out_dir, data, train_cfg, defend_cfg, data_cfg=data_cfg, force_retrain=force_retrain, name=name
     )
+    render_stage_plots(out_dir, result)
     save_effective_config(out_dir, name, {"data": data_cfg, "train": train_cfg, "defend": defend_cfg})
     m = result["metrics"]
     line = (
         f"{name} ({defend_cfg.recipe}, eps {defend_cfg.eps:g}): clean {100 * m['clean_accuracy']:.2f}%, "
         f"FGSM {100 * m['fgsm_accuracy']:.2f}%, worst case {100 * m['robust_accuracy']:.2f}% "
-        f"({m['eval_n']} test images); model {out_dir / 'models' / (name + '.safetensors')}"
+        f"({m['n_examples']} test images); model {out_dir / 'models' / (name + '.safetensors')}"
     )
     click.echo(line)
     guard = result["training"].get("guard") or {}

@@ -1,4 +1,4 @@
-"""``redblue poison`` (BadNets training, C-Acc / ASR / RA, rate sweep) and
+"""``redblue poison`` (BadNets training, clean accuracy / ASR / RA, rate sweep) and
 ``redblue defend-backdoor`` (activation clustering / spectral signatures, retraining)."""
 
 from __future__ import annotations
@@ -17,14 +17,12 @@ from redblue.cli.common import (
     save_effective_config,
     train_options,
 )
-from redblue.config import BackdoorDefenseConfig, PoisonConfig, TrainConfig, build
+from redblue.config import BackdoorDefenseConfig, DataConfig, PoisonConfig, TrainConfig, build, load_toml
 from redblue.errors import ConfigError
-from redblue.pipeline import load_data
-from redblue.utils import resolve_device
-
-
-def _pct(value: float | None) -> str:
-    return "n/a" if value is None else f"{100 * value:.2f}%"
+from redblue.poison.trigger import PATTERNS
+from redblue.report.stage_plots import render_stage_plots
+from redblue.stages import defend_backdoor_stage, load_data, poison_stage, poison_sweep_stage
+from redblue.utils import pct, resolve_device
 
 
 def parse_rates(text: str | None) -> tuple[float, ...] | None:
@@ -52,8 +50,9 @@ def parse_rates(text: str | None) -> tuple[float, ...] | None:
 @click.option("--position", default=None,
               help="bottom-right, bottom-left, top-left, top-right or ROW,COL of the patch's "
                    "top-left pixel. [default: bottom-right]")
-@click.option("--pattern", default=None, help="solid (white) or checkerboard. [default: solid]")
-@click.option("--alpha", type=float, default=None,
+@click.option("--pattern", type=click.Choice(PATTERNS), default=None,
+              help="solid (white) or checkerboard. [default: solid]")
+@click.option("--blend", type=float, default=None,
               help="Blend weight of the patch in (0, 1]; 1 replaces the pixels. [default: 1]")
 @click.option("--poison-seed", type=int, default=None,
               help="Seed of the choice of poisoned images. [default: 0]")
@@ -63,43 +62,40 @@ def parse_rates(text: str | None) -> tuple[float, ...] | None:
 @click.option("--name", default=None, help="Name of the saved poisoned model. [default: poisoned]")
 def poison(config_file: str | None, out: str, force_retrain: bool, sweep: bool,
            sweep_rates: str | None, **options: Any) -> None:
-    """Train a BadNets-poisoned model (patch trigger, all-to-one) and measure C-Acc, ASR, RA.
+    """Train a BadNets-poisoned model (patch trigger, all-to-one): clean accuracy, ASR, RA.
 
-    C-Acc is the clean test accuracy; ASR the share of triggered test images of other
+    Clean accuracy is on the clean test set; ASR the share of triggered test images of other
     classes classified as --target; RA the share of them still classified correctly.
     Writes models/NAME.safetensors + .json (with the trigger and the poison indices' hash),
     models/NAME_poison_indices.safetensors, metrics/poison_metrics.json and images/poison_*.png;
     with --sweep also metrics/poison_sweep_metrics.json and images/poison_asr_vs_rate.png.
     """
-    from redblue.poison.stage import poison_stage, poison_sweep_stage
-
-    raw, data_cfg, train_cfg = load_configs(config_file, options)
+    file, data_cfg, train_cfg = load_configs(config_file, options, ("poison",))
     overrides = {**options, "sweep_rates": parse_rates(sweep_rates)}
-    section = dict(raw.get("poison") or {})
-    if isinstance(section.get("sweep_rates"), list):
-        section["sweep_rates"] = tuple(section["sweep_rates"])
-    poison_cfg = build(PoisonConfig, section, overrides, "poison")
+    poison_cfg = build(PoisonConfig, file, overrides, "poison")
     device = resolve_device(train_cfg.device)
     out_dir = check_output_dir(out)
     data = load_data(data_cfg, device=str(device))
     result = poison_stage(out_dir, data, train_cfg, poison_cfg, data_cfg=data_cfg,
                           force_retrain=force_retrain)
+    render_stage_plots(out_dir, result)
     save_effective_config(out_dir, "poison", {"data": data_cfg, "train": train_cfg, "poison": poison_cfg})
     m = result["metrics"]
     click.echo(
         f"{poison_cfg.name}: {result['poison']['n_poison']} of {result['poison']['n_train']} training "
         f"images poisoned (rate {poison_cfg.rate:g}, target {poison_cfg.target}); "
-        f"C-Acc {_pct(m['c_acc'])}, ASR {_pct(m['asr'])}, RA {_pct(m['ra'])} on {data.name}"
+        f"clean accuracy {pct(m['clean_accuracy'])}, ASR {pct(m['asr'])}, RA {pct(m['ra'])} on {data.name}"
     )
     if result["baseline"] is not None:
-        click.echo(f"clean baseline {_pct(result['baseline']['accuracy'])} "
-                   f"(C-Acc drop {result['baseline']['c_acc_drop_pp']:.2f} pp)")
+        click.echo(f"clean baseline {pct(result['baseline']['clean_accuracy'])} "
+                   f"(clean accuracy drop {result['baseline']['clean_accuracy_drop_pp']:.2f} pp)")
     if sweep:
         swept = poison_sweep_stage(out_dir, data, train_cfg, poison_cfg, data_cfg=data_cfg,
                                    force_retrain=force_retrain)
+        render_stage_plots(out_dir, swept)
         for point in swept["points"]:
             click.echo(f"  rate {point['rate']:<6g} poisoned {point['n_poison']:>5}  "
-                       f"C-Acc {_pct(point['c_acc'])}  ASR {_pct(point['asr'])}  RA {_pct(point['ra'])}")
+                       f"clean acc. {pct(point['clean_accuracy'])}  ASR {pct(point['asr'])}  RA {pct(point['ra'])}")
         first = swept["asr_90_first_rate"]
         click.echo("ASR ≥ 90% first at rate " + ("(never)" if first is None else f"{first:g}"))
 
@@ -110,10 +106,11 @@ def poison(config_file: str | None, out: str, force_retrain: bool, sweep: bool,
 @data_options
 @train_options
 @output_options
-@click.option("--method", default=None, help="ac (activation clustering) or spectral. [default: ac]")
-@click.option("--reduce", default=None, help="AC: pca or ica (FastICA). [default: pca]")
+@click.option("--method", type=click.Choice(["ac", "spectral"]), default=None,
+              help="ac (activation clustering) or spectral. [default: ac]")
+@click.option("--reduce", type=click.Choice(["pca", "ica"]), default=None, help="AC: pca or ica (FastICA). [default: pca]")
 @click.option("--n-components", type=int, default=None, help="AC: dimensions kept. [default: 10]")
-@click.option("--analysis", default=None,
+@click.option("--analysis", type=click.Choice(["reclassify", "size", "silhouette"]), default=None,
               help="AC: how to decide that a class's smaller cluster is poison: reclassify "
                    "(nearest-centroid exclusionary reclassification), size (always) or "
                    "silhouette. [default: reclassify]")
@@ -140,33 +137,33 @@ def defend_backdoor(model_path: str, config_file: str | None, out: str, force_re
     The poisoned training set is rebuilt from the dataset and the model's record (its
     trigger, target, rate and seed; the poison indices must match the recorded SHA-256).
     Reports the detector's precision and recall against the true poison indices, and
-    C-Acc / ASR / RA before and after retraining (training settings: the poisoned model's,
-    overridden by the training options). Writes metrics/backdoor_defense_metrics.json,
+    clean accuracy / ASR / RA before and after retraining (training settings: the poisoned
+    model's, overridden by the training options). Config file sections: [data], [train],
+    [backdoor]. Writes metrics/backdoor_defense_METHOD_metrics.json,
     images/backdoor_defense_METHOD.png and models/NAME_METHOD_retrained.*.
     """
-    from redblue.config import DataConfig, load_toml
-    from redblue.defenses.backdoor import defend_backdoor_stage
-
-    raw = load_toml(config_file)
+    file = load_toml(config_file, ("data", "train", "backdoor"))
     record = read_record(Path(model_path))
-    data_cfg = build(DataConfig, raw.get("data"), options, "data")
+    data_cfg = build(DataConfig, file, options, "data")
+    build(TrainConfig, file, {}, "train")  # the file's [train] alone must be valid
     recorded_train = dict((record.get("config") or {}).get("train") or {})
-    train_cfg = build(TrainConfig, {**recorded_train, **(raw.get("train") or {})}, options, "train")
-    defense_cfg = build(BackdoorDefenseConfig, raw.get("backdoor_defense"), options, "backdoor_defense")
+    train_cfg = build(TrainConfig, {**recorded_train, **(file.section("train") or {})}, options, "train")
+    defense_cfg = build(BackdoorDefenseConfig, file, options, "backdoor")
     device = resolve_device(train_cfg.device)
     out_dir = check_output_dir(out)
     data = load_data(data_cfg, device=str(device))
     result = defend_backdoor_stage(out_dir, data, Path(model_path), defense_cfg, train_cfg=train_cfg,
                                    data_cfg=data_cfg, force_retrain=force_retrain)
+    render_stage_plots(out_dir, result)
     save_effective_config(out_dir, f"defend_backdoor_{defense_cfg.method}",
-                          {"data": data_cfg, "train": train_cfg, "backdoor_defense": defense_cfg})
+                          {"data": data_cfg, "train": train_cfg, "backdoor": defense_cfg})
     det = result["detection"]
     click.echo(f"{defense_cfg.method}: flagged {det['n_flagged']} of {det['n']} training images "
-               f"({det['n_poison']} poisoned): precision {_pct(det['precision'])}, "
-               f"recall {_pct(det['recall'])}")
+               f"({det['n_poison']} poisoned): precision {pct(det['precision'])}, "
+               f"recall {pct(det['recall'])}")
     b = result["before"]
-    click.echo(f"poisoned model: C-Acc {_pct(b['c_acc'])}, ASR {_pct(b['asr'])}, RA {_pct(b['ra'])}")
+    click.echo(f"poisoned model: clean accuracy {pct(b['clean_accuracy'])}, ASR {pct(b['asr'])}, RA {pct(b['ra'])}")
     if result["after"] is not None:
         a = result["after"]
-        click.echo(f"retrained without flagged: C-Acc {_pct(a['c_acc'])}, ASR {_pct(a['asr'])}, "
-                   f"RA {_pct(a['ra'])}")
+        click.echo(f"retrained without flagged: clean accuracy {pct(a['clean_accuracy'])}, ASR {pct(a['asr'])}, "
+                   f"RA {pct(a['ra'])}")

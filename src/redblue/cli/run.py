@@ -7,8 +7,10 @@ from typing import Any
 
 import click
 
-from redblue.cli.common import check_output_dir, data_options, output_options, train_options
-from redblue.config import RUN_STAGES, BackdoorDefenseConfig, DefendConfig, PoisonConfig, RunConfig, build
+from redblue.cli.common import check_output_dir, data_options, load_configs, output_options, train_options
+from redblue.config import RECIPES, RUN_STAGES, BackdoorDefenseConfig, DefendConfig, PoisonConfig, RunConfig, build
+from redblue.pipeline import Workflow, run_workflow
+from redblue.report.summary import console_table
 
 
 def _stages(value: str | None) -> tuple[str, ...] | None:
@@ -26,7 +28,8 @@ def _stages(value: str | None) -> tuple[str, ...] | None:
     "--quick",
     is_flag=True,
     default=None,
-    help="Shrink everything (data subset, 1 epoch, few test images) for a one-minute look.",
+    help="Shrink everything (data subset, 1 epoch, 200 test images, lighter attacks and checks) for a "
+    "one-minute look; its numbers are not comparable to a full run.",
 )
 @click.option(
     "--eps",
@@ -36,6 +39,7 @@ def _stages(value: str | None) -> tuple[str, ...] | None:
 )
 @click.option(
     "--recipe",
+    type=click.Choice(RECIPES),
     default=None,
     help="Blue-team adversarial-training recipe: fgsm (the original's), fgsm-rs, pgd or trades. [default: fgsm-rs]",
 )
@@ -44,6 +48,12 @@ def _stages(value: str | None) -> tuple[str, ...] | None:
     "--rate", type=float, default=None, help="Poisoned share of the non-target training images. [default: 0.1]"
 )
 @click.option("--target", type=int, default=None, help="Backdoor target class. [default: 7]")
+@click.option(
+    "--n-examples",
+    type=int,
+    default=None,
+    help="Test images attacked by PGD, the standard suite and the blue team's evaluation. [default: 1000]",
+)
 @click.option("--size", type=int, default=None, help="Trigger patch size in pixels. [default: 4]")
 def run(
     config_file: str | None,
@@ -57,6 +67,7 @@ def run(
     rate: float | None,
     target: int | None,
     size: int | None,
+    n_examples: int | None,
     **options: Any,
 ) -> None:
     """Run the whole workflow: baseline, red team, blue team, poisoning, report.
@@ -67,16 +78,15 @@ def run(
     OUT/report.html + OUT/report.md. Config file sections: [data], [train], [run],
     [defend], [poison], [backdoor].
     """
-    from redblue.cli.common import load_configs
-    from redblue.pipeline import Workflow, run_workflow
-    from redblue.summary import console_table
-
-    raw, data_cfg, train_cfg = load_configs(config_file, options)
-    run_cfg = build(RunConfig, raw.get("run"), {"stages": _stages(stages), "quick": quick, "eps": eps}, "run")
-    defend_section = {"eps": run_cfg.eps, **(raw.get("defend") or {})}
-    defend_cfg = build(DefendConfig, defend_section, {"recipe": recipe, "eps": defend_eps}, "defend")
-    poison_cfg = build(PoisonConfig, raw.get("poison"), {"rate": rate, "target": target, "size": size}, "poison")
-    backdoor_cfg = build(BackdoorDefenseConfig, raw.get("backdoor"), {}, "backdoor")
+    file, data_cfg, train_cfg = load_configs(config_file, options, ("run", "defend", "poison", "backdoor"))
+    run_cfg = build(RunConfig, file, {"stages": _stages(stages), "quick": quick, "eps": eps, "n_examples": n_examples},
+                    "run")
+    # The blue team defaults to the red team's eps and image count; [defend] and the options win.
+    in_file = {k.replace("-", "_") for k in file.section("defend") or {}}
+    defaults = {k: v for k, v in (("eps", run_cfg.eps), ("n_examples", run_cfg.n_examples)) if k not in in_file}
+    defend_cfg = build(DefendConfig, file, {**defaults, "recipe": recipe, "eps": defend_eps}, "defend")
+    poison_cfg = build(PoisonConfig, file, {"rate": rate, "target": target, "size": size}, "poison")
+    backdoor_cfg = build(BackdoorDefenseConfig, file, {}, "backdoor")
     out_dir = check_output_dir(out)
     summary = run_workflow(
         Workflow(

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import click
 
+from redblue.errors import ConfigError
 from redblue.scan import SEVERITIES, FileReport, ScanReport, scan_paths
 from redblue.verify import VerifyReport, verify_dir
 
@@ -107,7 +108,6 @@ def verify(directory: Path, as_json: bool) -> None:
     """
     report = verify_dir(directory)
     if not report.checks and not report.errors:
-        from redblue.errors import ConfigError
 
         raise ConfigError(f"{directory}: no JSON record with an X_file / X_sha256 pair found: nothing to verify")
     if as_json:

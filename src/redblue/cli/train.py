@@ -16,9 +16,10 @@ from redblue.cli.common import (
     save_effective_config,
     train_options,
 )
-from redblue.pipeline import load_data, train_baseline
-from redblue.train import evaluate as evaluate_model
-from redblue.utils import atomic_write_json, resolve_device
+from redblue.config import DataConfig, build, load_toml
+from redblue.report.stage_plots import render_stage_plots
+from redblue.stages import evaluate_stage, load_data, train_baseline
+from redblue.utils import resolve_device
 
 
 @click.command()
@@ -32,15 +33,16 @@ def train(config_file: str | None, out: str, force_retrain: bool, name: str, **o
     Writes models/NAME.safetensors + models/NAME.json, metrics/NAME_metrics.json, and
     images/NAME_training_curves.png and images/NAME_confusion_matrix.png.
     """
-    _, data_cfg, train_cfg = load_configs(config_file, options)
+    _, data_cfg, train_cfg = load_configs(config_file, options, ())
     device = resolve_device(train_cfg.device)
     data = load_data(data_cfg, device=str(device))
     out_dir = check_output_dir(out)
     result = train_baseline(out_dir, data, train_cfg, data_cfg=data_cfg, force_retrain=force_retrain, name=name)
+    render_stage_plots(out_dir, result)
     save_effective_config(out_dir, name, {"data": data_cfg, "train": train_cfg})
-    acc = result["metrics"]["accuracy"]
+    acc = result.metrics["clean_accuracy"]
     click.echo(
-        f"{name}: test accuracy {100 * acc:.2f}% on {data.name} ({result['metrics']['n']} images); "
+        f"{name}: clean test accuracy {100 * acc:.2f}% on {data.name} ({result.metrics['n_test']} images); "
         f"model {out_dir / 'models' / (name + '.safetensors')}"
     )
 
@@ -50,28 +52,15 @@ def train(config_file: str | None, out: str, force_retrain: bool, name: str, **o
 @data_options
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
 @click.option("--out", default="secure_ai_outputs", show_default=True, help="Output folder.")
-def evaluate(model_path: str, out: str, device: str, **options: Any) -> None:
+@click.option("--config", "config_file", default=None, help="TOML config file ([data]); options override it.")
+def evaluate(model_path: str, out: str, device: str, config_file: str | None, **options: Any) -> None:
     """Evaluate a saved model on the test set (hash-verified before loading)."""
-    from redblue.config import DataConfig, build
-
-    data_cfg = build(DataConfig, None, options, "data")
+    data_cfg = build(DataConfig, load_toml(config_file, ("data",)), options, "data")
     dev = resolve_device(device)
     loaded = load_model(Path(model_path), device=dev)
     data = load_data(data_cfg, device=str(dev))
     out_dir = check_output_dir(out)
-    ev = evaluate_model(loaded.model, data.x_test, data.y_test)
-    name = loaded.record.get("name", Path(model_path).stem)
-    result = {
-        "stage": "evaluate",
-        "model": {"name": name, "path": str(loaded.weights_path), "weights_sha256": loaded.record["weights_sha256"]},
-        "dataset": data.describe(),
-        "metrics": {
-            "accuracy": ev.accuracy,
-            "loss": ev.loss,
-            "n": ev.n,
-            "latency": ev.latency,
-            "confusion": ev.confusion,
-        },
-    }
-    atomic_write_json(out_dir / "metrics" / f"{name}_evaluate_metrics.json", result)
-    click.echo(f"{name}: test accuracy {100 * ev.accuracy:.2f}% on {data.name} ({ev.n} images)")
+    result = evaluate_stage(out_dir, loaded, data)
+    render_stage_plots(out_dir, result)
+    m = result.metrics
+    click.echo(f"{result.name}: clean test accuracy {100 * m['clean_accuracy']:.2f}% on {data.name} ({m['n_test']} images)")

@@ -16,8 +16,9 @@ Four recipes, each a ``perturb`` hook (and for TRADES a ``loss`` hook) for ``fit
 An :class:`OverfitGuard` (the ``epoch_end`` hook) measures clean, FGSM and PGD accuracy on
 a fixed slice of the training set held out from training after every epoch; when PGD
 accuracy collapses (falls more than ``guard_drop`` below its best), it restores the best
-epoch's weights and stops training. :func:`defend_stage` trains (or reloads), saves and
-evaluates a defended model.
+epoch's weights and stops training. :func:`train_defended` builds and trains a model with
+a recipe and its guard; the defend stage (:mod:`redblue.stages.defend`) saves and
+evaluates it.
 """
 
 from __future__ import annotations
@@ -27,31 +28,19 @@ import dataclasses
 import math
 import sys
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from redblue.artifacts import find_reusable, save_model
 from redblue.attacks import fgsm, pgd
 from redblue.attacks.projection import input_gradient
-from redblue.config import DataConfig, DefendConfig, TrainConfig
+from redblue.config import DefendConfig, TrainConfig
 from redblue.data import Dataset, to_float
-from redblue.evaluation import DEFAULT_SWEEP
 from redblue.models import build_model
-from redblue.pipeline import training_cache_key
-from redblue.report import advtrain_plots
-from redblue.train import Loss, Perturb, channels_last, evaluate, fit
-from redblue.utils import (
-    atomic_write_json,
-    autocast,
-    eval_mode,
-    library_versions,
-    resolve_device,
-    resolve_precision,
-)
+from redblue.train import Loss, Perturb, channels_last, fit
+from redblue.utils import autocast, eval_mode, resolve_device, resolve_precision
 
 
 class EpsSchedule:
@@ -342,18 +331,9 @@ def split_guard_slice(data: Dataset, size: int, seed: int) -> tuple[Dataset, tor
     size = min(size, n // 2)
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).to(data.x_train.device)
     held, kept = order[:size], order[size:].sort().values
-    train = dataclasses.replace(data, x_train=data.x_train[kept], y_train=data.y_train[kept])
+    train = data.replace(x_train=data.x_train[kept], y_train=data.y_train[kept])
     return train, data.x_train[held], data.y_train[held]
 
-
-
-def defense_cache_key(name: str, train_cfg: TrainConfig, defend_cfg: DefendConfig, data: Dataset) -> str:
-    """What determines a defended model: stage name, training config, data, and every
-    defence setting but the evaluation-only ones."""
-    settings = dataclasses.asdict(defend_cfg)
-    settings.pop("eval_n", None)
-    settings.update(alpha=defend_cfg.step_size, guard=defend_cfg.guarded)
-    return training_cache_key(name, train_cfg, data, extra={"defend": settings})
 
 
 def train_defended(
@@ -397,184 +377,3 @@ def train_defended(
         "guard": guard.summary(),
         "notes": notes,
     }
-
-
-def robustness_metrics(
-    model: nn.Module,
-    x: torch.Tensor,
-    y: torch.Tensor,
-    *,
-    eps: float,
-    restarts: int = 3,
-    sweep_n: int = 500,
-    seed: int = 0,
-    check_options: dict[str, int] | None = None,
-) -> dict[str, Any]:
-    """How robust a defended model is at ``eps`` (L-inf), per example and in the worst case.
-
-    Runs, through :func:`redblue.evaluation.evaluate_robustness` (which enforces the threat
-    model on every batch): FGSM, PGD-40 with ``restarts`` random restarts, the ``standard``
-    suite (APGD-CE + APGD-T, one restart each) and the black-box Square attack
-    (``square_queries`` of ``check_options``, default 1,000): white-box and black-box together,
-    as AutoAttack's standard version, because on MNIST adversarially trained models can mask
-    gradients (measured: a PGD-trained ``cnn-wide`` at eps 0.3 fell from 91.5% under the
-    white-box attacks to 90.4% under Square). An example is robust only if clean-correct and
-    no attack but FGSM fooled it. Then the
-    eps sweep of FGSM and PGD on the first ``sweep_n`` images, and the sanity checks of
-    :mod:`redblue.checks` on the merged result (the ``robustness-gap`` warning among them).
-
-    Returns:
-        ``{"metrics": {...accuracies...}, "evaluation": <evaluation JSON>, "eps_sweep":
-        {"eps": [...], "fgsm": [...], "pgd": [...]}, "warnings": [...]}``.
-    """
-    from redblue.checks import SQUARE_QUERIES, run_checks
-    from redblue.evaluation import eps_sweep, evaluate_robustness
-
-    options = check_options or {}
-    with_pgd = evaluate_robustness(model, x, y, attacks="pgd", eps=eps, restarts=restarts, seed=seed, checks=False)
-    result = evaluate_robustness(model, x, y, attacks="fgsm,standard", eps=eps, seed=seed, checks=False)
-    with_square = evaluate_robustness(
-        model, x, y, attacks="square", eps=eps, seed=seed, checks=False,
-        steps=options.get("square_queries", SQUARE_QUERIES),
-    )
-    result.attacks = [result.attacks[0], *with_pgd.attacks, *result.attacks[1:], *with_square.attacks]
-    result.robust = {"pgd": with_pgd.robust["pgd"], **result.robust, "square": with_square.robust["square"]}
-    worst = result.clean_correct if result.clean_correct is not None else torch.ones_like(y, dtype=torch.bool)
-    for name, mask in result.robust.items():
-        if name != "fgsm":
-            worst = worst & mask
-    n = int(y.shape[0])
-    result.robust_accuracy = int(worst.sum()) / n
-    result.seconds += with_pgd.seconds + with_square.seconds
-    m = min(sweep_n, int(x.shape[0]))
-    points = {
-        name: eps_sweep(model, x[:m], y[:m], attack=name, seed=seed, eps_values=list(DEFAULT_SWEEP["linf"]))
-        for name in ("fgsm", "pgd")
-    }
-    result.sweep = points
-    result.warnings = run_checks(model, x, y, result, seed=seed, **options)
-    standard = worst.clone() if result.clean_correct is None else result.clean_correct.clone()
-    for name in ("apgd-ce", "apgd-t"):
-        standard &= result.robust[name]
-    metrics = {
-        "eval_n": int(x.shape[0]),
-        "eval_clean_accuracy": result.clean_accuracy,
-        "fgsm_accuracy": result.accuracy("fgsm"),
-        "pgd_accuracy": result.accuracy("pgd"),
-        "standard_accuracy": int(standard.sum()) / n,
-        "square_accuracy": result.accuracy("square"),
-        "robust_accuracy": result.robust_accuracy,
-    }
-    grid = sorted({p["eps"] for pts in points.values() for p in pts})
-    sweep: dict[str, list[float]] = {"eps": grid}
-    for name, pts in points.items():
-        by_eps = {p["eps"]: p["robust_accuracy"] for p in pts}
-        sweep[name] = [by_eps.get(e, 0.0) for e in grid]  # a sweep stops at the first 0
-    # The robust-accuracy figure is the worst case over every attack but FGSM (which only
-    # enters the gap check); the evaluation JSON keeps each attack's own numbers.
-    evaluation = result.to_json()
-    evaluation["robust_accuracy_excludes"] = ["fgsm"]
-    return {"metrics": metrics, "evaluation": evaluation, "eps_sweep": sweep, "warnings": result.warnings}
-
-
-def defend_stage(
-    out: Path,
-    data: Dataset,
-    train_cfg: TrainConfig,
-    defend_cfg: DefendConfig,
-    *,
-    data_cfg: DataConfig | None = None,
-    force_retrain: bool = False,
-    progress: bool = True,
-    name: str = "advtrain",
-    check_options: dict[str, int] | None = None,
-) -> dict[str, Any]:
-    """Train (or reload) a defended model, save it, evaluate it, write its JSON and plots.
-
-    Reuses ``models/<name>`` when its cache key (training config, defence settings, data
-    hashes) matches, unless ``force_retrain``. Evaluation runs at the training eps on the
-    first ``defend_cfg.eval_n`` test images (clean accuracy on all of them) and raises the
-    robustness-gap warning when FGSM accuracy is far above the strongest attack's.
-
-    Writes ``models/<name>.safetensors`` + ``.json`` (recipe and settings in the record),
-    ``metrics/<name>_metrics.json`` and ``images/<name>_*.png``; returns the metrics dict.
-    """
-    key = defense_cache_key(name, train_cfg, defend_cfg, data)
-    device = resolve_device(train_cfg.device)
-    reused = None if force_retrain else find_reusable(out, name, key)
-    model: nn.Module
-    if reused is not None:
-        model = reused.model.to(device)
-        training = reused.record["training"]
-        print(f"reusing {reused.json_path} (same config and data; --force-retrain to retrain)", file=sys.stderr)
-    else:
-        model, training = train_defended(data, train_cfg, defend_cfg, progress=progress, desc=name)
-    test = data.to(device)
-    clean = evaluate(model, test.x_test, test.y_test)
-    n_eval = min(defend_cfg.eval_n, int(test.x_test.shape[0]))
-    robust = robustness_metrics(
-        model,
-        to_float(test.x_test[:n_eval]),
-        test.y_test[:n_eval],
-        eps=defend_cfg.eps,
-        seed=train_cfg.seed,
-        check_options=check_options,
-    )
-    metrics = {"clean_accuracy": clean.accuracy, "loss": clean.loss, "n": clean.n, **robust["metrics"]}
-    config = {
-        "train": dataclasses.asdict(train_cfg),
-        "defend": dataclasses.asdict(defend_cfg),
-        "data": dataclasses.asdict(data_cfg) if data_cfg else None,
-    }
-    record = {
-        "model_name": train_cfg.model_name,
-        "stage": name,
-        "cache_key": key,
-        "recipe": training["recipe"],
-        "config": config,
-        "dataset": data.describe(),
-        "training": training,
-        "metrics": metrics,
-    }
-    saved = reused.record if reused is not None else save_model(out, name, model, record)
-    result = {
-        "stage": name,
-        "cache_key": key,
-        "reused": reused is not None,
-        "model": {"name": name, "model_name": train_cfg.model_name, "weights_sha256": saved["weights_sha256"]},
-        "recipe": training["recipe"],
-        "config": config,
-        "dataset": data.describe(),
-        "training": training,
-        "metrics": {**metrics, "confusion": clean.confusion},
-        "evaluation": robust["evaluation"],
-        "eps_sweep": robust["eps_sweep"],
-        "warnings": robust["warnings"],
-        "versions": library_versions(),
-    }
-    atomic_write_json(out / "metrics" / f"{name}_metrics.json", result)
-    render_defense_plots(out, name, result)
-    return result
-
-
-def render_defense_plots(out: Path, name: str, result: dict[str, Any]) -> list[Path]:
-    """Training curves (clean / FGSM / PGD per epoch), robustness bars and eps sweep PNGs."""
-    images = out / "images"
-    recipe = result["recipe"]
-    title = f"{name} ({recipe['recipe']}, eps {recipe['eps']:g})"
-    paths = []
-    history = result["training"].get("history") or []
-    guard = result["training"].get("guard") or {}
-    restored = (guard.get("event") or {}).get("restored_epoch")
-    if history:
-        paths.append(
-            advtrain_plots.robust_training_curves(
-                history, title, images / f"{name}_training_curves.png", restored_epoch=restored
-            )
-        )
-    m = result["metrics"]
-    bars = {k.removesuffix("_accuracy"): float(v) for k, v in m.items() if k.endswith("_accuracy")}
-    paths.append(advtrain_plots.robustness_bars(bars, title, images / f"{name}_robustness.png"))
-    if result.get("eps_sweep"):
-        paths.append(advtrain_plots.eps_sweep(result["eps_sweep"], title, images / f"{name}_eps_sweep.png"))
-    return paths

@@ -1,4 +1,4 @@
-"""Backdoor detection in the training set, and retraining without what was flagged.
+"""Backdoor detection in the training set (pure: activations in, flagged indices out).
 
 Two detectors work on the penultimate-layer activations of the (possibly poisoned) model,
 one class (training label) at a time:
@@ -13,9 +13,9 @@ one class (training label) at a time:
   scores of each class.
 
 Threat model: the defender holds the (poisoned) training set and the model trained on it,
-but not the trigger, the target or the poison indices. Detection quality is scored against
-the true poison indices (precision, recall), then the model is retrained on the rest and
-C-Acc / ASR / RA are measured again.
+but not the trigger, the target or the poison indices. The backdoor-defence stage
+(:mod:`redblue.stages.backdoor`) scores the detection against the true poison indices
+(precision, recall), retrains on the rest and measures clean accuracy / ASR / RA again.
 
 scikit-learn does the PCA / FastICA / k-means / silhouette of activation clustering; torch
 does everything else (activations, the SVD of spectral signatures).
@@ -23,37 +23,21 @@ does everything else (activations, the SVD of spectral signatures).
 
 from __future__ import annotations
 
-import sys
 import time
 import warnings
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
-from redblue.artifacts import find_reusable, load_model, save_model
-from redblue.config import BackdoorDefenseConfig, DataConfig, TrainConfig, build
-from redblue.data import Dataset, to_float
-from redblue.errors import ConfigError, IntegrityError
-from redblue.metrics import backdoor_metrics, detection_scores, json_dict
-from redblue.models import build_model
-from redblue.pipeline import training_cache_key
-from redblue.poison.dataset import remove_examples
-from redblue.poison.stage import build_poisoned, poison_config_from_record, verify_indices
-from redblue.report import backdoor_plots
-from redblue.train import channels_last, fit
-from redblue.utils import (
-    atomic_write_json,
-    eval_mode,
-    library_versions,
-    read_json,
-    resolve_device,
-    seed_everything,
-    sha256_tensor,
-)
+from redblue.config import BackdoorDefenseConfig
+from redblue.data import to_float
+from redblue.errors import ConfigError
+from redblue.train import channels_last
+from redblue.utils import eval_mode
 
 METHODS = ("ac", "spectral")
 
@@ -71,7 +55,7 @@ class Detection:
 
 @torch.no_grad()
 def penultimate_activations(
-    model: nn.Module, x: torch.Tensor, *, batch_size: int = 512
+    model: nn.Module, x: torch.Tensor, *, batch_size: int = 512, progress: bool = False
 ) -> torch.Tensor:
     """The input of the model's last ``nn.Linear`` (its last hidden representation).
 
@@ -79,6 +63,7 @@ def penultimate_activations(
         model: a classifier whose final layer is an ``nn.Linear`` (all registry models).
         x: images (N, C, H, W), uint8 or float in [0, 1], on the model's device.
         batch_size: images per forward pass.
+        progress: show a progress bar (images done and rate).
 
     Returns:
         float32 activations (N, D) on ``x.device``, computed in eval mode (the mode the
@@ -94,13 +79,16 @@ def penultimate_activations(
         captured.append(inputs[0].detach().float().flatten(1))
 
     handle = head.register_forward_pre_hook(hook)
+    bar = tqdm(total=int(x.shape[0]), desc="activations", unit="img", disable=None if progress else True, leave=False)
     try:
         with eval_mode(model):
             for start in range(0, x.shape[0], batch_size):
                 xb = x[start : start + batch_size]
                 model(channels_last(to_float(xb) if xb.dtype == torch.uint8 else xb))
+                bar.update(int(xb.shape[0]))
     finally:
         handle.remove()
+        bar.close()
     if not captured:
         return torch.empty(0, head.in_features, device=x.device)
     return torch.cat(captured)
@@ -329,10 +317,11 @@ def detect(
     *,
     expected_share: float,
     num_classes: int = 10,
+    progress: bool = False,
 ) -> Detection:
     """Run the detector ``cfg.method`` on training images ``x`` with (poisoned) labels ``y``."""
     start = time.perf_counter()
-    feats = penultimate_activations(model, x)
+    feats = penultimate_activations(model, x, progress=progress)
     if cfg.method == "ac":
         det = activation_clustering(
             feats, y, num_classes=num_classes, n_components=cfg.n_components, reduce=cfg.reduce,
@@ -346,143 +335,11 @@ def detect(
     return det
 
 
-def defend_backdoor_stage(
-    out: Path,
-    data: Dataset,
-    model_path: Path,
-    defense_cfg: BackdoorDefenseConfig,
-    *,
-    train_cfg: TrainConfig | None = None,
-    data_cfg: DataConfig | None = None,
-    force_retrain: bool = False,
-    progress: bool = True,
-) -> dict[str, Any]:
-    """Detect the poison in a poisoned model's training set, score the detection, retrain
-    without the flagged examples and measure C-Acc / ASR / RA again.
-
-    The poisoned training set is rebuilt from ``data`` and the settings in the model's
-    record (trigger, target, rate, seed); the rebuilt poison indices must hash to the
-    recorded SHA-256. ``train_cfg`` (default: the poisoned model's own) drives the
-    retraining. Writes ``metrics/backdoor_defense_metrics.json`` (one entry per method,
-    kept across runs on the same poisoned model), ``images/backdoor_defense_<method>.png``
-    and the retrained model ``models/<name>_<method>_retrained``.
-    """
-    device = resolve_device(train_cfg.device if train_cfg else "auto")
-    loaded = load_model(model_path, device=device)
-    record = loaded.record
-    poison_cfg = poison_config_from_record(record)
-    if train_cfg is None:
-        recorded = (record.get("config") or {}).get("train")
-        if not isinstance(recorded, dict):
-            raise IntegrityError(f"{loaded.json_path}: no training config in the record")
-        train_cfg = build(TrainConfig, recorded, {}, "train")
-    poisoned, indices = build_poisoned(data, poison_cfg)
-    verify_indices(record, indices)
-    poisoned = poisoned.to(device)
-    model = loaded.model
-    before = backdoor_metrics(model, poisoned.x_test, poisoned.y_test, poison_cfg.trigger(),
-                              poison_cfg.target, num_classes=data.num_classes)
-    expected = defense_cfg.expected_share if defense_cfg.expected_share is not None else poison_cfg.rate
-    det = detect(model, poisoned.x_train, poisoned.y_train, defense_cfg, expected_share=expected,
-                 num_classes=data.num_classes)
-    scores = detection_scores(det.flagged, indices.cpu(), int(poisoned.y_train.numel()))
-    print(f"{defense_cfg.method}: flagged {scores['n_flagged']} of {scores['n']} "
-          f"(precision {100 * scores['precision']:.2f}%, recall {100 * scores['recall']:.2f}%) "
-          f"in {det.seconds:.1f} s", file=sys.stderr)
-    per_class_poison = torch.bincount(poisoned.y_train[indices].cpu(), minlength=data.num_classes)
-    for row in det.per_class:
-        row["n_poison"] = int(per_class_poison[row["class"]])
-    after = None
-    retrained = None
-    if defense_cfg.retrain:
-        name = f"{record['name']}_{defense_cfg.method}_retrained"
-        clean_part = remove_examples(poisoned, det.flagged)
-        key = training_cache_key(
-            "backdoor_retrain", train_cfg, data,
-            extra={"poisoned": record["weights_sha256"], "removed": sha256_tensor(det.flagged)},
-        )
-        reused = None if force_retrain else find_reusable(out, name, key)
-        if reused is not None:
-            print(f"reusing {reused.json_path} (same removal; --force-retrain to retrain)",
-                  file=sys.stderr)
-            new_model = reused.model.to(device)
-            saved = reused.record
-        else:
-            seed_everything(train_cfg.seed)
-            new_model = build_model(train_cfg.model_name)
-            fit_result = fit(new_model, clean_part, train_cfg, progress=progress, desc=name)
-            saved = save_model(out, name, new_model, {
-                "model_name": train_cfg.model_name,
-                "stage": "backdoor_retrain",
-                "cache_key": key,
-                "config": {"train": asdict(train_cfg), "defense": asdict(defense_cfg),
-                           "data": asdict(data_cfg) if data_cfg else None},
-                "dataset": data.describe(),
-                "removed": {"method": defense_cfg.method, "n_removed": int(det.flagged.numel()),
-                            "poisoned_weights_sha256": record["weights_sha256"]},
-                "training": fit_result.summary(),
-            })
-        m = backdoor_metrics(new_model, poisoned.x_test, poisoned.y_test, poison_cfg.trigger(),
-                             poison_cfg.target, num_classes=data.num_classes)
-        after = {"c_acc": m.c_acc, "asr": m.asr, "ra": m.ra,
-                 "triggered_predicted_counts": m.triggered_predicted_counts,
-                 "n_train": int(clean_part.y_train.numel())}
-        retrained = {"name": name, "weights_sha256": saved["weights_sha256"],
-                     "training_seconds": saved["training"].get("seconds"),
-                     "reused": reused is not None}
-    result = json_dict({
-        "method": defense_cfg.method,
-        "config": {"defense": asdict(defense_cfg), "train": asdict(train_cfg),
-                   "data": asdict(data_cfg) if data_cfg else None},
-        "params": {**det.params, "expected_share_used": expected if det.method == "spectral" else None},
-        "detection": {**scores, "seconds": det.seconds},
-        "per_class": det.per_class,
-        "before": {"c_acc": before.c_acc, "asr": before.asr, "ra": before.ra},
-        "after": after,
-        "retrained_model": retrained,
-    })
-    combined = _merge(out, record, data, result)
-    atomic_write_json(out / "metrics" / "backdoor_defense_metrics.json", combined)
-    backdoor_plots.defense_summary(result, out / "images" / f"backdoor_defense_{defense_cfg.method}.png")
-    return result
-
-
-def _merge(out: Path, record: dict[str, Any], data: Dataset, result: dict[str, Any]) -> dict[str, Any]:
-    """The defence file with this method's entry added (entries for another poisoned model
-    are dropped)."""
-    path = out / "metrics" / "backdoor_defense_metrics.json"
-    methods: dict[str, Any] = {}
-    previous: Any = None
-    if path.is_file():
-        try:
-            previous = read_json(path)
-        except IntegrityError:
-            print(f"notice: replacing unreadable {path}", file=sys.stderr)
-    if (
-        isinstance(previous, dict)
-        and isinstance(previous.get("poisoned_model"), dict)
-        and previous["poisoned_model"].get("weights_sha256") == record["weights_sha256"]
-        and isinstance(previous.get("methods"), dict)
-    ):
-        methods = dict(previous["methods"])
-    methods[result["method"]] = result
-    return {
-        "stage": "backdoor_defense",
-        "poisoned_model": {"name": record["name"], "weights_sha256": record["weights_sha256"],
-                           "poison": record["poison"],
-                           "poison_indices_sha256": record["poison_indices_sha256"]},
-        "dataset": data.describe(),
-        "methods": methods,
-        "versions": library_versions(),
-    }
-
-
 __all__ = [
     "ANALYSES",
     "METHODS",
     "Detection",
     "activation_clustering",
-    "defend_backdoor_stage",
     "detect",
     "penultimate_activations",
     "spectral_signatures",

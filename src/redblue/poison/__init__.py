@@ -1,7 +1,7 @@
 """Backdoor poisoning (BadNets): three pure pieces, a trigger, the all-to-one label map and
 the poison indices, plus the poisoned dataset built from them.
 
-The training/evaluation stage lives in :mod:`redblue.poison.stage` (imported on demand).
+The training/evaluation stage lives in :mod:`redblue.stages.poison`.
 """
 
 from redblue.poison.dataset import poison_arrays, poison_dataset, remove_examples

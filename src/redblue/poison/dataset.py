@@ -37,31 +37,11 @@ def poison_arrays(
 def poison_dataset(data: Dataset, indices: torch.Tensor, trigger: Trigger, target: int) -> Dataset:
     """``data`` with its training set poisoned at ``indices``; the test set stays clean."""
     x_train, y_train = poison_arrays(data.x_train, data.y_train, indices, trigger, target)
-    return Dataset(
-        name=data.name,
-        x_train=x_train,
-        y_train=y_train,
-        x_test=data.x_test,
-        y_test=data.y_test,
-        source=data.source,
-        files=dict(data.files),
-        notice=data.notice,
-        num_classes=data.num_classes,
-    )
+    return data.replace(x_train=x_train, y_train=y_train)
 
 
 def remove_examples(data: Dataset, indices: torch.Tensor) -> Dataset:
     """``data`` without the training examples at ``indices`` (e.g. those a defence flagged)."""
     keep = torch.ones(data.x_train.shape[0], dtype=torch.bool, device=data.x_train.device)
     keep[indices.to(device=keep.device, dtype=torch.int64)] = False
-    return Dataset(
-        name=data.name,
-        x_train=data.x_train[keep],
-        y_train=data.y_train[keep.to(data.y_train.device)],
-        x_test=data.x_test,
-        y_test=data.y_test,
-        source=data.source,
-        files=dict(data.files),
-        notice=data.notice,
-        num_classes=data.num_classes,
-    )
+    return data.replace(x_train=data.x_train[keep], y_train=data.y_train[keep.to(data.y_train.device)])

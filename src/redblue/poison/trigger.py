@@ -38,7 +38,7 @@ class Trigger:
             (flush with the image corner), or ``"ROW,COL"``: the patch's top-left pixel.
         pattern: ``solid`` (every patch pixel white, as in the original project) or
             ``checkerboard`` (white where ``(i + j)`` is even inside the patch, black elsewhere).
-        alpha: blend weight in (0, 1]: patch pixels become ``(1 - alpha) * x + alpha * pattern``;
+        blend: blend weight in (0, 1]: patch pixels become ``(1 - blend) * x + blend * pattern``;
             1 (default) replaces them.
 
     Example:
@@ -51,7 +51,7 @@ class Trigger:
     size: int = 4
     position: str = "bottom-right"
     pattern: str = "solid"
-    alpha: float = 1.0
+    blend: float = 1.0
 
     def __post_init__(self) -> None:
         if isinstance(self.size, bool) or not isinstance(self.size, int) or self.size < 1:
@@ -64,9 +64,9 @@ class Trigger:
             )
         if self.pattern not in PATTERNS:
             raise ConfigError(f"--pattern {self.pattern!r}: expected one of {', '.join(PATTERNS)}")
-        alpha = self.alpha
-        if isinstance(alpha, bool) or not isinstance(alpha, int | float) or not 0.0 < alpha <= 1.0:
-            raise ConfigError(f"--alpha {alpha!r}: must be in (0, 1]")
+        blend = self.blend
+        if isinstance(blend, bool) or not isinstance(blend, int | float) or not 0.0 < blend <= 1.0:
+            raise ConfigError(f"--blend {blend!r}: must be in (0, 1]")
 
     def box(self, height: int, width: int) -> tuple[int, int, int]:
         """(row, col, size) of the patch on a ``height`` × ``width`` image; a patch that does
@@ -122,11 +122,11 @@ def apply_trigger(x: torch.Tensor, trigger: Trigger) -> torch.Tensor:
     Args:
         x: images (..., H, W): uint8 in [0, 255] or float in [0, 1], any leading dims
             (N, C, H, W batches, a single (C, H, W) image, ...), on any device.
-        trigger: the patch (size, position, pattern, alpha).
+        trigger: the patch (size, position, pattern, blend).
 
     Returns:
         Same shape, dtype and device as ``x``. Only the patch pixels differ: they become
-        ``(1 - alpha) * x + alpha * pattern`` (pattern 1 = white), rounded for uint8.
+        ``(1 - blend) * x + blend * pattern`` (pattern 1 = white), rounded for uint8.
 
     Example:
         >>> x = torch.zeros(2, 1, 28, 28, dtype=torch.uint8)
@@ -143,13 +143,13 @@ def apply_trigger(x: torch.Tensor, trigger: Trigger) -> torch.Tensor:
     patch = out[..., row : row + size, col : col + size]
     if x.dtype == torch.uint8:
         value = pattern * 255.0
-        if trigger.alpha < 1.0:
-            value = (1.0 - trigger.alpha) * patch.to(torch.float32) + trigger.alpha * value
+        if trigger.blend < 1.0:
+            value = (1.0 - trigger.blend) * patch.to(torch.float32) + trigger.blend * value
         out[..., row : row + size, col : col + size] = value.round().to(torch.uint8).expand_as(patch)
     elif x.is_floating_point():
         value = pattern.to(x.dtype)
-        if trigger.alpha < 1.0:
-            value = (1.0 - trigger.alpha) * patch + trigger.alpha * value
+        if trigger.blend < 1.0:
+            value = (1.0 - trigger.blend) * patch + trigger.blend * value
         out[..., row : row + size, col : col + size] = value.expand_as(patch)
     else:
         raise ConfigError(f"apply_trigger: expected uint8 or float images, got {x.dtype}")

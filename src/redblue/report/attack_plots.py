@@ -6,6 +6,7 @@ The example images live in ``metrics/<name>_examples.safetensors`` (tensors ``cl
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
 from redblue.report.plots import save_figure
+from redblue.utils import sha256_file
 
 
 def load_samples(path: Path) -> dict[str, torch.Tensor]:
@@ -85,8 +87,11 @@ def render_attack_plots(out: Path, name: str, result: Mapping[str, Any]) -> list
     metrics = result["metrics"]
     paths: list[Path] = []
     samples_file = result.get("samples_file")  # relative to the JSON's folder, metrics/
-    if samples_file:
-        samples = load_samples(out / "metrics" / str(samples_file))
+    samples_path = out / "metrics" / str(samples_file)
+    if samples_file and not (samples_path.is_file() and sha256_file(samples_path) == result.get("samples_sha256")):
+        print(f"notice: {name}: {samples_path.name} missing or modified; example plots not rendered", file=sys.stderr)
+    elif samples_file:
+        samples = load_samples(samples_path)
         attack = strongest_attack(result)
         paths.append(
             adversarial_grid(

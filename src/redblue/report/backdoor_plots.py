@@ -11,10 +11,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
 from redblue.report.plots import save_figure
-
-
-def _pct(value: float | None) -> str:
-    return "n/a" if value is None else f"{100 * value:.2f}%"
+from redblue.utils import pct
 
 
 def clean_vs_triggered(result: dict[str, Any], path: Path) -> Path:
@@ -39,8 +36,8 @@ def clean_vs_triggered(result: dict[str, Any], path: Path) -> Path:
         axes[1][j].set_ylabel("triggered" if j == 0 else "")
     m = result["metrics"]
     fig.suptitle(
-        f"{result['model']['name']}: C-Acc {_pct(m['c_acc'])}, ASR {_pct(m['asr'])}, "
-        f"RA {_pct(m['ra'])} (target {target})",
+        f"{result['model']['name']}: clean accuracy {pct(m['clean_accuracy'])}, ASR {pct(m['asr'])}, "
+        f"RA {pct(m['ra'])} (target {target})",
         fontsize=9,
     )
     return save_figure(fig, path)
@@ -53,7 +50,7 @@ def trigger_image(result: dict[str, Any], path: Path) -> Path:
     fig, ax = plt.subplots(figsize=(3, 3))
     ax.imshow(ex["trigger_image"], cmap="gray", vmin=0, vmax=ex.get("pixel_max", 255))
     ax.set_title(
-        f"trigger: {trig['size']}x{trig['size']} {trig['pattern']}, {trig['position']}, alpha {trig['alpha']:g}",
+        f"trigger: {trig['size']}x{trig['size']} {trig['pattern']}, {trig['position']}, blend {trig['blend']:g}",
         fontsize=8,
     )
     ax.set_xticks([])
@@ -73,7 +70,7 @@ def triggered_predictions(result: dict[str, Any], path: Path) -> Path:
     ax.set(
         xlabel="predicted class",
         ylabel="triggered test images",
-        title=f"predictions on {m['n_triggered']} triggered non-target images (ASR {_pct(m['asr'])})",
+        title=f"predictions on {m['n_triggered']} triggered non-target images (ASR {pct(m['asr'])})",
     )
     ax.title.set_fontsize(9)
     ax.grid(axis="y", alpha=0.3)
@@ -81,13 +78,13 @@ def triggered_predictions(result: dict[str, Any], path: Path) -> Path:
 
 
 def asr_vs_rate(sweep: dict[str, Any], path: Path) -> Path:
-    """ASR, RA and C-Acc against the poison rate (log axis; rate 0 drawn at the left edge)."""
+    """ASR, RA and clean accuracy against the poison rate (log axis; rate 0 drawn at the left edge)."""
     points = sorted(sweep["points"], key=lambda p: p["rate"])
     positive = [p["rate"] for p in points if p["rate"] > 0]
     floor = min(positive) / 3 if positive else 1e-4
     xs = [p["rate"] if p["rate"] > 0 else floor for p in points]
     fig, ax = plt.subplots(figsize=(6, 3.8))
-    for key, label, style in (("asr", "ASR", "o-"), ("c_acc", "C-Acc", "s-"), ("ra", "RA", "^--")):
+    for key, label, style in (("asr", "ASR", "o-"), ("clean_accuracy", "clean accuracy", "s-"), ("ra", "RA", "^--")):
         ys = [100 * p[key] if p[key] is not None else float("nan") for p in points]
         ax.plot(xs, ys, style, label=label)
     ax.axhline(90, color="gray", lw=0.8, ls=":")
@@ -106,11 +103,11 @@ def asr_vs_rate(sweep: dict[str, Any], path: Path) -> Path:
 
 
 def defense_summary(result: dict[str, Any], path: Path) -> Path:
-    """C-Acc / ASR / RA of the poisoned model and after removing the flagged examples and
+    """Clean accuracy / ASR / RA of the poisoned model and after removing the flagged examples and
     retraining, with the detector's precision and recall in the title."""
     before = result["before"]
     after = result.get("after") or {}
-    keys = ("c_acc", "asr", "ra")
+    keys = ("clean_accuracy", "asr", "ra")
     fig, ax = plt.subplots(figsize=(5.5, 3.4))
     xs = range(len(keys))
     ax.bar([x - 0.2 for x in xs], [100 * (before[k] or 0) for k in keys], width=0.4, label="poisoned model")
@@ -119,12 +116,12 @@ def defense_summary(result: dict[str, Any], path: Path) -> Path:
             [x + 0.2 for x in xs], [100 * (after[k] or 0) for k in keys], width=0.4, label="retrained without flagged"
         )
     ax.set_xticks(list(xs))
-    ax.set_xticklabels(["C-Acc", "ASR", "RA"])
+    ax.set_xticklabels(["clean acc.", "ASR", "RA"])
     det = result["detection"]
     ax.set(
         ylabel="%",
         ylim=(0, 105),
-        title=f"{result['method']}: precision {_pct(det['precision'])}, recall {_pct(det['recall'])}",
+        title=f"{result['method']}: precision {pct(det['precision'])}, recall {pct(det['recall'])}",
     )
     ax.title.set_fontsize(9)
     ax.legend(fontsize=8, loc="lower center")

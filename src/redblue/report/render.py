@@ -16,6 +16,7 @@ from typing import Any
 import jinja2
 
 from redblue.errors import RedblueError
+from redblue.evaluation.checks import CHECKS
 from redblue.utils import atomic_write_bytes
 
 TEMPLATES = Path(__file__).resolve().parent / "templates"
@@ -73,9 +74,7 @@ def _fmt(value: Any) -> str:
 
 def check_explanations() -> dict[str, str]:
     """Check id -> "Means ... Do ..." text from docs/checks.md (in a source checkout), else the
-    one-line summaries of :data:`redblue.checks.CHECKS`."""
-    from redblue.checks import CHECKS
-
+    one-line summaries of :data:`redblue.evaluation.checks.CHECKS`."""
     explanations = {k: v[:1].upper() + v[1:] + "." for k, v in CHECKS.items()}
     doc = Path(__file__).resolve().parents[3] / "docs" / "checks.md"
     if doc.is_file():

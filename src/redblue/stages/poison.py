@@ -1,16 +1,16 @@
-"""The poisoning stage: train (or reload) a BadNets model, save it, measure C-Acc / ASR / RA.
+"""The poison stage: train (or reuse) a BadNets model, save it, measure clean accuracy / ASR / RA.
 
 ``poison_stage`` writes ``models/<name>.safetensors`` + ``.json`` (the record holds the
 trigger, target, rate, seed and the poison indices' file and SHA-256),
-``models/<name>_poison_indices.safetensors``, ``metrics/poison_metrics.json`` and images.
+``models/<name>_poison_indices.safetensors`` and ``metrics/poison_metrics.json``.
 ``poison_sweep_stage`` repeats it over poison rates and writes
-``metrics/poison_sweep_metrics.json`` and the ASR-vs-rate curve.
+``metrics/poison_sweep_metrics.json``.
 """
 
 from __future__ import annotations
 
 import sys
-from dataclasses import asdict, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -18,26 +18,31 @@ import torch
 from safetensors.torch import save as st_save
 from torch import nn
 
-from redblue.artifacts import find_reusable, model_paths, save_model
+from redblue.artifacts import model_paths
 from redblue.config import DataConfig, PoisonConfig, TrainConfig
 from redblue.data import Dataset
 from redblue.errors import ConfigError, IntegrityError
 from redblue.metrics import BackdoorMetrics, backdoor_metrics, json_dict
 from redblue.models import build_model
-from redblue.pipeline import training_cache_key
 from redblue.poison.dataset import poison_dataset
 from redblue.poison.selection import select_poison_indices
 from redblue.poison.trigger import Trigger, apply_trigger
-from redblue.report import backdoor_plots
+from redblue.results import PoisonResult, PoisonSweepResult
+from redblue.stages.common import (
+    cached_result,
+    config_json,
+    train_or_reuse,
+    training_cache_key,
+    write_result,
+)
 from redblue.train import fit, predict
 from redblue.utils import (
     atomic_write_bytes,
-    atomic_write_json,
     library_versions,
     read_json,
-    resolve_device,
     seed_everything,
     sha256_bytes,
+    sha256_json,
 )
 
 INDICES_FORMAT = "redblue.poison_indices/1"
@@ -101,7 +106,7 @@ def poison_config_from_record(record: dict[str, Any]) -> PoisonConfig:
             size=trigger["size"],
             position=trigger["position"],
             pattern=trigger["pattern"],
-            alpha=trigger["alpha"],
+            blend=trigger["blend"],
             name=str(record.get("name", "poisoned")),
         )
     except (KeyError, TypeError) as exc:
@@ -150,7 +155,7 @@ def _baseline(out: Path, data: Dataset) -> dict[str, Any] | None:
         if result["dataset"]["files"] != data.files:
             return None
         return {
-            "accuracy": float(result["metrics"]["accuracy"]),
+            "clean_accuracy": float(result["metrics"]["clean_accuracy"]),
             "weights_sha256": result["model"]["weights_sha256"],
             "file": str(path),
         }
@@ -169,7 +174,7 @@ def train_poisoned(
     progress: bool = True,
     reuse_names: tuple[str, ...] = (),
 ) -> tuple[nn.Module, dict[str, Any], bool, torch.Tensor]:
-    """Train (or reload) the poisoned model ``poison_cfg.name``.
+    """Train (or reuse) the poisoned model ``poison_cfg.name``.
 
     Returns (model on the training device, its saved record, reused?, poison indices).
     ``reuse_names``: other saved models that may be reused when their cache key matches.
@@ -178,61 +183,41 @@ def train_poisoned(
     poisoned, indices = build_poisoned(data, poison_cfg)
     settings = poison_settings(poison_cfg)
     key = training_cache_key("poisoned", train_cfg, data, extra={"poison": settings})
-    device = resolve_device(train_cfg.device)
     index_payload = indices_bytes(indices)
-    reused = None
-    if not force_retrain:
-        for candidate in (name, *reuse_names):
-            reused = find_reusable(out, candidate, key)
-            if reused is not None:
-                break
-    if reused is not None and reused.record.get("poison_indices_sha256") != sha256_bytes(index_payload):
-        reused = None
-    if reused is not None and reused.record.get("name") == name:
-        print(f"reusing {reused.json_path} (same config and data; --force-retrain to retrain)",
-              file=sys.stderr)
-        atomic_write_bytes(indices_path(out, name), index_payload)
-        return reused.model.to(device), reused.record, True, indices
-    model: nn.Module
-    if reused is not None:
-        model = reused.model.to(device)
-        fit_info = reused.record["training"]
-        print(f"reusing {reused.json_path} for {name} (same config and data)", file=sys.stderr)
-    else:
+    index_sha = sha256_bytes(index_payload)
+    idx_path = indices_path(out, name)
+    if not idx_path.is_file() or idx_path.read_bytes() != index_payload:  # a rerun rewrites nothing
+        atomic_write_bytes(idx_path, index_payload)
+
+    def train() -> tuple[nn.Module, dict[str, Any]]:
         seed_everything(train_cfg.seed)
         model = build_model(train_cfg.model_name)
-        result = fit(model, poisoned, train_cfg, progress=progress, desc=name)
-        fit_info = result.summary()
-    idx_path = indices_path(out, name)
-    atomic_write_bytes(idx_path, index_payload)
-    n_eligible = int((data.y_train != poison_cfg.target).sum())
+        return model, fit(model, poisoned, train_cfg, progress=progress, desc=name).summary()
+
     record = {
         "model_name": train_cfg.model_name,
         "stage": "poisoned",
-        "cache_key": key,
-        "config": {
-            "train": asdict(train_cfg),
-            "poison": asdict(poison_cfg),
-            "data": asdict(data_cfg) if data_cfg else None,
-        },
+        "config": config_json(train=train_cfg, poison=poison_cfg, data=data_cfg),
         "dataset": data.describe(),
         "poison": {
             **settings,
             "n_poison": int(indices.numel()),
-            "n_eligible": n_eligible,
+            "n_eligible": int((data.y_train != poison_cfg.target).sum()),
             "n_train": int(data.y_train.numel()),
             "label_map": "all-to-one",
         },
-        "poison_indices_file": idx_path.name,
-        "poison_indices_sha256": sha256_bytes(index_payload),
-        "training": fit_info,
+        "poison_indices_file": indices_path(out, name).name,
+        "poison_indices_sha256": index_sha,
     }
-    saved = save_model(out, name, model, record)
-    return model, saved, False, indices
+    trained = train_or_reuse(
+        out, name, key, train, record, device=train_cfg.device, force_retrain=force_retrain,
+        reuse_names=reuse_names, accept=lambda r: r.get("poison_indices_sha256") == index_sha,
+    )  # fmt: skip
+    return trained.model, trained.record, trained.reused, indices
 
 
 def _summary(metrics: BackdoorMetrics) -> dict[str, Any]:
-    return {"c_acc": metrics.c_acc, "asr": metrics.asr, "ra": metrics.ra}
+    return {"clean_accuracy": metrics.clean_accuracy, "asr": metrics.asr, "ra": metrics.ra}
 
 
 def poison_stage(
@@ -244,21 +229,21 @@ def poison_stage(
     data_cfg: DataConfig | None = None,
     force_retrain: bool = False,
     progress: bool = True,
-) -> dict[str, Any]:
-    """Train (or reload) the BadNets model and evaluate it; returns the result dict.
+) -> PoisonResult:
+    """Train (or reuse) the BadNets model and evaluate it; writes ``metrics/poison_metrics.json``.
 
-    Writes the model (safetensors + JSON record with the trigger and the poison indices'
-    file and SHA-256), ``metrics/poison_metrics.json`` and the images
-    ``images/poison_examples.png``, ``images/poison_trigger.png`` and
-    ``images/poison_triggered_predictions.png``.
+    The model's record holds the trigger and the poison indices' file and SHA-256.
     """
     model, record, reused, _ = train_poisoned(
         out, data, train_cfg, poison_cfg, data_cfg=data_cfg, force_retrain=force_retrain,
         progress=progress,
     )
-    result = evaluate_poisoned(out, data, model, record, poison_cfg, reused=reused)
-    atomic_write_json(out / "metrics" / "poison_metrics.json", result)
-    render_poison_plots(out, result)
+    key = sha256_json({"stage": "poison", "weights": record["weights_sha256"], "baseline": _baseline(out, data),
+                       "data": data.describe(), "poison": poison_settings(poison_cfg)})
+    if reused and (cached := cached_result(out, "poison", key, PoisonResult)) is not None:
+        return cached
+    result = evaluate_poisoned(out, data, model, record, poison_cfg, key=key, reused=reused)
+    write_result(out, "poison", result)
     return result
 
 
@@ -269,9 +254,10 @@ def evaluate_poisoned(
     record: dict[str, Any],
     poison_cfg: PoisonConfig,
     *,
-    reused: bool,
-) -> dict[str, Any]:
-    """The result dict of one poisoned model: C-Acc / ASR / RA, breakdowns and examples."""
+    key: str,
+    reused: bool = False,
+) -> PoisonResult:
+    """The result of one poisoned model: clean accuracy / ASR / RA, breakdowns and examples."""
     device = next(model.parameters()).device
     test = data.to(device)
     trigger = poison_cfg.trigger()
@@ -280,43 +266,34 @@ def evaluate_poisoned(
     baseline = _baseline(out, data)
     comparison = None
     if baseline is not None:
-        comparison = {**baseline, "c_acc_drop_pp": 100 * (baseline["accuracy"] - metrics.c_acc)}
+        comparison = {**baseline, "clean_accuracy_drop_pp": 100 * (baseline["clean_accuracy"] - metrics.clean_accuracy)}
     name = str(record["name"])
     weights, _ = model_paths(out, name)
-    return json_dict(
-        {
-            "stage": "poison",
-            "reused": reused,
-            "model": {
-                "name": name,
-                "path": str(weights),
-                "model_name": record["model_name"],
-                "weights_sha256": record["weights_sha256"],
-                # Relative to this JSON's folder (metrics/), as redblue verify resolves it.
-                "poison_indices_file": f"../models/{record['poison_indices_file']}",
-                "poison_indices_sha256": record["poison_indices_sha256"],
-            },
-            "config": record["config"],
-            "dataset": data.describe(),
-            "dataset_notice": data.notice,
-            "poison": record["poison"],
-            "trigger": trigger.describe(),
-            "training": record["training"],
-            "metrics": metrics.to_dict(),
-            "baseline": comparison,
-            "examples": _examples(model, test.x_test, test.y_test, trigger, poison_cfg.target),
-            "versions": library_versions(),
-        }
+    return PoisonResult(
+        stage="poison",
+        name=name,
+        cache_key=key,
+        model={
+            "name": name,
+            "path": str(weights),
+            "model_name": record["model_name"],
+            "weights_sha256": record["weights_sha256"],
+            # Relative to this JSON's folder (metrics/), as redblue verify resolves it.
+            "poison_indices_file": f"../models/{record['poison_indices_file']}",
+            "poison_indices_sha256": record["poison_indices_sha256"],
+        },
+        config=record["config"],
+        dataset=data.describe(),
+        dataset_notice=data.notice,
+        poison=record["poison"],
+        trigger=trigger.describe(),
+        training=record["training"],
+        metrics=metrics.to_dict(),
+        baseline=json_dict(comparison) if comparison else None,
+        examples=_examples(model, test.x_test, test.y_test, trigger, poison_cfg.target),
+        versions=library_versions(),
+        reused=reused,
     )
-
-
-def render_poison_plots(out: Path, result: dict[str, Any]) -> list[Path]:
-    images = out / "images"
-    return [
-        backdoor_plots.clean_vs_triggered(result, images / "poison_examples.png"),
-        backdoor_plots.trigger_image(result, images / "poison_trigger.png"),
-        backdoor_plots.triggered_predictions(result, images / "poison_triggered_predictions.png"),
-    ]
 
 
 def sweep_name(name: str, rate: float) -> str:
@@ -332,11 +309,10 @@ def poison_sweep_stage(
     data_cfg: DataConfig | None = None,
     force_retrain: bool = False,
     progress: bool = True,
-) -> dict[str, Any]:
+) -> PoisonSweepResult:
     """Train one poisoned model per rate in ``poison_cfg.sweep_rates`` (each saved as
-    ``<name>_rate<R>``, reusing the main model when its settings match) and record C-Acc,
-    ASR and RA against the rate in ``metrics/poison_sweep_metrics.json`` and
-    ``images/poison_asr_vs_rate.png``."""
+    ``<name>_rate<R>``, reusing the main model when its settings match) and record clean
+    accuracy, ASR and RA against the rate in ``metrics/poison_sweep_metrics.json``."""
     points = []
     for rate in sorted(set(poison_cfg.sweep_rates)):
         cfg = replace(poison_cfg, rate=rate, name=sweep_name(poison_cfg.name, rate))
@@ -358,26 +334,23 @@ def poison_sweep_stage(
                 "training_seconds": record["training"].get("seconds"),
             }
         )
-        print(f"rate {rate:g}: {indices.numel()} poisoned, C-Acc {100 * metrics.c_acc:.2f}%, "
+        print(f"rate {rate:g}: {indices.numel()} poisoned, clean accuracy {100 * metrics.clean_accuracy:.2f}%, "
               f"ASR {100 * metrics.asr:.2f}%, RA {100 * metrics.ra:.2f}%", file=sys.stderr)
     crossing = next((p["rate"] for p in points if p["asr"] is not None and p["asr"] >= 0.9), None)
-    result = json_dict(
-        {
-            "stage": "poison_sweep",
-            "config": {
-                "train": asdict(train_cfg),
-                "poison": asdict(poison_cfg),
-                "data": asdict(data_cfg) if data_cfg else None,
-            },
-            "dataset": data.describe(),
-            "trigger": poison_cfg.trigger().describe(),
-            "target": poison_cfg.target,
-            "points": points,
-            "asr_90_first_rate": crossing,
-            "baseline": _baseline(out, data),
-            "versions": library_versions(),
-        }
+    config = config_json(train=train_cfg, poison=poison_cfg, data=data_cfg)
+    result = PoisonSweepResult(
+        stage="poison_sweep",
+        name="poison_sweep",
+        cache_key=sha256_json({"stage": "poison_sweep", "points": [p["model"] for p in points],
+                               "data": data.describe()}),
+        config=config,
+        dataset=data.describe(),
+        trigger=poison_cfg.trigger().describe(),
+        target=poison_cfg.target,
+        points=json_dict({"points": points})["points"],
+        asr_90_first_rate=crossing,
+        baseline=_baseline(out, data),
+        versions=library_versions(),
     )
-    atomic_write_json(out / "metrics" / "poison_sweep_metrics.json", result)
-    backdoor_plots.asr_vs_rate(result, out / "images" / "poison_asr_vs_rate.png")
+    write_result(out, "poison_sweep", result)
     return result

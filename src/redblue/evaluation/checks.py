@@ -11,17 +11,16 @@ model that masks its gradients trips several.
 from __future__ import annotations
 
 import itertools
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from redblue.attacks.projection import input_gradient
+from redblue.evaluation.runner import RobustnessResult, run_attack
 from redblue.train import channels_last
-from redblue.utils import eval_mode, seed_everything
-
-if TYPE_CHECKING:
-    from redblue.evaluation import RobustnessResult
+from redblue.utils import eval_mode, pct, seed_everything
 
 DOC = "docs/checks.md"
 TOLERANCE = 0.005
@@ -54,10 +53,6 @@ def warning(check_id: str, message: str) -> dict[str, str]:
     return {"id": check_id, "message": message, "doc": f"{DOC}#{check_id}"}
 
 
-def _pct(value: float) -> str:
-    return f"{100 * value:.1f}%"
-
-
 # --------------------------------------------------------------------------- pure checks
 
 
@@ -81,7 +76,7 @@ def check_zero_gradients(grad: torch.Tensor) -> dict[str, str] | None:
     if share > ZERO_GRADIENT_SHARE:
         return warning(
             "zero-gradients",
-            f"the input gradient of the loss is exactly zero for {_pct(share)} of the examples: "
+            f"the input gradient of the loss is exactly zero for {pct(share, 1)} of the examples: "
             "gradient-based attacks cannot move them (gradient masking suspected)",
         )
     return None
@@ -91,8 +86,8 @@ def check_eps_zero(attack: str, clean_accuracy: float, accuracy_at_zero: float) 
     if accuracy_at_zero != clean_accuracy:
         return warning(
             "eps-zero-changes-accuracy",
-            f"{attack} at eps = 0 gives accuracy {_pct(accuracy_at_zero)}, clean accuracy is "
-            f"{_pct(clean_accuracy)}: the attack changes images it may not change, or the model "
+            f"{attack} at eps = 0 gives accuracy {pct(accuracy_at_zero, 1)}, clean accuracy is "
+            f"{pct(clean_accuracy, 1)}: the attack changes images it may not change, or the model "
             "is not deterministic in eval mode",
         )
     return None
@@ -102,7 +97,7 @@ def check_pgd_vs_fgsm(fgsm_accuracy: float, pgd_accuracy: float) -> dict[str, st
     if pgd_accuracy > fgsm_accuracy:
         return warning(
             "pgd-weaker-than-fgsm",
-            f"PGD accuracy {_pct(pgd_accuracy)} is above FGSM accuracy {_pct(fgsm_accuracy)}: "
+            f"PGD accuracy {pct(pgd_accuracy, 1)} is above FGSM accuracy {pct(fgsm_accuracy, 1)}: "
             "PGD is not converging (step size, steps) or the loss surface is masked",
         )
     return None
@@ -112,7 +107,7 @@ def check_convergence(what: str, accuracy: float, accuracy_doubled: float) -> di
     if accuracy - accuracy_doubled > TOLERANCE:
         return warning(
             "not-converged",
-            f"doubling {what} lowers accuracy from {_pct(accuracy)} to {_pct(accuracy_doubled)} "
+            f"doubling {what} lowers accuracy from {pct(accuracy, 1)} to {pct(accuracy_doubled, 1)} "
             "(more than 0.5 pp): the attack has not converged; the reported robust accuracy is "
             "an overestimate",
         )
@@ -123,7 +118,7 @@ def check_large_eps(eps: float, norm: str, accuracy: float) -> dict[str, str] | 
     if accuracy > LARGE_EPS_MAX_ACCURACY:
         return warning(
             "large-eps-accuracy",
-            f"PGD at {norm} eps {eps:g} leaves accuracy at {_pct(accuracy)} (expected at most 1%): "
+            f"PGD at {norm} eps {eps:g} leaves accuracy at {pct(accuracy, 1)} (expected at most 1%): "
             "at this radius any digit can be erased; gradient masking suspected",
         )
     return None
@@ -133,8 +128,8 @@ def check_square(square_accuracy: float, white_box_accuracy: float) -> dict[str,
     if square_accuracy < white_box_accuracy - TOLERANCE:
         return warning(
             "square-stronger-than-white-box",
-            f"the black-box Square attack reaches {_pct(square_accuracy)}, below the white-box "
-            f"attacks' {_pct(white_box_accuracy)}: gradients mislead the white-box attacks "
+            f"the black-box Square attack reaches {pct(square_accuracy, 1)}, below the white-box "
+            f"attacks' {pct(white_box_accuracy, 1)}: gradients mislead the white-box attacks "
             "(gradient masking suspected)",
         )
     return None
@@ -145,8 +140,8 @@ def check_sweep(attack: str, points: list[dict[str, float]]) -> dict[str, str] |
         if after["robust_accuracy"] > before["robust_accuracy"] + TOLERANCE:
             return warning(
                 "sweep-not-monotonic",
-                f"{attack} accuracy rises from {_pct(before['robust_accuracy'])} at eps "
-                f"{before['eps']:g} to {_pct(after['robust_accuracy'])} at eps {after['eps']:g}: "
+                f"{attack} accuracy rises from {pct(before['robust_accuracy'], 1)} at eps "
+                f"{before['eps']:g} to {pct(after['robust_accuracy'], 1)} at eps {after['eps']:g}: "
                 "a larger ball contains the smaller one, so the attack is not finding its optimum",
             )
     return None
@@ -160,8 +155,8 @@ def check_robustness_gap(
     if fgsm_accuracy - strongest_accuracy > GAP and fgsm_accuracy >= 0.5 * clean_accuracy:
         return warning(
             "robustness-gap",
-            f"FGSM accuracy {_pct(fgsm_accuracy)} is more than 10 pp above {strongest}'s "
-            f"{_pct(strongest_accuracy)}: robustness against FGSM is not robustness (label "
+            f"FGSM accuracy {pct(fgsm_accuracy, 1)} is more than 10 pp above {strongest}'s "
+            f"{pct(strongest_accuracy, 1)}: robustness against FGSM is not robustness (label "
             "leaking, gradient masking or catastrophic overfitting)",
         )
     return None
@@ -189,16 +184,17 @@ def run_checks(
     check_examples: int = 500,
     square_examples: int = 200,
     square_queries: int = SQUARE_QUERIES,
+    progress: bool = False,
     **settings: Any,
-) -> list[dict[str, str]]:
+) -> list[dict[str, Any]]:
     """Every check of :data:`CHECKS` on the first ``check_examples`` evaluated images.
 
     Reuses the evaluation's per-example masks; runs FGSM, PGD (also with doubled steps and
     restarts, and at a large eps), each evaluated attack at eps = 0 (at most 5 steps), and
     Square (L∞, ``square_queries`` queries on ``square_examples`` images) where needed.
+    Each warning names the number of images it was measured on (``n_examples``, also in
+    its message); ``result.checks_n_examples`` records the checks' image count.
     """
-    from redblue.evaluation import run_attack
-
     eps, norm = result.eps, result.norm
     m = min(int(x.shape[0]), check_examples)
     if result.clean_correct is None:
@@ -206,11 +202,15 @@ def run_checks(
     all_correct = result.clean_correct
     correct = all_correct[:m]
     clean_acc = _accuracy(correct)
-    warnings: list[dict[str, str]] = []
+    result.checks_n_examples = m
+    warnings: list[dict[str, Any]] = []
+    bar = tqdm(desc=f"sanity checks on {m} images", unit="check", disable=None if progress else True, leave=False)
 
-    def add(found: dict[str, str] | None) -> None:
+    def add(found: dict[str, str] | None, rows: int = m) -> None:
+        bar.update(1)
         if found is not None:
-            warnings.append(found)
+            warnings.append({**found, "message": f"{found['message']} (measured on the first {rows} test images)",
+                             "n_examples": rows})
 
     def mask_of(attack: str, at_eps: float = eps, rows: int = m, **overrides: Any) -> torch.Tensor:
         if at_eps == eps and not overrides and attack in result.robust:
@@ -218,7 +218,7 @@ def run_checks(
         seed_everything(seed)
         _, mask, _, _ = run_attack(
             model, x[:rows], y[:rows], attack, eps=at_eps, norm=norm, batch_size=batch_size,
-            settings={**settings, **overrides}, clean_correct=all_correct[:rows],
+            settings={**settings, **overrides}, clean_correct=all_correct[:rows], progress=progress,
         )  # fmt: skip
         return mask
 
@@ -233,7 +233,7 @@ def run_checks(
     for attack in result.robust:
         steps = settings.get("steps") or 100
         at_zero = mask_of(attack, 0.0, rows=few, steps=min(int(steps), 5))
-        add(check_eps_zero(attack, _accuracy(all_correct[:few]), _accuracy(at_zero)))
+        add(check_eps_zero(attack, _accuracy(all_correct[:few]), _accuracy(at_zero)), few)
 
     fgsm_mask = mask_of("fgsm")
     pgd_mask = mask_of("pgd")
@@ -263,14 +263,15 @@ def run_checks(
             square_mask = result.robust["square"][:rows]
         else:
             square_mask = mask_of("square", rows=rows, steps=square_queries, restarts=1)
-        add(check_square(_accuracy(square_mask), _accuracy(white_box[:rows])))
+        add(check_square(_accuracy(square_mask), _accuracy(white_box[:rows])), rows)
 
     for attack, points in (result.sweep or {}).items():
         if attack != "fgsm":  # one fixed-size step: overshooting at large eps is expected
-            add(check_sweep(attack, points))
+            add(check_sweep(attack, points), int(x.shape[0]))
 
     others = {a: _accuracy(mk[:m]) for a, mk in result.robust.items() if a != "fgsm"}
     others.setdefault("pgd", _accuracy(pgd_mask))
     strongest = min(others, key=lambda a: others[a])
     add(check_robustness_gap(_accuracy(fgsm_mask), strongest, others[strongest], clean_acc))
+    bar.close()
     return warnings

@@ -8,9 +8,11 @@ the backdoor detection results. Every row carries the settings that produced it.
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 from typing import Any
+
+from redblue.results import Summary
+from redblue.utils import pct
 
 COLUMNS: list[dict[str, Any]] = [
     {"key": "scenario", "label": "Scenario"},
@@ -39,10 +41,6 @@ def _get(obj: Any, *keys: str) -> Any:
     return obj
 
 
-def _pct(value: Any) -> str:
-    return f"{100 * value:.2f}%" if isinstance(value, int | float) else "—"
-
-
 def _attack_row(scenario: str, result: dict[str, Any], model: str) -> dict[str, Any]:
     m = result.get("metrics", {})
     attacks = m.get("attacks") or {}
@@ -50,7 +48,7 @@ def _attack_row(scenario: str, result: dict[str, Any], model: str) -> dict[str, 
     for attack, a in attacks.items():
         s = a.get("settings", {})
         knobs = ", ".join(f"{k} {s[k]}" for k in ("alpha", "steps", "restarts") if s.get(k) is not None)
-        parts.append(f"{attack}: {_pct(a.get('robust_accuracy'))}" + (f" ({knobs})" if knobs else ""))
+        parts.append(f"{attack}: {pct(a.get('robust_accuracy'))}" + (f" ({knobs})" if knobs else ""))
     warnings = [w.get("id") or w.get("check") for w in result.get("warnings") or []]
     return {
         "scenario": scenario,
@@ -59,8 +57,8 @@ def _attack_row(scenario: str, result: dict[str, Any], model: str) -> dict[str, 
         "robust_accuracy": m.get("robust_accuracy"),
         "eps": m.get("eps"),
         "norm": m.get("norm"),
-        "n": m.get("n"),
-        "detail": f"{m.get('norm')} eps {m.get('eps')} on {m.get('n')} test images; "
+        "n_examples": m.get("n_examples"),
+        "detail": f"{m.get('norm')} eps {m.get('eps')} on {m.get('n_examples')} test images; "
         + "; ".join(parts)
         + (f"; warnings: {', '.join(str(w) for w in warnings)}" if warnings else ""),
         "warnings": warnings,
@@ -68,7 +66,7 @@ def _attack_row(scenario: str, result: dict[str, Any], model: str) -> dict[str, 
     }
 
 
-def build_summary(out: Path, *, timings: dict[str, float] | None = None, quick: bool = False) -> dict[str, Any]:
+def build_summary(out: Path, *, quick: bool = False) -> Summary:
     """The scenario table from whatever stage JSONs exist under ``out/metrics``."""
     rows: list[dict[str, Any]] = []
     notes: list[str] = []
@@ -81,7 +79,8 @@ def build_summary(out: Path, *, timings: dict[str, float] | None = None, quick: 
             {
                 "scenario": "Baseline",
                 "model": "baseline",
-                "clean_accuracy": _get(baseline, "metrics", "accuracy"),
+                "clean_accuracy": _get(baseline, "metrics", "clean_accuracy"),
+                "n_test": _get(baseline, "metrics", "n_test"),
                 "detail": f"{train.get('model_name')}, {train.get('epochs')} epochs, batch {train.get('batch_size')}, "
                 f"seed {train.get('seed')}",
                 "settings": {"train": train},
@@ -108,16 +107,18 @@ def build_summary(out: Path, *, timings: dict[str, float] | None = None, quick: 
                 "scenario": f"Adv. trained ({recipe.get('recipe', '?')})",
                 "model": "advtrain",
                 "clean_accuracy": m.get("clean_accuracy"),
+                "n_test": m.get("n_test"),
                 "robust_accuracy": m.get("robust_accuracy"),
+                "n_examples": m.get("n_examples"),
                 "fgsm_accuracy": m.get("fgsm_accuracy"),
                 "pgd_accuracy": m.get("pgd_accuracy"),
                 "standard_accuracy": m.get("standard_accuracy"),
                 "square_accuracy": m.get("square_accuracy"),
                 "robustness_gap": gap,
-                "detail": f"eps {recipe.get('eps')}: FGSM {_pct(m.get('fgsm_accuracy'))}, PGD {_pct(m.get('pgd_accuracy'))}, "
-                f"standard {_pct(m.get('standard_accuracy'))}, Square {_pct(m.get('square_accuracy'))} "
-                f"on {m.get('eval_n')} test images; robustness gap "
-                f"{_pct(gap)}" + (f"; warnings: {', '.join(str(w) for w in warnings)}" if warnings else ""),
+                "detail": f"eps {recipe.get('eps')}: FGSM {pct(m.get('fgsm_accuracy'))}, PGD {pct(m.get('pgd_accuracy'))}, "
+                f"standard {pct(m.get('standard_accuracy'))}, Square {pct(m.get('square_accuracy'))} "
+                f"on {m.get('n_examples')} test images; robustness gap "
+                f"{pct(gap)}" + (f"; warnings: {', '.join(str(w) for w in warnings)}" if warnings else ""),
                 "warnings": warnings,
                 "settings": {"recipe": recipe, "train": _get(adv, "config", "train")},
             }
@@ -131,7 +132,8 @@ def build_summary(out: Path, *, timings: dict[str, float] | None = None, quick: 
             {
                 "scenario": "Poisoned (BadNets)",
                 "model": _get(poison, "model", "name"),
-                "clean_accuracy": m.get("c_acc"),
+                "clean_accuracy": m.get("clean_accuracy"),
+                "n_test": m.get("n_test"),
                 "asr": m.get("asr"),
                 "ra": m.get("ra"),
                 "detail": f"rate {p.get('rate')}, target {p.get('target')}, {trigger.get('size')}x{trigger.get('size')} "
@@ -139,21 +141,24 @@ def build_summary(out: Path, *, timings: dict[str, float] | None = None, quick: 
                 "settings": {"poison": p, "trigger": trigger},
             }
         )
-    defense = _load(out, "backdoor_defense")
-    for method, result in sorted(((defense or {}).get("methods") or {}).items()):
+    poisoned_sha = _get(poison, "model", "weights_sha256")
+    for method in ("ac", "spectral"):
+        result = _load(out, f"backdoor_defense_{method}")
+        if not result or _get(result, "poisoned_model", "weights_sha256") != poisoned_sha:
+            continue
         det = result.get("detection") or {}
         after = result.get("after") or {}
         rows.append(
             {
                 "scenario": f"Backdoor removed ({method})",
-                "model": _get(result, "retrained", "name") or f"retrained ({method})",
-                "clean_accuracy": after.get("c_acc"),
+                "model": _get(result, "retrained_model", "name") or f"retrained ({method})",
+                "clean_accuracy": after.get("clean_accuracy"),
                 "asr": after.get("asr"),
                 "ra": after.get("ra"),
                 "precision": det.get("precision"),
                 "recall": det.get("recall"),
-                "detail": f"flagged {det.get('n_flagged')} of {det.get('n')}: precision {_pct(det.get('precision'))}, "
-                f"recall {_pct(det.get('recall'))}; retrained without them",
+                "detail": f"flagged {det.get('n_flagged')} of {det.get('n')}: precision {pct(det.get('precision'))}, "
+                f"recall {pct(det.get('recall'))}; retrained without them",
                 "settings": {"defense": _get(result, "config")},
             }
         )
@@ -161,18 +166,10 @@ def build_summary(out: Path, *, timings: dict[str, float] | None = None, quick: 
         notes.append("--quick run: data subset, one epoch per model, few test images; not comparable to full runs")
     if dataset and dataset.get("name") != "mnist":
         notes.append(f"dataset {dataset.get('name')} ({dataset.get('n_train')} train / {dataset.get('n_test')} test)")
-    return {
-        "generated": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "dataset": dataset,
-        "quick": quick,
-        "columns": COLUMNS,
-        "rows": rows,
-        "notes": notes,
-        "timings_s": timings or {},
-    }
+    return Summary(dataset=dataset, quick=quick, columns=COLUMNS, rows=rows, notes=notes)
 
 
-def console_table(summary: dict[str, Any]) -> str:
+def console_table(summary: Summary | dict[str, Any], timings: dict[str, float] | None = None) -> str:
     """A plain-text table of the scenario rows for the end of ``redblue run``."""
     headers = [c["label"] for c in COLUMNS[:-1]]
     lines = []
@@ -180,13 +177,12 @@ def console_table(summary: dict[str, Any]) -> str:
         cells = []
         for col in COLUMNS[:-1]:
             value = row.get(col["key"])
-            cells.append(_pct(value) if col.get("percent") else ("—" if value is None else str(value)))
+            cells.append(pct(value, missing="—") if col.get("percent") else ("—" if value is None else str(value)))
         lines.append(cells)
     widths = [max(len(h), *(len(r[i]) for r in lines)) if lines else len(h) for i, h in enumerate(headers)]
     fmt = "  ".join(f"{{:<{w}}}" for w in widths)
     out = [fmt.format(*headers), fmt.format(*("-" * w for w in widths))]
     out += [fmt.format(*r) for r in lines]
-    timings = summary.get("timings_s") or {}
     if timings:
         out.append(
             "time per stage: "

@@ -1,0 +1,187 @@
+"""Robustness evaluation: clean, per-attack and worst-case robust accuracy; eps sweeps.
+
+:func:`evaluate_robustness` runs one or more attacks (or suites) through
+:func:`~redblue.evaluation.runner.run_attack`, which enforces the threat model on every
+batch, and scores the per-example worst case: an example counts as robust only if it is
+classified correctly on the clean image and no attack fooled it (boolean masks, ANDed
+across attacks; each attack already keeps the worst case across its restarts). With
+``checks=True`` the sanity checks of :mod:`redblue.evaluation.checks` run on the result.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+from torch import nn
+
+from redblue.attacks import expand
+from redblue.attacks.projection import check_settings
+from redblue.errors import ConfigError
+from redblue.evaluation.checks import run_checks
+from redblue.evaluation.runner import (
+    N_SAMPLES,
+    AttackResult,
+    RobustnessResult,
+    _as_float,
+    _check_settings,
+    run_attack,
+)
+from redblue.utils import seed_everything
+
+DEFAULT_SWEEP = {
+    "linf": [round(0.05 * i, 2) for i in range(9)],
+    "l2": [round(0.5 * i, 1) for i in range(9)],
+}
+"""Default eps grids: 0, 0.05, ..., 0.4 (L∞) and 0, 0.5, ..., 4 (L2)."""
+SWEEP_CAP = {"linf": 1.0, "l2": 10.0}
+"""The sweep continues past its grid (same spacing) until accuracy is 0, up to this eps."""
+
+
+def evaluate_robustness(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    attacks: list[str] | str,
+    eps: float,
+    norm: str = "linf",
+    batch_size: int = 500,
+    seed: int = 0,
+    sweep: bool | list[float] = False,
+    checks: bool = True,
+    check_options: dict[str, int] | None = None,
+    progress: bool = False,
+    **settings: Any,
+) -> RobustnessResult:
+    """Clean accuracy, per-attack and worst-case robust accuracy of ``model`` at ``eps``.
+
+    Args:
+        model: pixels in [0, 1] in, logits out. Moved to channels_last on ``x.device``.
+        x: test images, uint8 or float in [0, 1], shape (N, 1, 28, 28), on the device to use.
+        y: int64 labels (N,).
+        attacks: names, suites or a comma-separated list (``"quick"``, ``"standard,square"``).
+        eps: perturbation radius in pixel units.
+        norm: ``"linf"`` or ``"l2"``.
+        batch_size: images per attack batch.
+        seed: seeds every random start, so the same call gives the same numbers on CPU.
+        sweep: also sweep eps (True: the default grid; or a list of eps values).
+        checks: run the sanity checks (:mod:`redblue.checks`) and store their warnings.
+        check_options: ``check_examples``, ``square_examples``, ``square_queries`` for
+            :func:`redblue.checks.run_checks` (their cost).
+        settings: ``alpha``, ``steps``, ``restarts``, ``random_start``, ``n_targets``,
+            ``p_init`` — each applied to the attacks that accept it.
+
+    Returns:
+        A :class:`RobustnessResult` (``.to_json()`` for the JSON form).
+    """
+    names = expand(attacks)
+    check_settings(eps=eps, norm=norm)
+    _check_settings(settings)
+    if norm == "l2" and "square" in names:
+        raise ConfigError("--attack square: implemented for --norm linf only")
+    n = int(x.shape[0])
+    if n == 0:
+        raise ConfigError("--n-examples: no images to evaluate")
+    start_time = time.perf_counter()
+    clean_correct: torch.Tensor | None = None
+    results: list[AttackResult] = []
+    robust: dict[str, torch.Tensor] = {}
+    samples: dict[str, torch.Tensor] = {}
+    for name in names:
+        seed_everything(seed)
+        result, mask, clean_correct, sample = run_attack(
+            model, x, y, name, eps=eps, norm=norm, batch_size=batch_size,
+            settings=settings, clean_correct=clean_correct, progress=progress,
+        )  # fmt: skip
+        results.append(result)
+        robust[name] = mask
+        samples[name] = sample
+    if clean_correct is None:  # pragma: no cover - names is never empty
+        raise ConfigError("--attack: no attack given")
+    worst = clean_correct.clone()
+    for mask in robust.values():
+        worst &= mask
+    n_correct = int(clean_correct.sum())
+    seconds = time.perf_counter() - start_time
+    samples["clean"] = _as_float(x[:N_SAMPLES])
+    samples["y"] = y[:N_SAMPLES]
+    outcome = RobustnessResult(
+        eps=eps,
+        norm=norm,
+        n=n,
+        clean_accuracy=n_correct / n,
+        robust_accuracy=int(worst.sum()) / n,
+        attack_success_rate=(n_correct - int(worst.sum())) / n_correct if n_correct else 0.0,
+        attacks=results,
+        seconds=seconds,
+        images_per_s=n / seconds if seconds > 0 else float("nan"),
+        device=str(x.device),
+        seed=seed,
+        clean_correct=clean_correct,
+        robust=robust,
+        samples=samples,
+    )
+    if sweep is not False:
+        grid = None if sweep is True else list(sweep)
+        outcome.sweep = {
+            name: eps_sweep(model, x, y, attack=name, norm=norm, eps_values=grid,
+                            batch_size=batch_size, seed=seed, **settings)
+            for name in names
+        }  # fmt: skip
+    if checks:
+        outcome.warnings = run_checks(
+            model, x, y, outcome, batch_size=batch_size, seed=seed, progress=progress, **(check_options or {}),
+            **settings,
+        )
+    return outcome
+
+
+def eps_sweep(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    attack: str,
+    norm: str = "linf",
+    eps_values: list[float] | None = None,
+    batch_size: int = 500,
+    seed: int = 0,
+    cap: float | None = None,
+    **settings: Any,
+) -> list[dict[str, float]]:
+    """Robust accuracy of one attack against eps, for the accuracy-vs-eps curve.
+
+    Runs the grid (default :data:`DEFAULT_SWEEP`), then continues with the same spacing
+    until accuracy reaches 0 or eps reaches ``cap`` (default :data:`SWEEP_CAP`); stops at
+    the first eps where accuracy is 0. FGSM is not continued past the grid: its one step
+    of size eps overshoots, so its accuracy need not reach 0 at any eps. Returns ``[{"eps", "robust_accuracy",
+    "attack_success_rate"}, ...]`` in increasing eps.
+    """
+    _check_settings(settings)
+    grid = sorted(DEFAULT_SWEEP[norm] if eps_values is None else eps_values)
+    limit = SWEEP_CAP[norm] if cap is None else cap
+    spacing = grid[-1] - grid[-2] if len(grid) > 1 else 0.0
+    points: list[dict[str, float]] = []
+    clean_correct: torch.Tensor | None = None
+    i = 0
+    while True:
+        if i < len(grid):
+            eps = grid[i]
+        else:
+            eps = round(grid[-1] + spacing * (i - len(grid) + 1), 6)
+            if spacing <= 0 or eps > limit + 1e-9 or attack == "fgsm":
+                break
+        seed_everything(seed)
+        result, _, clean_correct, _ = run_attack(
+            model, x, y, attack, eps=eps, norm=norm, batch_size=batch_size,
+            settings=settings, clean_correct=clean_correct,
+        )  # fmt: skip
+        points.append(
+            {"eps": eps, "robust_accuracy": result.robust_accuracy, "attack_success_rate": result.attack_success_rate}
+        )
+        if result.robust_accuracy == 0.0:
+            break
+        i += 1
+    return points

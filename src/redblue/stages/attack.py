@@ -1,0 +1,120 @@
+"""The attack stage: evaluate a saved model against attacks, with the sanity checks.
+
+Writes ``metrics/<name>_metrics.json`` (metrics, warnings, config, the model's weights hash,
+the dataset hashes) and ``metrics/<name>_examples.safetensors`` (example images and
+predictions, which the red-team plots are rendered from). The evaluation is cached by what
+determines it (weights SHA-256, attack settings, check settings, data hashes).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save as st_save
+
+from redblue.artifacts import LoadedModel, load_model
+from redblue.config import AttackConfig, DataConfig
+from redblue.data import Dataset
+from redblue.evaluation import evaluate_robustness, sample_predictions
+from redblue.results import AttackStageResult
+from redblue.stages.common import cached_result, config_json, stage_cache, write_result
+from redblue.utils import (
+    atomic_write_bytes,
+    library_versions,
+    resolve_device,
+    sha256_bytes,
+    sha256_file,
+    sha256_json,
+)
+
+SAMPLES_FORMAT = "redblue.attack-samples/1"
+
+
+def attack_key(cfg: AttackConfig, weights_sha256: str, data: Dataset, check_options: dict[str, int] | None) -> str:
+    """What determines an attack stage's result: settings (less the device), checks, weights, data."""
+    settings = dataclasses.asdict(cfg)
+    settings.pop("device")
+    return sha256_json(
+        {"stage": "attack", "attack": settings, "checks": check_options, "weights": weights_sha256, "data": data.describe()}
+    )
+
+
+def _samples_ok(out: Path, result: AttackStageResult) -> bool:
+    path = out / "metrics" / result.samples_file
+    return path.is_file() and sha256_file(path) == result.samples_sha256
+
+
+def attack_stage(
+    out: Path,
+    model: str | Path | LoadedModel,
+    data: Dataset,
+    cfg: AttackConfig,
+    *,
+    name: str | None = None,
+    data_cfg: DataConfig | None = None,
+    progress: bool = True,
+    check_options: dict[str, int] | None = None,
+    checks_note: str | None = None,
+) -> AttackStageResult:
+    """Evaluate a saved model against ``cfg``'s attacks and write the results.
+
+    ``name`` defaults to ``<model name>_<attack>``. ``check_options`` sizes the sanity checks
+    (``check_examples``, ``square_examples``, ``square_queries``); ``checks_note`` says where
+    the checks are when ``cfg.checks`` is off. Returns the typed result (as written).
+    """
+    device = resolve_device(cfg.device)
+    loaded = model if isinstance(model, LoadedModel) else load_model(Path(model), device=device)
+    net = loaded.model.to(device)
+    model_name = str(loaded.record.get("name", loaded.json_path.stem))
+    name = name or f"{model_name}_{cfg.attack.replace(',', '+')}"
+    weights_sha = str(loaded.record.get("weights_sha256"))
+    key = attack_key(cfg, weights_sha, data, check_options)
+    cached = cached_result(out, name, key, AttackStageResult)
+    if cached is not None and _samples_ok(out, cached):
+        return cached
+    test = data.to(device)
+    n = int(test.x_test.shape[0]) if cfg.n_examples is None else min(cfg.n_examples, int(test.x_test.shape[0]))
+    x, y = test.x_test[:n], test.y_test[:n]
+
+    def compute() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        result = evaluate_robustness(
+            net, x, y, attacks=cfg.attack, eps=cfg.eps, norm=cfg.norm, batch_size=cfg.batch_size,
+            seed=cfg.seed, sweep=cfg.sweep, checks=cfg.checks, progress=progress,
+            alpha=cfg.alpha, steps=cfg.steps, restarts=cfg.restarts, random_start=cfg.random_start,
+            n_targets=cfg.n_targets, check_options=check_options,
+        )  # fmt: skip
+        predictions = sample_predictions(net, result.samples)
+        tensors = {k: v.detach().cpu().contiguous() for k, v in result.samples.items()}
+        tensors.update({f"pred_{k}": v.detach().cpu().contiguous() for k, v in predictions.items()})
+        return tensors, {"metrics": result.to_json(), "warnings": result.warnings, "checks_n_examples": result.checks_n_examples}
+
+    entry, _ = stage_cache(out).get_or_compute("attack", {"key": key}, compute)
+    payload = st_save(dict(sorted(entry.tensors.items())), metadata={"format": SAMPLES_FORMAT})
+    samples_rel = f"{name}_examples.safetensors"
+    atomic_write_bytes(out / "metrics" / samples_rel, payload)
+    metrics = entry.metadata["metrics"]
+    if cfg.checks:
+        checks = {"ran": True, "n_examples": entry.metadata["checks_n_examples"], "note": None}
+    else:
+        checks = {"ran": False, "n_examples": None, "note": checks_note or "sanity checks turned off (--no-checks)"}
+    result = AttackStageResult(
+        stage="attack",
+        name=name,
+        cache_key=key,
+        model={"name": model_name, "path": str(loaded.weights_path), "weights_sha256": weights_sha},
+        config=config_json(attack=cfg, data=data_cfg),
+        dataset=data.describe(),
+        dataset_notice=data.notice,
+        metrics=metrics,
+        warnings=entry.metadata["warnings"],
+        checks=checks,
+        # X_file / X_sha256 pairs name files relative to the JSON's own folder (redblue verify).
+        samples_file=samples_rel,
+        samples_sha256=sha256_bytes(payload),
+        versions=library_versions(),
+    )
+    write_result(out, name, result)
+    return result

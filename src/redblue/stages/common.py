@@ -1,0 +1,142 @@
+"""What every stage shares: the data loader, cache keys, "train or reuse, then save", and
+the stage-result cache.
+
+A stage is a function ``config in, typed result out``: it trains (or reuses) what it needs,
+evaluates it, writes its result JSON under ``OUT/metrics/`` and returns the result. Two
+levels of caching make a rerun cheap:
+
+- a trained model is reused when its record's ``cache_key`` (training config, data hashes,
+  stage settings) matches (:func:`train_or_reuse`);
+- a stage's whole result is reused, byte for byte, when ``OUT/metrics/<name>_metrics.json``
+  carries the same ``cache_key`` (what determines it: weights SHA-256, settings, data
+  hashes) and validates against its schema (:func:`cached_result`);
+- expensive intermediate results (robustness evaluations, sanity checks, detections) go
+  through the safe JSON/safetensors cache in ``OUT/cache`` (:func:`stage_cache`).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+from torch import nn
+
+from redblue.artifacts import find_reusable, save_model
+from redblue.cache import Cache
+from redblue.config import DataConfig, TrainConfig
+from redblue.data import Dataset, load_dataset
+from redblue.errors import IntegrityError
+from redblue.results import Result, validate_result
+from redblue.utils import atomic_write_json, read_json, resolve_device, sha256_json
+
+R = TypeVar("R", bound=Result)
+
+
+def load_data(cfg: DataConfig, device: str = "cpu") -> Dataset:
+    """The dataset ``cfg`` names, from the first source that has it (SHA-256 verified)."""
+    return load_dataset(cfg.dataset, cfg.data_dir, cache_dir=cfg.cache_dir, device=device)
+
+
+def config_json(**configs: Any) -> dict[str, Any]:
+    """Frozen configs as plain JSON values (tuples become lists; ``None`` stays ``None``)."""
+    data = {name: (asdict(cfg) if cfg is not None else None) for name, cfg in configs.items()}
+    result: dict[str, Any] = json.loads(json.dumps(data))
+    return result
+
+
+def training_cache_key(stage: str, train_cfg: TrainConfig, data: Dataset, extra: dict[str, Any] | None = None) -> str:
+    """Hash of what determines a trained model: stage, training config (less the device),
+    dataset name and file hashes, and any stage-specific settings."""
+    train = asdict(train_cfg)
+    train.pop("device", None)
+    return sha256_json({"stage": stage, "train": train, "data": data.describe(), "extra": extra or {}})
+
+
+@dataclass(frozen=True)
+class Trained:
+    """A model from :func:`train_or_reuse`: the module, its saved record, whether it was reused."""
+
+    model: nn.Module
+    record: dict[str, Any]
+    reused: bool
+
+
+def train_or_reuse(
+    out: Path,
+    name: str,
+    key: str,
+    train: Callable[[], tuple[nn.Module, dict[str, Any]]],
+    record: Mapping[str, Any],
+    *,
+    device: str = "auto",
+    force_retrain: bool = False,
+    reuse_names: tuple[str, ...] = (),
+    accept: Callable[[dict[str, Any]], bool] | None = None,
+) -> Trained:
+    """Reuse the saved model ``name`` when its ``cache_key`` matches ``key``, else train and save it.
+
+    ``train()`` returns ``(model, training summary)``; the saved record is ``record`` plus
+    ``cache_key`` and ``training``. ``reuse_names``: other saved models whose weights may
+    be reused (saved again under ``name``) when their key matches; ``accept(record)`` can
+    refuse a candidate (e.g. a different poison set). ``force_retrain`` always trains.
+    ``reused`` is True only when the saved ``name`` itself was reused as it was.
+    """
+    dev = resolve_device(device)
+    candidate = None
+    if not force_retrain:
+        for other in (name, *reuse_names):
+            found = find_reusable(out, other, key)
+            if found is not None and (accept is None or accept(found.record)):
+                candidate = found
+                break
+    if candidate is not None and candidate.record.get("name") == name:
+        print(f"reusing {candidate.json_path} (same config and data; --force-retrain to retrain)", file=sys.stderr)
+        return Trained(candidate.model.to(dev), candidate.record, True)
+    if candidate is not None:
+        print(f"reusing {candidate.json_path} for {name} (same config and data)", file=sys.stderr)
+        model, training = candidate.model.to(dev), candidate.record["training"]
+    else:
+        model, training = train()
+    saved = save_model(out, name, model, {**record, "cache_key": key, "training": training})
+    return Trained(model, saved, False)
+
+
+def metrics_path(out: Path, name: str) -> Path:
+    return out / "metrics" / f"{name}_metrics.json"
+
+
+def cached_result(out: Path, name: str, key: str, cls: type[R]) -> R | None:
+    """The saved result ``metrics/<name>_metrics.json`` when its ``cache_key`` is ``key`` and
+    it validates against ``cls``'s schema; None otherwise (then the stage recomputes)."""
+    path = metrics_path(out, name)
+    if not path.is_file():
+        return None
+    try:
+        saved = read_json(path)
+    except IntegrityError:
+        return None
+    if not isinstance(saved, dict) or saved.get("cache_key") != key:
+        return None
+    try:
+        validate_result(saved, cls.SCHEMA)
+    except IntegrityError as exc:
+        print(f"notice: not reusing {path}: {exc}", file=sys.stderr)
+        return None
+    print(f"reusing {path} (same model, settings and data)", file=sys.stderr)
+    return cls.from_json(saved, reused=True)
+
+
+def write_result(out: Path, name: str, result: Result) -> None:
+    """Validate ``result`` against its schema and write it as ``metrics/<name>_metrics.json``."""
+    data = result.to_json()
+    validate_result(data, result.SCHEMA)
+    atomic_write_json(metrics_path(out, name), data)
+
+
+def stage_cache(out: Path) -> Cache:
+    """The output folder's safe cache of intermediate results (``OUT/cache``)."""
+    return Cache(out / "cache")
