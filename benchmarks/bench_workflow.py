@@ -130,7 +130,7 @@ def redblue_workflow(args: argparse.Namespace) -> dict[str, Any]:
         backdoored = build_model("cnn", seed=SEED)
         fit(backdoored, poisoned, train_cfg, progress=False)
         backdoor = backdoor_metrics(backdoored, x_test, y_test, trigger, TARGET)
-        accuracy["poisoned_c_acc"] = backdoor.clean_accuracy
+        accuracy["poisoned_clean_accuracy"] = backdoor.clean_accuracy
         accuracy["poisoned_asr"] = backdoor.asr
     total = time.perf_counter() - start
     return {
@@ -234,7 +234,7 @@ def art_workflow(args: argparse.Namespace) -> dict[str, Any]:
         x_train_p[indices], y_train_p[indices] = x_poison, y_poison
         backdoored = classifier()
         backdoored.fit(x_train_p, y_train_p, batch_size=BATCH_SIZE, nb_epochs=args.epochs)
-        accuracy["poisoned_c_acc"] = float((predict(backdoored, x_test) == y_test).mean())
+        accuracy["poisoned_clean_accuracy"] = float((predict(backdoored, x_test) == y_test).mean())
         keep = y_test != TARGET
         x_triggered, _ = attack.poison(x_test[keep], y=np.full(int(keep.sum()), TARGET))
         accuracy["poisoned_asr"] = float((predict(backdoored, x_triggered) == TARGET).mean())
@@ -333,7 +333,7 @@ def print_tables(rows: dict[str, dict[str, Any]], full: dict[str, Any] | None) -
     print()
     print("| accuracy | redblue | ART |")
     print("|---|---:|---:|")
-    for key in ("baseline_clean", "baseline_fgsm", "defended_clean", "defended_fgsm", "poisoned_c_acc", "poisoned_asr"):
+    for key in ("baseline_clean", "baseline_fgsm", "defended_clean", "defended_fgsm", "poisoned_clean_accuracy", "poisoned_asr"):
         cells = [ours.get("accuracy", {}).get(key), art.get("accuracy", {}).get(key)]
         print(f"| {key} | " + " | ".join("" if v is None else f"{100 * v:.2f}%" for v in cells) + " |")
     print_full_run(full)

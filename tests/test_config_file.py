@@ -4,6 +4,7 @@ exit 2; nothing written. Every command is run as a user runs it, in a subprocess
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from pathlib import Path
 from subprocess import CompletedProcess
@@ -95,3 +96,23 @@ def test_choice_options_list_their_choices(cli: Cli, tmp_path: Path) -> None:
         assert choice in line
     helped = cli("defend", "--help")
     assert "[fgsm|fgsm-rs|pgd|trades]" in helped.stdout
+
+
+def test_run_gives_the_blue_team_the_red_team_eps_unless_defend_says_otherwise(cli: Cli, tmp_path: Path) -> None:
+    """``--eps`` / ``[run] eps`` set the blue team's eps too; ``[defend] eps`` or ``--defend-eps`` win."""
+    fast = ("--stages", "baseline", "--dataset", "mnist-mini", "--epochs", "1", "--device", "cpu", "--quick")
+    cases = [
+        ((), "", (0.25, 200)),
+        (("--eps", "0.3"), "", (0.3, 200)),
+        ((), "[run]\neps = 0.2\nn_examples = 50\n", (0.2, 50)),
+        (("--eps", "0.3"), "[defend]\neps = 0.1\n", (0.1, 200)),
+        (("--eps", "0.3", "--defend-eps", "0.15"), "[defend]\neps = 0.1\n", (0.15, 200)),
+    ]
+    for i, (args, text, (eps, n_examples)) in enumerate(cases):
+        config = tmp_path / f"c{i}.toml"
+        config.write_text(text, encoding="utf-8")
+        out = tmp_path / f"out{i}"
+        proc = cli("run", *fast, *args, "--config", str(config), "--out", str(out))
+        assert proc.returncode == 0, proc.stderr
+        defend = json.loads((out / "metrics" / "run_config.json").read_text())["defend"]
+        assert (defend["eps"], defend["n_examples"]) == (eps, min(n_examples, 200)), (args, text)

@@ -254,7 +254,11 @@ def test_sweep_reuses_the_main_model(tmp_path: Path, mini: Dataset) -> None:
     assert [p["n_poison"] for p in sweep["points"]] == [0, round(0.2 * int((small.y_train != 7).sum()))]
     main = json.loads((tmp_path / "models" / "poisoned.json").read_text())
     assert sweep["points"][1]["model"]["weights_sha256"] == main["weights_sha256"]
-    assert sweep["points"][1]["reused"] is False  # saved under its own name, weights reused
+    assert (tmp_path / "models" / "poisoned_rate0.2.json").is_file()  # saved under its own name, weights reused
+    path = tmp_path / "metrics" / "poison_sweep_metrics.json"
+    before = path.read_bytes()
+    again = poison_sweep_stage(tmp_path, small, train_cfg, cfg, progress=False)
+    assert again.reused and again.points == sweep.points and path.read_bytes() == before
     render_stage_plots(tmp_path, sweep)
     assert (tmp_path / "images" / "poison_asr_vs_rate.png").is_file()
     assert json.loads((tmp_path / "metrics" / "poison_sweep_metrics.json").read_text())["points"] == [

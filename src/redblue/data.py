@@ -143,6 +143,17 @@ class Dataset:
             x_test=self.x_test[:n_test], y_test=self.y_test[:n_test],
         )  # fmt: skip
 
+    def identity(self) -> dict[str, object]:
+        """What the data *is* (name, sizes, file hashes), not where it was read from: the part
+        of :meth:`describe` that cache keys use, so a rerun that reads the same files from
+        another place (the download cache, another ``--data-dir``) reuses every result."""
+        return {
+            "name": self.name,
+            "n_train": int(self.x_train.shape[0]),
+            "n_test": int(self.x_test.shape[0]),
+            "files": dict(self.files),
+        }
+
     def describe(self) -> dict[str, object]:
         """What every result records about its data: name, source, sizes and file hashes."""
         return {

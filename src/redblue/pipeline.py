@@ -30,7 +30,7 @@ from redblue.errors import RedblueError
 from redblue.report.render import render_report
 from redblue.report.stage_plots import render_stage_plots
 from redblue.report.summary import build_summary
-from redblue.results import Result, Summary
+from redblue.results import Result, Summary, validate_result
 from redblue.stages import attack_stage, defend_backdoor_stage, defend_stage, load_data, poison_stage, train_baseline
 from redblue.utils import atomic_write_json, resolve_device, seed_everything
 
@@ -136,6 +136,7 @@ def run_workflow(wf: Workflow) -> Summary:
             with _timed(timings, "poison"):
                 poisoning(wf, data)
         summary = build_summary(wf.out, quick=wf.run.quick)
+        validate_result(summary.to_json(), Summary.SCHEMA)
         atomic_write_json(wf.out / "metrics" / "metrics_summary.json", summary.to_json())
         atomic_write_json(
             wf.out / "metrics" / "run_config.json",

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from functools import cache
 from importlib import resources
@@ -51,8 +52,9 @@ def validate_result(data: Any, name: str) -> None:
 
 
 @dataclass(frozen=True)
-class Result:
-    """Base of the typed results: JSON in and out, dict-style reading."""
+class Result(Mapping[str, Any]):
+    """Base of the typed results: JSON in and out; reads like the JSON dict it writes
+    (``result["metrics"]``, ``"after" in result``, ``dict(result)``)."""
 
     SCHEMA: ClassVar[str] = ""
     # Not written to the JSON: whether this call reused a saved result.
@@ -79,11 +81,11 @@ class Result:
             raise KeyError(key)
         return getattr(self, key)
 
-    def get(self, key: str, default: Any = None) -> Any:
-        try:
-            return self[key]
-        except KeyError:
-            return default
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.to_json())
+
+    def __len__(self) -> int:
+        return len(self.to_json())
 
 
 @dataclass(frozen=True)

@@ -84,7 +84,8 @@ def run(
     # The blue team defaults to the red team's eps and image count; [defend] and the options win.
     in_file = {k.replace("-", "_") for k in file.section("defend") or {}}
     defaults = {k: v for k, v in (("eps", run_cfg.eps), ("n_examples", run_cfg.n_examples)) if k not in in_file}
-    defend_cfg = build(DefendConfig, file, {**defaults, "recipe": recipe, "eps": defend_eps}, "defend")
+    given = {k: v for k, v in (("recipe", recipe), ("eps", defend_eps)) if v is not None}
+    defend_cfg = build(DefendConfig, file, {**defaults, **given}, "defend")
     poison_cfg = build(PoisonConfig, file, {"rate": rate, "target": target, "size": size}, "poison")
     backdoor_cfg = build(BackdoorDefenseConfig, file, {}, "backdoor")
     out_dir = check_output_dir(out)

@@ -224,10 +224,10 @@ def run_checks(
 
     xf = channels_last(x[:256].float().div(255.0) if x.dtype == torch.uint8 else x[:256].float())
     with torch.no_grad(), eval_mode(model):
-        add(check_logits(model(xf)))
+        add(check_logits(model(xf)), int(xf.shape[0]))
     with eval_mode(model):
         grad, _, _ = input_gradient(model, xf, y[:256])
-    add(check_zero_gradients(grad))
+    add(check_zero_gradients(grad), int(xf.shape[0]))
 
     few = min(m, 200)
     for attack in result.robust:
@@ -267,7 +267,7 @@ def run_checks(
 
     for attack, points in (result.sweep or {}).items():
         if attack != "fgsm":  # one fixed-size step: overshooting at large eps is expected
-            add(check_sweep(attack, points), int(x.shape[0]))
+            add(check_sweep(attack, points), result.sweep_n_examples or int(x.shape[0]))
 
     others = {a: _accuracy(mk[:m]) for a, mk in result.robust.items() if a != "fgsm"}
     others.setdefault("pgd", _accuracy(pgd_mask))

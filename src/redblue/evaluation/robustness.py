@@ -127,9 +127,10 @@ def evaluate_robustness(
         grid = None if sweep is True else list(sweep)
         outcome.sweep = {
             name: eps_sweep(model, x, y, attack=name, norm=norm, eps_values=grid,
-                            batch_size=batch_size, seed=seed, **settings)
+                            batch_size=batch_size, seed=seed, progress=progress, **settings)
             for name in names
         }  # fmt: skip
+        outcome.sweep_n_examples = n
     if checks:
         outcome.warnings = run_checks(
             model, x, y, outcome, batch_size=batch_size, seed=seed, progress=progress, **(check_options or {}),
@@ -149,6 +150,7 @@ def eps_sweep(
     batch_size: int = 500,
     seed: int = 0,
     cap: float | None = None,
+    progress: bool = False,
     **settings: Any,
 ) -> list[dict[str, float]]:
     """Robust accuracy of one attack against eps, for the accuracy-vs-eps curve.
@@ -176,7 +178,7 @@ def eps_sweep(
         seed_everything(seed)
         result, _, clean_correct, _ = run_attack(
             model, x, y, attack, eps=eps, norm=norm, batch_size=batch_size,
-            settings=settings, clean_correct=clean_correct,
+            settings=settings, clean_correct=clean_correct, progress=progress,
         )  # fmt: skip
         points.append(
             {"eps": eps, "robust_accuracy": result.robust_accuracy, "attack_success_rate": result.attack_success_rate}

@@ -62,6 +62,7 @@ class RobustnessResult:
     sweep: dict[str, list[dict[str, float]]] | None = None
     warnings: list[dict[str, Any]] = field(default_factory=list)
     checks_n_examples: int | None = None
+    sweep_n_examples: int | None = None
     # Per-example masks and sample images: used by the checks and the plots, not serialised.
     clean_correct: torch.Tensor | None = field(default=None, repr=False)
     robust: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)

@@ -15,6 +15,7 @@ from typing import Any
 from redblue.errors import IntegrityError
 from redblue.report import advtrain_plots, backdoor_plots, plots
 from redblue.report.attack_plots import render_attack_plots
+from redblue.results import SCHEMAS, validate_result
 from redblue.utils import read_json
 
 
@@ -101,8 +102,16 @@ def render_all_plots(out: Path) -> list[Path]:
         except IntegrityError as exc:
             print(f"notice: no plots for {path.name}: {exc}", file=sys.stderr)
             continue
-        if isinstance(data, dict):
-            paths += render_stage_plots(out, data)
+        schema = data.get("schema") if isinstance(data, dict) else None
+        name = schema.get("name", "") if isinstance(schema, dict) else ""
+        try:
+            if not name.startswith("redblue.") or name.removeprefix("redblue.") not in SCHEMAS:
+                raise IntegrityError(f"{path}: no redblue result schema tag")
+            validate_result(data, name.removeprefix("redblue."))
+        except IntegrityError as exc:
+            print(f"notice: no plots for {path.name}: {exc}", file=sys.stderr)
+            continue
+        paths += render_stage_plots(out, data)
     return paths
 
 

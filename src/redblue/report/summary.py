@@ -158,7 +158,8 @@ def build_summary(out: Path, *, quick: bool = False) -> Summary:
                 "precision": det.get("precision"),
                 "recall": det.get("recall"),
                 "detail": f"flagged {det.get('n_flagged')} of {det.get('n')}: precision {pct(det.get('precision'))}, "
-                f"recall {pct(det.get('recall'))}; retrained without them",
+                f"recall {pct(det.get('recall'))}; "
+                + ("retrained without them" if result.get("after") else "not retrained (--no-retrain)"),
                 "settings": {"defense": _get(result, "config")},
             }
         )

@@ -38,7 +38,7 @@ def attack_key(cfg: AttackConfig, weights_sha256: str, data: Dataset, check_opti
     settings = dataclasses.asdict(cfg)
     settings.pop("device")
     return sha256_json(
-        {"stage": "attack", "attack": settings, "checks": check_options, "weights": weights_sha256, "data": data.describe()}
+        {"stage": "attack", "attack": settings, "checks": check_options, "weights": weights_sha256, "data": data.identity()}
     )
 
 

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from redblue.artifacts import load_model
+from redblue.artifacts import load_model, model_paths
 from redblue.config import BackdoorDefenseConfig, DataConfig, TrainConfig, build
 from redblue.data import Dataset
 from redblue.defenses.backdoor import detect
@@ -36,13 +36,23 @@ from redblue.stages.common import (
 )
 from redblue.stages.poison import build_poisoned, poison_config_from_record, verify_indices
 from redblue.train import fit
-from redblue.utils import library_versions, resolve_device, seed_everything, sha256_json, sha256_tensor
+from redblue.utils import library_versions, resolve_device, seed_everything, sha256_file, sha256_json, sha256_tensor
 
 DETECTION_SETTINGS = (
     "method", "n_components", "reduce", "analysis", "max_share", "min_silhouette", "reclass_threshold",
     "expected_share", "spectral_factor", "detection_seed",
 )  # fmt: skip
 """The settings a detection depends on (``retrain`` only decides what happens after it)."""
+
+
+def _retrained_model_ok(out: Path, retrained: dict[str, Any] | None) -> bool:
+    """A saved result may be reused only while the retrained model it names is still there, unchanged."""
+    if retrained is None:
+        return True
+    weights, record = model_paths(out, str(retrained["name"]))
+    return (
+        weights.is_file() and record.is_file() and sha256_file(weights) == retrained["weights_sha256"]
+    )
 
 
 def _scores(m: BackdoorMetrics) -> dict[str, Any]:
@@ -82,11 +92,12 @@ def defend_backdoor_stage(
     detection_inputs = {
         "poisoned_weights": record["weights_sha256"],
         "detector": {k: getattr(defense_cfg, k) for k in DETECTION_SETTINGS},
-        "data": data.describe(),
+        "data": data.identity(),
     }
-    key = sha256_json({"stage": "backdoor_defense", **detection_inputs, "retrain": defense_cfg.retrain,
-                       "train": training_cache_key("backdoor_retrain", train_cfg, data)})
-    if not force_retrain and (cached := cached_result(out, result_name, key, BackdoorDefenseResult)) is not None:
+    retrain = training_cache_key("backdoor_retrain", train_cfg, data) if defense_cfg.retrain else None
+    key = sha256_json({"stage": "backdoor_defense", **detection_inputs, "retrain": retrain})
+    cached = None if force_retrain else cached_result(out, result_name, key, BackdoorDefenseResult)
+    if cached is not None and _retrained_model_ok(out, cached.retrained_model):
         return cached
     poisoned, indices = build_poisoned(data, poison_cfg)
     verify_indices(record, indices)

@@ -87,7 +87,7 @@ def train_baseline(
 def evaluate_stage(out: Path, loaded: LoadedModel, data: Dataset) -> EvaluateResult:
     """Clean test metrics of a saved (hash-verified) model; writes ``metrics/<name>_evaluate_metrics.json``."""
     name = str(loaded.record.get("name", loaded.json_path.stem))
-    key = sha256_json({"stage": "evaluate", "weights": loaded.record["weights_sha256"], "data": data.describe()})
+    key = sha256_json({"stage": "evaluate", "weights": loaded.record["weights_sha256"], "data": data.identity()})
     if (cached := cached_result(out, f"{name}_evaluate", key, EvaluateResult)) is not None:
         return cached
     device = next(loaded.model.parameters()).device

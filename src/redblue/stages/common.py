@@ -53,7 +53,7 @@ def training_cache_key(stage: str, train_cfg: TrainConfig, data: Dataset, extra:
     dataset name and file hashes, and any stage-specific settings."""
     train = asdict(train_cfg)
     train.pop("device", None)
-    return sha256_json({"stage": stage, "train": train, "data": data.describe(), "extra": extra or {}})
+    return sha256_json({"stage": stage, "train": train, "data": data.identity(), "extra": extra or {}})
 
 
 @dataclass(frozen=True)

@@ -88,10 +88,11 @@ def robustness_metrics(
     result.seconds += with_pgd.seconds + with_square.seconds
     m = min(sweep_n, int(x.shape[0]))
     points = {
-        name: eps_sweep(model, x[:m], y[:m], attack=name, seed=seed, eps_values=list(DEFAULT_SWEEP["linf"]))
+        name: eps_sweep(model, x[:m], y[:m], attack=name, seed=seed, eps_values=list(DEFAULT_SWEEP["linf"]),
+                        progress=progress)
         for name in ("fgsm", "pgd")
     }
-    result.sweep = points
+    result.sweep, result.sweep_n_examples = points, m
     result.warnings = run_checks(model, x, y, result, seed=seed, progress=progress, **options)
     standard = worst.clone() if result.clean_correct is None else result.clean_correct.clone()
     for name in ("apgd-ce", "apgd-t"):
@@ -151,7 +152,7 @@ def defend_stage(
     n_eval = min(defend_cfg.n_examples, int(test.x_test.shape[0]))
     evaluation_inputs = {
         "weights": weights, "eps": defend_cfg.eps, "n_examples": n_eval, "seed": train_cfg.seed,
-        "checks": check_options, "data": data.describe(),
+        "checks": check_options, "data": data.identity(),
     }  # fmt: skip
     result_key = sha256_json({"stage": "defend", "model_key": key, **evaluation_inputs})
     if (cached := cached_result(out, name, result_key, DefendResult)) is not None:

@@ -106,7 +106,7 @@ def poison_config_from_record(record: dict[str, Any]) -> PoisonConfig:
             size=trigger["size"],
             position=trigger["position"],
             pattern=trigger["pattern"],
-            blend=trigger["blend"],
+            blend=trigger["blend"] if "blend" in trigger else trigger["alpha"],  # "alpha" before 0.1.0's rename
             name=str(record.get("name", "poisoned")),
         )
     except (KeyError, TypeError) as exc:
@@ -239,7 +239,7 @@ def poison_stage(
         progress=progress,
     )
     key = sha256_json({"stage": "poison", "weights": record["weights_sha256"], "baseline": _baseline(out, data),
-                       "data": data.describe(), "poison": poison_settings(poison_cfg)})
+                       "data": data.identity(), "poison": poison_settings(poison_cfg)})
     if reused and (cached := cached_result(out, "poison", key, PoisonResult)) is not None:
         return cached
     result = evaluate_poisoned(out, data, model, record, poison_cfg, key=key, reused=reused)
@@ -314,12 +314,14 @@ def poison_sweep_stage(
     ``<name>_rate<R>``, reusing the main model when its settings match) and record clean
     accuracy, ASR and RA against the rate in ``metrics/poison_sweep_metrics.json``."""
     points = []
+    all_reused = True
     for rate in sorted(set(poison_cfg.sweep_rates)):
         cfg = replace(poison_cfg, rate=rate, name=sweep_name(poison_cfg.name, rate))
         model, record, reused, indices = train_poisoned(
             out, data, train_cfg, cfg, data_cfg=data_cfg, force_retrain=force_retrain,
             progress=progress, reuse_names=(poison_cfg.name,),
         )
+        all_reused = all_reused and reused
         device = next(model.parameters()).device
         test = data.to(device)
         metrics = backdoor_metrics(model, test.x_test, test.y_test, cfg.trigger(), cfg.target,
@@ -330,7 +332,6 @@ def poison_sweep_stage(
                 "n_poison": int(indices.numel()),
                 **_summary(metrics),
                 "model": {"name": record["name"], "weights_sha256": record["weights_sha256"]},
-                "reused": reused,
                 "training_seconds": record["training"].get("seconds"),
             }
         )
@@ -338,11 +339,14 @@ def poison_sweep_stage(
               f"ASR {100 * metrics.asr:.2f}%, RA {100 * metrics.ra:.2f}%", file=sys.stderr)
     crossing = next((p["rate"] for p in points if p["asr"] is not None and p["asr"] >= 0.9), None)
     config = config_json(train=train_cfg, poison=poison_cfg, data=data_cfg)
+    key = sha256_json({"stage": "poison_sweep", "points": [p["model"] for p in points], "data": data.identity(),
+                       "config": config, "baseline": _baseline(out, data)})
+    if all_reused and (cached := cached_result(out, "poison_sweep", key, PoisonSweepResult)) is not None:
+        return cached
     result = PoisonSweepResult(
         stage="poison_sweep",
         name="poison_sweep",
-        cache_key=sha256_json({"stage": "poison_sweep", "points": [p["model"] for p in points],
-                               "data": data.describe()}),
+        cache_key=key,
         config=config,
         dataset=data.describe(),
         trigger=poison_cfg.trigger().describe(),
