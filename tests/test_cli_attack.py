@@ -31,6 +31,7 @@ def test_attack_quick_writes_metrics_examples_and_plots(cli: Cli, tiny_model_dir
     cached = [f for f in files if f.startswith("cache/attack/")]
     assert len(cached) == 2 and {Path(f).suffix for f in cached} == {".json", ".safetensors"}  # the evaluation
     assert [f for f in files if not f.startswith("cache/")] == [
+        ".redblue.lock",  # the output folder's lock, held while the command writes
         "images/baseline_quick_accuracy_vs_eps.png",
         "images/baseline_quick_examples.png",
         "images/baseline_quick_perturbation.png",

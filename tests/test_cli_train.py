@@ -45,6 +45,7 @@ def test_train_writes_safetensors_json_and_plots_then_reuses(
     first = cli(*args)
     assert first.returncode == 0, first.stderr
     assert files_under(out) == [
+        ".redblue.lock",  # the output folder's lock, held while the command writes
         "images/baseline_confusion_matrix.png",
         "images/baseline_training_curves.png",
         "metrics/baseline_config.json",

@@ -124,7 +124,7 @@ def test_interrupted_run_resumes_to_the_same_summary(
             time.sleep(0.2)
         # A second run on the same folder is refused while the first holds the lock.
         second = cli("run", "--quick", "--out", str(out), "--device", "cpu")
-        assert second.returncode == 2 and "another redblue run is using this folder" in second.stderr
+        assert second.returncode == 2 and "another redblue command is using this folder" in second.stderr
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=60)
     finally:

@@ -23,7 +23,14 @@ from torch import nn
 
 from redblue.errors import IntegrityError
 from redblue.models import build_model
-from redblue.utils import atomic_write_bytes, atomic_write_json, library_versions, read_json, sha256_bytes
+from redblue.utils import (
+    atomic_write_bytes,
+    atomic_write_json,
+    library_versions,
+    read_json,
+    read_regular_file,
+    sha256_bytes,
+)
 
 FORMAT = "redblue.model/1"
 
@@ -87,7 +94,7 @@ def read_verified_tensors(path: Path, sha256: object, record_path: Path, *, kind
     (recorded in ``record_path``). IntegrityError naming the file when it is missing,
     unreadable, modified or not safetensors; nothing is deserialised before the hash matches."""
     try:
-        payload = path.read_bytes()
+        payload = read_regular_file(path)
     except FileNotFoundError:
         raise IntegrityError(f"{path}: {kind} file not found (recorded in {record_path.name})") from None
     except OSError as exc:
@@ -108,7 +115,12 @@ def load_model(path: str | Path, device: torch.device | str = "cpu") -> LoadedMo
     """Load a model saved by :func:`save_model`, verifying the weights' SHA-256 first."""
     json_path, weights_path = _resolve(Path(path))
     record = read_record(json_path)
-    weights_path = json_path.parent / str(record.get("weights_file", weights_path.name))
+    weights_file = str(record.get("weights_file", weights_path.name))
+    if Path(weights_file).name != weights_file or weights_file in ("", ".", ".."):
+        raise IntegrityError(
+            f"{json_path}: weights_file {weights_file!r} is not a file name in the record's own folder"
+        )
+    weights_path = json_path.parent / weights_file
     state = read_verified_tensors(weights_path, record.get("weights_sha256"), json_path, kind="weights")
     model = build_model(str(record.get("model_name", "cnn")))
     try:

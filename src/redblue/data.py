@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import gzip
 import hashlib
 import importlib.util
 import os
@@ -40,7 +39,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from redblue.errors import ConfigError, DataError
+from redblue.errors import ConfigError, DataError, IntegrityError
+from redblue.utils import read_regular_file
 
 DATASET_NAMES = ("auto", "mnist", "fashion-mnist", "mnist-mini")
 FILE_KINDS = ("train-images", "train-labels", "test-images", "test-labels")
@@ -173,17 +173,43 @@ def to_float(x_uint8: torch.Tensor) -> torch.Tensor:
 # --------------------------------------------------------------------------- IDX parsing
 
 
-def _read_maybe_gzip(path: Path) -> bytes:
+MAX_IDX_BYTES = 64 << 20
+"""An IDX file of the MNIST family holds at most 60,000 x 784 + 16 bytes (47 MB); anything
+larger (a gzip bomb, a wrong file) is refused before it is read or decompressed whole."""
+
+
+def _read_maybe_gzip(path: Path, max_bytes: int = MAX_IDX_BYTES) -> bytes:
     try:
-        raw = path.read_bytes()
+        raw = read_regular_file(path, max_bytes)
+    except IntegrityError as exc:
+        raise DataError(str(exc)) from None
     except OSError as exc:
         raise DataError(f"{path}: cannot read file ({exc.strerror or exc})") from None
     if raw[:2] == b"\x1f\x8b":
         try:
-            return gzip.decompress(raw)
+            data = _gunzip_bounded(raw, max_bytes)
         except (OSError, EOFError, zlib.error) as exc:
             raise DataError(f"{path}: corrupt or truncated gzip data ({exc})") from None
+        if data is None:
+            raise DataError(f"{path}: decompresses to more than {max_bytes} bytes, more than any IDX file "
+                            "of the MNIST family (a gzip bomb or the wrong file)")
+        return data
     return raw
+
+
+def _gunzip_bounded(raw: bytes, max_bytes: int) -> bytes | None:
+    """gzip-decompress ``raw`` (every member), or None as soon as the output passes ``max_bytes``."""
+    out = bytearray()
+    rest = raw
+    while rest:
+        inflater = zlib.decompressobj(16 + zlib.MAX_WBITS)
+        out += inflater.decompress(rest, max_bytes + 1 - len(out))
+        if len(out) > max_bytes or inflater.unconsumed_tail:
+            return None
+        if not inflater.eof:
+            raise EOFError("compressed file ended before the end-of-stream marker was reached")
+        rest = inflater.unused_data.lstrip(b"\x00")
+    return bytes(out)
 
 
 def parse_idx(data: bytes, kind: str, expected_count: int, where: str) -> np.ndarray:

@@ -13,8 +13,6 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-import filelock
-
 from redblue.artifacts import load_model
 from redblue.config import (
     AttackConfig,
@@ -26,13 +24,12 @@ from redblue.config import (
     TrainConfig,
 )
 from redblue.data import Dataset
-from redblue.errors import RedblueError
 from redblue.report.render import render_report
 from redblue.report.stage_plots import render_stage_plots
 from redblue.report.summary import build_summary
 from redblue.results import Result, Summary, validate_result
 from redblue.stages import attack_stage, defend_backdoor_stage, defend_stage, load_data, poison_stage, train_baseline
-from redblue.utils import atomic_write_json, resolve_device, seed_everything
+from redblue.utils import atomic_write_json, output_lock, resolve_device, seed_everything
 
 # --------------------------------------------------------------------------- redblue run
 
@@ -41,28 +38,6 @@ QUICK_TRAIN = 12_000
 QUICK_TEST = 1_000
 QUICK_CHECKS = {"check_examples": 100, "square_examples": 50, "square_queries": 200}
 """--quick: the sanity checks on fewer images, and a shorter Square attack."""
-
-
-@contextlib.contextmanager
-def output_lock(out: Path) -> Iterator[None]:
-    """Hold ``out/.redblue.lock`` for the whole run; a second run on ``out`` is refused.
-
-    The lock is an OS-level ``flock``: it is released when the process ends, even by
-    ``kill -9``, so an interrupted run never blocks the next one.
-    """
-    out.mkdir(parents=True, exist_ok=True)
-    lock = filelock.FileLock(str(out / ".redblue.lock"), timeout=0)
-    try:
-        lock.acquire()
-    except filelock.Timeout:
-        raise RedblueError(
-            f"--out {out}: another redblue run is using this folder (lock {out / '.redblue.lock'}); "
-            "wait for it to finish or choose another --out"
-        ) from None
-    try:
-        yield
-    finally:
-        lock.release()
 
 
 @dataclass(frozen=True)

@@ -8,17 +8,19 @@ import json
 import os
 import platform
 import random
+import stat
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import filelock
 import numpy as np
 import safetensors
 import torch
 
 from redblue._version import __version__
-from redblue.errors import ConfigError, IntegrityError
+from redblue.errors import ConfigError, IntegrityError, RedblueError
 
 
 def seed_everything(seed: int) -> None:
@@ -72,7 +74,38 @@ def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+MAX_READ_BYTES = 4 << 30
+"""The largest file redblue reads whole (4 GiB): weights, records, cache entries."""
+MAX_JSON_BYTES = 256 << 20
+"""The largest JSON record or result redblue reads (256 MiB)."""
+
+
+def check_regular_file(path: Path, max_bytes: int | None = None) -> int:
+    """The size of ``path`` after checking that it is a regular file (not a device, FIFO or
+    socket, which could hang a read or never end) of at most ``max_bytes``; IntegrityError
+    (one line naming the path) otherwise, FileNotFoundError when it does not exist."""
+    info = path.stat()  # follows symlinks: what matters is what a read would open
+    if not stat.S_ISREG(info.st_mode):
+        kind = ("a directory" if stat.S_ISDIR(info.st_mode) else "a FIFO" if stat.S_ISFIFO(info.st_mode)
+                else "a device" if stat.S_ISCHR(info.st_mode) or stat.S_ISBLK(info.st_mode) else "a socket or other special file")  # fmt: skip
+        raise IntegrityError(f"{path}: is {kind}, expected a regular file")
+    if max_bytes is not None and info.st_size > max_bytes:
+        raise IntegrityError(f"{path}: {info.st_size} bytes, more than the {max_bytes} a redblue file may hold")
+    return info.st_size
+
+
+def read_regular_file(path: Path, max_bytes: int = MAX_READ_BYTES) -> bytes:
+    """The bytes of ``path``, a regular file of at most ``max_bytes`` (see :func:`check_regular_file`)."""
+    check_regular_file(path, max_bytes)
+    with open(path, "rb") as handle:
+        data = handle.read(max_bytes + 1)
+    if len(data) > max_bytes:  # grew since the check
+        raise IntegrityError(f"{path}: more than the {max_bytes} bytes a redblue file may hold")
+    return data
+
+
 def sha256_file(path: Path) -> str:
+    check_regular_file(path)
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         for chunk in iter(lambda: handle.read(1 << 20), b""):
@@ -126,11 +159,15 @@ def atomic_write_json(path: Path, obj: Any) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
-def read_json(path: Path) -> Any:
+def read_json(path: Path, max_bytes: int = MAX_JSON_BYTES) -> Any:
+    """A JSON file's content; IntegrityError (one line naming the file) when it is missing, not a
+    regular file, too large, not UTF-8, not JSON or nested too deeply to parse."""
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        return json.loads(read_regular_file(path, max_bytes).decode("utf-8"))
     except FileNotFoundError:
         raise IntegrityError(f"{path}: file not found") from None
+    except RecursionError:
+        raise IntegrityError(f"{path}: JSON nested too deeply to be a redblue file") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise IntegrityError(f"{path}: not a readable JSON file ({exc})") from None
 
@@ -161,3 +198,40 @@ def pct(value: Any, digits: int = 2, missing: str = "n/a") -> str:
     if isinstance(value, bool) or not isinstance(value, int | float) or value != value:
         return missing
     return f"{100 * value:.{digits}f}%"
+
+
+@contextlib.contextmanager
+def output_lock(out: Path) -> Iterator[None]:
+    """Hold ``out/.redblue.lock`` while a command writes under ``out``; a second command on
+    the same folder is refused (one line, exit 2) instead of interleaving its files.
+
+    The lock is an OS-level ``flock``: it is released when the process ends, even by
+    ``kill -9``, so an interrupted command never blocks the next one. Once it is held, the
+    temporary files that a killed atomic write left behind are removed.
+    """
+    out.mkdir(parents=True, exist_ok=True)
+    lock = filelock.FileLock(str(out / ".redblue.lock"), timeout=0)
+    try:
+        lock.acquire()
+    except filelock.Timeout:
+        raise RedblueError(
+            f"--out {out}: another redblue command is using this folder (lock {out / '.redblue.lock'}); "
+            "wait for it to finish or choose another --out"
+        ) from None
+    try:
+        remove_leftovers(out)
+        yield
+    finally:
+        lock.release()
+
+
+def remove_leftovers(out: Path) -> list[Path]:
+    """Delete the ``.NAME.*.tmp`` files that an interrupted :func:`atomic_write_bytes` left
+    under ``out`` (only call it while holding :func:`output_lock`); returns what it removed."""
+    removed = []
+    for path in out.rglob(".*.tmp"):
+        if path.is_file() and not path.is_symlink():
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+                removed.append(path)
+    return removed

@@ -6,6 +6,8 @@ CLI flag), the value and what is accepted. Used by the configs, the attacks and 
 
 from __future__ import annotations
 
+import re
+
 from redblue.errors import ConfigError
 
 
@@ -48,3 +50,19 @@ def check_float(
         hi = "inf" if high is None else f"{high:g}"
         interval = f"{'(' if low_open or low is None else '['}{lo}, {hi}{')' if high_open or high is None else ']'}"
         raise ConfigError(f"{opt(name)} {value:g}: must be in {interval}")
+
+
+NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,127}")
+"""A name that becomes part of a file name under ``--out``: letters, digits, ``.``, ``_``,
+``+``, ``-``; starts with a letter or digit; at most 128 characters; no ``..``."""
+
+
+def check_name(name: str, value: object, *, error: type[Exception] = ConfigError) -> str:
+    """``value`` when it is a safe file-name part (:data:`NAME_PATTERN`), so that nothing
+    derived from it can land outside the output folder; ``error`` (one line) otherwise."""
+    if not isinstance(value, str) or not NAME_PATTERN.fullmatch(value) or ".." in value:
+        raise error(
+            f"{opt(name)} {value!r}: expected a name of letters, digits, '.', '_', '+' or '-' "
+            "(no path separator, no '..', at most 128 characters)"
+        )
+    return value

@@ -24,7 +24,6 @@ Example:
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from collections.abc import Iterator
@@ -32,8 +31,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from redblue.errors import ConfigError
-from redblue.utils import sha256_file
+from redblue.errors import ConfigError, IntegrityError
+from redblue.utils import read_json, sha256_file
 
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 STATUSES = ("ok", "modified", "missing", "error")
@@ -132,13 +131,13 @@ def verify_dir(root: str | os.PathLike[str]) -> VerifyReport:
         raise ConfigError(f"{root}: no such folder")
     base = root if root.is_dir() else root.parent
     report = VerifyReport(root=str(root))
-    digests: dict[Path, str | OSError] = {}
+    digests: dict[Path, str | OSError | IntegrityError] = {}
     for json_path in _json_files(root):
         shown = _display(json_path, base)
         try:
-            obj = json.loads(json_path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
-            report.errors.append(f"{shown}: not a readable JSON file ({exc})")
+            obj = read_json(json_path)
+        except IntegrityError as exc:
+            report.errors.append(f"{shown}: {str(exc).removeprefix(f'{json_path}: ')}")
             continue
         report.records += 1
         for where, file_value, sha_value in find_pairs(obj):
@@ -156,7 +155,7 @@ def _check(
     where: str,
     file_value: Any,
     sha_value: Any,
-    digests: dict[Path, str | OSError],
+    digests: dict[Path, str | OSError | IntegrityError],
 ) -> ArtifactCheck:
     def result(file: str, status: str, actual: str | None, message: str) -> ArtifactCheck:
         expected = sha_value if isinstance(sha_value, str) else None
@@ -168,16 +167,20 @@ def _check(
         return result(file_value, "error", None, f"{where}_sha256 must be 64 lowercase hex digits")
     path = (json_path.parent / file_value).resolve()
     file = _display(path, base.resolve())
+    if not path.is_relative_to(base.resolve()):
+        return result(file, "error", None, f"{where}_file points outside the verified folder (recorded in {shown})")
     if path not in digests:
         try:
             digests[path] = sha256_file(path)
-        except OSError as exc:
+        except (OSError, IntegrityError) as exc:
             digests[path] = exc
     digest = digests[path]
     if isinstance(digest, FileNotFoundError):
         return result(file, "missing", None, f"file not found (recorded in {shown})")
     if isinstance(digest, OSError):
         return result(file, "error", None, f"cannot read ({digest.strerror or digest})")
+    if isinstance(digest, IntegrityError):
+        return result(file, "error", None, str(digest).removeprefix(f"{path}: "))
     if digest != sha_value:
         return result(
             file, "modified", digest, f"SHA-256 {digest[:16]}… differs from {sha_value[:16]}… recorded in {shown}"

@@ -72,6 +72,10 @@ def main(argv: list[str] | None = None) -> int:
     except RedblueError as exc:
         print(f"redblue: error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # a full disk, a permission, a quota: what and where, in one line
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"redblue: error: {where}{exc.strerror or exc} (nothing half-written is kept)", file=sys.stderr)
+        return 2
     except click.exceptions.Exit as exc:
         return int(exc.exit_code)
     # With standalone_mode=False, click returns ctx.exit(code)'s code (or the command's value).

@@ -12,7 +12,8 @@ from redblue.cli.common import check_output_dir, data_options, save_effective_co
 from redblue.config import AttackConfig, DataConfig, build, load_toml
 from redblue.report.stage_plots import render_stage_plots
 from redblue.stages import attack_stage, load_data
-from redblue.utils import resolve_device
+from redblue.utils import output_lock, resolve_device
+from redblue.validate import check_name
 
 
 @click.command()
@@ -54,13 +55,16 @@ def attack(model_path: str, out: str, config_file: str | None, name: str | None,
     file = load_toml(config_file, ("attack", "data"))
     attack_cfg = build(AttackConfig, file, options, "attack")
     data_cfg = build(DataConfig, file, options, "data")
+    if name is not None:
+        check_name("name", name)
     device = resolve_device(attack_cfg.device)
     loaded = load_model(Path(model_path), device=device)
     out_dir = check_output_dir(out)
     data = load_data(data_cfg, device=str(device))
-    result = attack_stage(out_dir, loaded, data, attack_cfg, name=name, data_cfg=data_cfg)
-    render_stage_plots(out_dir, result)
-    save_effective_config(out_dir, result["name"], {"attack": attack_cfg, "data": data_cfg})
+    with output_lock(out_dir):
+        result = attack_stage(out_dir, loaded, data, attack_cfg, name=name, data_cfg=data_cfg)
+        render_stage_plots(out_dir, result)
+        save_effective_config(out_dir, result["name"], {"attack": attack_cfg, "data": data_cfg})
     metrics = result["metrics"]
     parts = ", ".join(f"{a} {100 * v['robust_accuracy']:.2f}%" for a, v in metrics["attacks"].items())
     click.echo(

@@ -17,7 +17,8 @@ from redblue.cli.common import (
 from redblue.config import RECIPES, DefendConfig, build
 from redblue.report.stage_plots import render_stage_plots
 from redblue.stages import defend_stage, load_data
-from redblue.utils import resolve_device
+from redblue.utils import output_lock, resolve_device
+from redblue.validate import check_name
 
 
 @click.command()
@@ -92,14 +93,16 @@ def defend(config_file: str | None, out: str, force_retrain: bool, name: str, **
     """
     file, data_cfg, train_cfg = load_configs(config_file, options, ("defend",))
     defend_cfg = build(DefendConfig, file, options, "defend")
+    check_name("name", name)
     device = resolve_device(train_cfg.device)
     out_dir = check_output_dir(out)
     data = load_data(data_cfg, device=str(device))
-    result = defend_stage(
-        out_dir, data, train_cfg, defend_cfg, data_cfg=data_cfg, force_retrain=force_retrain, name=name
-    )
-    render_stage_plots(out_dir, result)
-    save_effective_config(out_dir, name, {"data": data_cfg, "train": train_cfg, "defend": defend_cfg})
+    with output_lock(out_dir):
+        result = defend_stage(
+            out_dir, data, train_cfg, defend_cfg, data_cfg=data_cfg, force_retrain=force_retrain, name=name
+        )
+        render_stage_plots(out_dir, result)
+        save_effective_config(out_dir, name, {"data": data_cfg, "train": train_cfg, "defend": defend_cfg})
     m = result["metrics"]
     line = (
         f"{name} ({defend_cfg.recipe}, eps {defend_cfg.eps:g}): clean {100 * m['clean_accuracy']:.2f}%, "

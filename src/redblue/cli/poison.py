@@ -22,7 +22,7 @@ from redblue.errors import ConfigError
 from redblue.poison.trigger import PATTERNS
 from redblue.report.stage_plots import render_stage_plots
 from redblue.stages import defend_backdoor_stage, load_data, poison_stage, poison_sweep_stage
-from redblue.utils import pct, resolve_device
+from redblue.utils import output_lock, pct, resolve_device
 
 
 def parse_rates(text: str | None) -> tuple[float, ...] | None:
@@ -76,10 +76,16 @@ def poison(config_file: str | None, out: str, force_retrain: bool, sweep: bool,
     device = resolve_device(train_cfg.device)
     out_dir = check_output_dir(out)
     data = load_data(data_cfg, device=str(device))
-    result = poison_stage(out_dir, data, train_cfg, poison_cfg, data_cfg=data_cfg,
-                          force_retrain=force_retrain)
-    render_stage_plots(out_dir, result)
-    save_effective_config(out_dir, "poison", {"data": data_cfg, "train": train_cfg, "poison": poison_cfg})
+    with output_lock(out_dir):
+        result = poison_stage(out_dir, data, train_cfg, poison_cfg, data_cfg=data_cfg,
+                              force_retrain=force_retrain)
+        render_stage_plots(out_dir, result)
+        save_effective_config(out_dir, "poison", {"data": data_cfg, "train": train_cfg, "poison": poison_cfg})
+        swept = None
+        if sweep:
+            swept = poison_sweep_stage(out_dir, data, train_cfg, poison_cfg, data_cfg=data_cfg,
+                                       force_retrain=force_retrain)
+            render_stage_plots(out_dir, swept)
     m = result["metrics"]
     click.echo(
         f"{poison_cfg.name}: {result['poison']['n_poison']} of {result['poison']['n_train']} training "
@@ -89,10 +95,7 @@ def poison(config_file: str | None, out: str, force_retrain: bool, sweep: bool,
     if result["baseline"] is not None:
         click.echo(f"clean baseline {pct(result['baseline']['clean_accuracy'])} "
                    f"(clean accuracy drop {result['baseline']['clean_accuracy_drop_pp']:.2f} pp)")
-    if sweep:
-        swept = poison_sweep_stage(out_dir, data, train_cfg, poison_cfg, data_cfg=data_cfg,
-                                   force_retrain=force_retrain)
-        render_stage_plots(out_dir, swept)
+    if swept is not None:
         for point in swept["points"]:
             click.echo(f"  rate {point['rate']:<6g} poisoned {point['n_poison']:>5}  "
                        f"clean acc. {pct(point['clean_accuracy'])}  ASR {pct(point['asr'])}  RA {pct(point['ra'])}")
@@ -152,11 +155,12 @@ def defend_backdoor(model_path: str, config_file: str | None, out: str, force_re
     device = resolve_device(train_cfg.device)
     out_dir = check_output_dir(out)
     data = load_data(data_cfg, device=str(device))
-    result = defend_backdoor_stage(out_dir, data, Path(model_path), defense_cfg, train_cfg=train_cfg,
-                                   data_cfg=data_cfg, force_retrain=force_retrain)
-    render_stage_plots(out_dir, result)
-    save_effective_config(out_dir, f"defend_backdoor_{defense_cfg.method}",
-                          {"data": data_cfg, "train": train_cfg, "backdoor": defense_cfg})
+    with output_lock(out_dir):
+        result = defend_backdoor_stage(out_dir, data, Path(model_path), defense_cfg, train_cfg=train_cfg,
+                                       data_cfg=data_cfg, force_retrain=force_retrain)
+        render_stage_plots(out_dir, result)
+        save_effective_config(out_dir, f"defend_backdoor_{defense_cfg.method}",
+                              {"data": data_cfg, "train": train_cfg, "backdoor": defense_cfg})
     det = result["detection"]
     click.echo(f"{defense_cfg.method}: flagged {det['n_flagged']} of {det['n']} training images "
                f"({det['n_poison']} poisoned): precision {pct(det['precision'])}, "

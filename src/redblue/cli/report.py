@@ -7,8 +7,10 @@ from pathlib import Path
 import click
 
 from redblue.cli.common import DEFAULT_OUT
+from redblue.errors import RedblueError
 from redblue.report.render import render_report
 from redblue.report.stage_plots import render_all_plots
+from redblue.utils import output_lock
 
 
 @click.command()
@@ -19,6 +21,10 @@ def report(out: str) -> None:
     Nothing is re-computed: plots and report are built from the JSON result files (and the
     example files they name) only.
     """
-    render_all_plots(Path(out))
-    html_path, md_path = render_report(Path(out))
+    folder = Path(out)
+    if not (folder / "metrics").is_dir():
+        raise RedblueError(f"{folder / 'metrics'}: no metrics folder (run a stage first, e.g. 'redblue run --out {out}')")
+    with output_lock(folder):
+        render_all_plots(folder)
+        html_path, md_path = render_report(folder)
     click.echo(f"wrote {html_path} and {md_path}")

@@ -19,7 +19,8 @@ from redblue.cli.common import (
 from redblue.config import DataConfig, build, load_toml
 from redblue.report.stage_plots import render_stage_plots
 from redblue.stages import evaluate_stage, load_data, train_baseline
-from redblue.utils import resolve_device
+from redblue.utils import output_lock, resolve_device
+from redblue.validate import check_name
 
 
 @click.command()
@@ -34,12 +35,14 @@ def train(config_file: str | None, out: str, force_retrain: bool, name: str, **o
     images/NAME_training_curves.png and images/NAME_confusion_matrix.png.
     """
     _, data_cfg, train_cfg = load_configs(config_file, options, ())
+    check_name("name", name)
     device = resolve_device(train_cfg.device)
     data = load_data(data_cfg, device=str(device))
     out_dir = check_output_dir(out)
-    result = train_baseline(out_dir, data, train_cfg, data_cfg=data_cfg, force_retrain=force_retrain, name=name)
-    render_stage_plots(out_dir, result)
-    save_effective_config(out_dir, name, {"data": data_cfg, "train": train_cfg})
+    with output_lock(out_dir):
+        result = train_baseline(out_dir, data, train_cfg, data_cfg=data_cfg, force_retrain=force_retrain, name=name)
+        render_stage_plots(out_dir, result)
+        save_effective_config(out_dir, name, {"data": data_cfg, "train": train_cfg})
     acc = result.metrics["clean_accuracy"]
     click.echo(
         f"{name}: clean test accuracy {100 * acc:.2f}% on {data.name} ({result.metrics['n_test']} images); "
@@ -60,7 +63,8 @@ def evaluate(model_path: str, out: str, device: str, config_file: str | None, **
     loaded = load_model(Path(model_path), device=dev)
     data = load_data(data_cfg, device=str(dev))
     out_dir = check_output_dir(out)
-    result = evaluate_stage(out_dir, loaded, data)
-    render_stage_plots(out_dir, result)
+    with output_lock(out_dir):
+        result = evaluate_stage(out_dir, loaded, data)
+        render_stage_plots(out_dir, result)
     m = result.metrics
     click.echo(f"{result.name}: clean test accuracy {100 * m['clean_accuracy']:.2f}% on {data.name} ({m['n_test']} images)")

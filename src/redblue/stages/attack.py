@@ -18,6 +18,7 @@ from safetensors.torch import save as st_save
 from redblue.artifacts import LoadedModel, load_model
 from redblue.config import AttackConfig, DataConfig
 from redblue.data import Dataset
+from redblue.errors import IntegrityError
 from redblue.evaluation import evaluate_robustness, sample_predictions
 from redblue.results import AttackStageResult
 from redblue.stages.common import cached_result, config_json, stage_cache, write_result
@@ -29,6 +30,7 @@ from redblue.utils import (
     sha256_file,
     sha256_json,
 )
+from redblue.validate import check_name
 
 SAMPLES_FORMAT = "redblue.attack-samples/1"
 
@@ -68,8 +70,8 @@ def attack_stage(
     device = resolve_device(cfg.device)
     loaded = model if isinstance(model, LoadedModel) else load_model(Path(model), device=device)
     net = loaded.model.to(device)
-    model_name = str(loaded.record.get("name", loaded.json_path.stem))
-    name = name or f"{model_name}_{cfg.attack.replace(',', '+')}"
+    model_name = check_name("name", str(loaded.record.get("name", loaded.json_path.stem)), error=IntegrityError)
+    name = check_name("name", name or f"{model_name}_{cfg.attack.replace(',', '+')}")
     weights_sha = str(loaded.record.get("weights_sha256"))
     key = attack_key(cfg, weights_sha, data, check_options)
     cached = cached_result(out, name, key, AttackStageResult)

@@ -37,6 +37,7 @@ from redblue.stages.common import (
 from redblue.stages.poison import build_poisoned, poison_config_from_record, verify_indices
 from redblue.train import fit
 from redblue.utils import library_versions, resolve_device, seed_everything, sha256_file, sha256_json, sha256_tensor
+from redblue.validate import check_name
 
 DETECTION_SETTINGS = (
     "method", "n_components", "reduce", "analysis", "max_share", "min_silhouette", "reclass_threshold",
@@ -130,7 +131,7 @@ def defend_backdoor_stage(
     after = None
     retrained = None
     if defense_cfg.retrain:
-        name = f"{record['name']}_{method}_retrained"
+        name = f"{check_name('name', record['name'], error=IntegrityError)}_{method}_retrained"
         clean_part = remove_examples(poisoned, flagged.to(device))
         retrain_key = training_cache_key(
             "backdoor_retrain", train_cfg, data,

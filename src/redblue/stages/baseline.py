@@ -10,6 +10,7 @@ from torch import nn
 from redblue.artifacts import LoadedModel
 from redblue.config import DataConfig, TrainConfig
 from redblue.data import Dataset
+from redblue.errors import IntegrityError
 from redblue.models import build_model
 from redblue.results import BaselineResult, EvaluateResult
 from redblue.stages.common import (
@@ -21,6 +22,7 @@ from redblue.stages.common import (
 )
 from redblue.train import evaluate, fit
 from redblue.utils import library_versions, resolve_device, sha256_json
+from redblue.validate import check_name
 
 
 def clean_metrics(model: nn.Module, data: Dataset) -> dict[str, object]:
@@ -50,6 +52,7 @@ def train_baseline(
     The model is reused when its training config and data match; the whole result is reused
     (byte for byte) when the model's weights are the ones it was measured on.
     """
+    check_name("name", name)
     key = training_cache_key(name, train_cfg, data)
     device = resolve_device(train_cfg.device)
 
@@ -86,7 +89,7 @@ def train_baseline(
 
 def evaluate_stage(out: Path, loaded: LoadedModel, data: Dataset) -> EvaluateResult:
     """Clean test metrics of a saved (hash-verified) model; writes ``metrics/<name>_evaluate_metrics.json``."""
-    name = str(loaded.record.get("name", loaded.json_path.stem))
+    name = check_name("name", str(loaded.record.get("name", loaded.json_path.stem)), error=IntegrityError)
     key = sha256_json({"stage": "evaluate", "weights": loaded.record["weights_sha256"], "data": data.identity()})
     if (cached := cached_result(out, f"{name}_evaluate", key, EvaluateResult)) is not None:
         return cached

@@ -30,6 +30,7 @@ from redblue.stages.common import (
     write_result,
 )
 from redblue.utils import library_versions, resolve_device, sha256_json
+from redblue.validate import check_name
 
 
 def defense_cache_key(name: str, train_cfg: TrainConfig, defend_cfg: DefendConfig, data: Dataset) -> str:
@@ -138,6 +139,7 @@ def defend_stage(
     first ``defend_cfg.n_examples`` test images (clean accuracy on all of them) and raises
     the robustness-gap warning when FGSM accuracy is far above the strongest attack's.
     """
+    check_name("name", name)
     key = defense_cache_key(name, train_cfg, defend_cfg, data)
     device = resolve_device(train_cfg.device)
     config = config_json(train=train_cfg, defend=defend_cfg, data=data_cfg)
