@@ -150,4 +150,4 @@ def test_cache_folder_scans_clean(tmp_path: Path) -> None:
     cache.put("activations", {"layer": 3}, {"acts": torch.randn(5, 8)})
     report = scan_paths([tmp_path])
     assert report.exit_code() == 0
-    assert sorted(f.kind for f in report.files if f.status == "clean") == ["safetensors", "safetensors"]
+    assert sorted(f.kind for f in report.files if f.status == "clean") == ["json", "json", "safetensors", "safetensors"]

@@ -87,7 +87,9 @@ def test_scan_and_verify_redblue_outputs_are_clean(tmp_path: Path, cli: Cli) -> 
     result = cli("scan", str(out))
     assert result.returncode == 0, result.stdout
     assert "0 with findings, 0 error(s)" in result.stdout
-    assert sum(line.startswith("clean") for line in result.stdout.splitlines()) == 2  # weights + cached tensors
+    clean = [line.split()[-1] for line in result.stdout.splitlines() if line.startswith("clean")]
+    assert clean.count("safetensors") == 2  # weights + cached tensors
+    assert set(clean) == {"safetensors", "json"}  # the records: JSON, data only
     result = cli("verify", str(out))
     assert result.returncode == 0, result.stdout
     assert "2 artifact(s) in 3 JSON record(s): 2 ok, 0 modified, 0 missing, 0 error(s) -> exit 0" in result.stdout

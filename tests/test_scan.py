@@ -334,7 +334,7 @@ def test_directories_are_walked_and_other_files_skipped(tmp_path: Path, marker: 
     by_name = {Path(f.path).name: f for f in report.files}
     assert set(by_name) == {"notes.txt", "evil.pkl", "m.safetensors", "m.json", "missing.pt"}
     assert by_name["notes.txt"].status == "skipped" and not by_name["notes.txt"].explicit
-    assert by_name["m.json"].status == "skipped"
+    assert (by_name["m.json"].status, by_name["m.json"].kind) == ("clean", "json")  # data, never executed
     assert by_name["m.safetensors"].status == "clean"
     assert by_name["evil.pkl"].worst == "critical"
     assert by_name["missing.pt"].error == "file not found"

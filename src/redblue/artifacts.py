@@ -49,7 +49,10 @@ def model_paths(out: Path, name: str) -> tuple[Path, Path]:
 
 
 def save_model(out: Path, name: str, model: nn.Module, record: dict[str, Any]) -> dict[str, Any]:
-    """Write weights (safetensors) then the JSON record, each atomically; returns the record."""
+    """Write weights (safetensors) then the JSON record, each atomically; returns the record.
+
+    The order matters: the record is what pins the weights (by SHA-256), and it is published
+    last, so a reader (:func:`load_model`) never accepts a pair from two runs."""
     weights_path, json_path = model_paths(out, name)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     # One metadata key only: safetensors writes a metadata map in no fixed order, so two keys
@@ -89,6 +92,10 @@ def read_record(path: Path) -> dict[str, Any]:
     return record
 
 
+class HashMismatch(IntegrityError):
+    """A file's SHA-256 differs from the one its record holds."""
+
+
 def read_verified_tensors(path: Path, sha256: object, record_path: Path, *, kind: str) -> dict[str, torch.Tensor]:
     """The tensors of the safetensors file ``path``, after checking its SHA-256 against ``sha256``
     (recorded in ``record_path``). IntegrityError naming the file when it is missing,
@@ -101,7 +108,7 @@ def read_verified_tensors(path: Path, sha256: object, record_path: Path, *, kind
         raise IntegrityError(f"{path}: cannot read ({exc.strerror or exc})") from None
     digest = sha256_bytes(payload)
     if digest != sha256:
-        raise IntegrityError(
+        raise HashMismatch(
             f"{path}: SHA-256 mismatch (got {digest[:16]}…, recorded {str(sha256)[:16]}… in "
             f"{record_path.name}): the file was modified or does not belong to this record"
         )
@@ -111,17 +118,48 @@ def read_verified_tensors(path: Path, sha256: object, record_path: Path, *, kind
         raise IntegrityError(f"{path}: not a valid safetensors file ({exc})") from None
 
 
-def load_model(path: str | Path, device: torch.device | str = "cpu") -> LoadedModel:
-    """Load a model saved by :func:`save_model`, verifying the weights' SHA-256 first."""
-    json_path, weights_path = _resolve(Path(path))
-    record = read_record(json_path)
-    weights_file = str(record.get("weights_file", weights_path.name))
+def _weights_of(json_path: Path, record: dict[str, Any]) -> Path:
+    weights_file = str(record.get("weights_file", json_path.with_suffix(".safetensors").name))
     if Path(weights_file).name != weights_file or weights_file in ("", ".", ".."):
         raise IntegrityError(
             f"{json_path}: weights_file {weights_file!r} is not a file name in the record's own folder"
         )
-    weights_path = json_path.parent / weights_file
-    state = read_verified_tensors(weights_path, record.get("weights_sha256"), json_path, kind="weights")
+    return json_path.parent / weights_file
+
+
+PAIR_ATTEMPTS = 3
+"""How often :func:`load_model` re-reads a pair whose hashes disagree before refusing it."""
+
+
+def _read_pair(json_path: Path) -> tuple[dict[str, Any], Path, dict[str, torch.Tensor]]:
+    """The record, the weights path and the verified weights, read as one pair.
+
+    :func:`save_model` publishes the weights first and the record second (each by an atomic
+    rename, under the output lock), and the record pins the weights by SHA-256, so a reader
+    can never use one run's weights with another run's record: it either reads a matching
+    pair, or sees the hashes disagree. A disagreement while a writer is between its two
+    renames (or has just replaced both) is resolved by reading the pair again; one that lasts
+    (a modified file, or a writer killed between the renames) is refused.
+    """
+    for attempt in range(PAIR_ATTEMPTS):
+        record = read_record(json_path)
+        weights_path = _weights_of(json_path, record)
+        try:
+            return record, weights_path, read_verified_tensors(
+                weights_path, record.get("weights_sha256"), json_path, kind="weights"
+            )
+        except HashMismatch:
+            if attempt == PAIR_ATTEMPTS - 1:
+                raise
+            if read_record(json_path) == record:
+                time.sleep(0.05 * (attempt + 1))  # a writer may be between its two renames
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def load_model(path: str | Path, device: torch.device | str = "cpu") -> LoadedModel:
+    """Load a model saved by :func:`save_model`, verifying the weights' SHA-256 first."""
+    json_path, _ = _resolve(Path(path))
+    record, weights_path, state = _read_pair(json_path)
     model = build_model(str(record.get("model_name", "cnn")))
     try:
         model.load_state_dict(state, strict=True)

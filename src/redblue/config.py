@@ -15,9 +15,10 @@ from typing import Any, TypeVar
 
 from redblue.attacks import expand
 from redblue.data import DATASET_NAMES
-from redblue.errors import ConfigError
+from redblue.errors import ConfigError, IntegrityError
 from redblue.models import MODELS
 from redblue.poison.trigger import Trigger
+from redblue.utils import read_regular_file
 from redblue.validate import check_choice, check_float, check_int, opt
 
 T = TypeVar("T")
@@ -78,6 +79,10 @@ class ConfigFile:
         return value if isinstance(value, dict) else None
 
 
+MAX_CONFIG_BYTES = 16 << 20
+"""The largest config file redblue reads (16 MiB; a real one is a few hundred bytes)."""
+
+
 def load_toml(path: str | Path | None, sections: tuple[str, ...] = ()) -> ConfigFile:
     """Read a TOML config file strictly: a missing, unreadable or malformed file, a section
     that is not one of ``sections`` (when given) or a section that is not a table is a
@@ -86,8 +91,9 @@ def load_toml(path: str | Path | None, sections: tuple[str, ...] = ()) -> Config
         return ConfigFile(None, {})
     p = Path(path)
     try:
-        with open(p, "rb") as handle:
-            data = tomllib.load(handle)
+        data = tomllib.loads(read_regular_file(p, MAX_CONFIG_BYTES).decode("utf-8"))
+    except IntegrityError as exc:  # a device, FIFO or socket (never opened), or too large
+        raise ConfigError(f"--config {exc}") from None
     except FileNotFoundError:
         raise ConfigError(f"--config {p}: file not found") from None
     except IsADirectoryError:
@@ -98,6 +104,8 @@ def load_toml(path: str | Path | None, sections: tuple[str, ...] = ()) -> Config
         raise ConfigError(f"--config {p}: not UTF-8 text, expected a TOML file") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"--config {p}: not valid TOML ({exc})") from None
+    except RecursionError:
+        raise ConfigError(f"--config {p}: nested too deeply to be a redblue config") from None
     for name, value in data.items():
         if sections and name not in sections:
             raise ConfigError(f"{p}: unknown section [{name}], expected {', '.join(f'[{s}]' for s in sections)}")

@@ -580,6 +580,9 @@ _SAFETENSORS_BITS: dict[str, int] = {
     "BF16": 16, "I32": 32, "U32": 32, "F32": 32, "C64": 64, "F64": 64, "I64": 64, "U64": 64,
 }
 MAX_RANK = 32
+MAX_JSON_BYTES = 256 << 20  # larger JSON is not recognised as JSON (the loader's own limit)
+_OPCODE_BYTES = frozenset(op.code.encode("latin-1") for op in pickletools.opcodes)
+_PROTOCOLS = (b"\x00", b"\x01", b"\x02", b"\x03", b"\x04", b"\x05")
 
 
 class FormatError(Exception):
@@ -793,20 +796,39 @@ def _scan_zip(handle: IO[bytes], path: Path, report: FileReport) -> None:
             raise FormatError(f"cannot read a member of the zip archive ({exc})") from None
 
 
-def _scan_pickle_file(handle: IO[bytes], report: FileReport, *, by_name: bool) -> None:
-    """``by_name``: the file's extension says pickle (else only its first bytes look like one)."""
+def _scan_pickle_file(handle: IO[bytes], report: FileReport, *, claimed: bool) -> bool:
+    """Scan ``handle`` as a pickle. ``claimed``: its name or a PROTO header says pickle, so a
+    malformed stream is an error. Otherwise a stream that does not parse is not a pickle and
+    False is returned (the caller tries other formats) -- unless an import or a call was
+    already seen before the stream broke: ``pickle.load`` would have run it by then, so the
+    findings are kept and the file is reported as a malformed pickle."""
     report.kind = "pickle"
     try:
         _scan_pickle_stream(handle, report, None)
     except MalformedError as exc:
-        if not by_name and not report.findings:
-            report.status = "skipped"
-            report.notes.append(f"starts like a pickle but is not one ({exc})")
-            return
+        if not claimed and not report.findings:
+            report.kind = "unknown"
+            report.imports.clear()
+            report.notes.clear()
+            return False
         raise FormatError(f"malformed pickle ({exc})") from None
     rest = handle.read(1)
     if rest and report.kind == "pickle":
         report.notes.append("bytes after the pickle's STOP are not read by pickle.load and were not scanned")
+    return True
+
+
+def _scan_json(handle: IO[bytes], size: int, report: FileReport) -> bool:
+    """True (and a clean ``json`` report) when the file is UTF-8 JSON: data, never executed."""
+    if size > MAX_JSON_BYTES:
+        return False
+    try:
+        json.loads(handle.read(size).decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        return False
+    report.kind = "json"
+    report.notes.append("JSON: parsed as data, never executed")
+    return True
 
 
 def scan_file(path: str | os.PathLike[str], *, explicit: bool = True) -> FileReport:
@@ -816,8 +838,11 @@ def scan_file(path: str | os.PathLike[str], *, explicit: bool = True) -> FileRep
     suffix = path.suffix.lower()
     try:
         if path.exists() and not path.is_file():
-            report.status = "skipped"
-            report.notes.append("not a regular file")
+            if explicit:  # a device, FIFO or socket named on purpose: never opened
+                report.error = "not a regular file (a device, FIFO, socket or directory), never opened"
+            else:
+                report.status = "skipped"
+                report.notes.append("not a regular file")
             return report.finish()
         with open(path, "rb") as handle:
             size = os.fstat(handle.fileno()).st_size
@@ -830,19 +855,29 @@ def scan_file(path: str | os.PathLike[str], *, explicit: bool = True) -> FileRep
                 _scan_npy(handle, size, report, None)
             elif _looks_like_safetensors(head, size):
                 _scan_safetensors(handle, size, report)
-            elif head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):
-                _scan_pickle_file(handle, report, by_name=suffix in PICKLE_SUFFIXES)
+            elif head[:1] in _OPCODE_BYTES and _scan_pickle_file(handle, report, claimed=(
+                suffix in PICKLE_SUFFIXES or (head[:1] == b"\x80" and head[1:2] in _PROTOCOLS)
+            )):
+                pass  # a pickle of any protocol (0-5), found by content whatever the name
             elif suffix == ".safetensors":
+                handle.seek(0)
                 _scan_safetensors(handle, size, report)  # reports what is wrong with it
-            elif suffix in PICKLE_SUFFIXES:
-                _scan_pickle_file(handle, report, by_name=True)  # protocol 0/1 pickles
             elif suffix in (".npy", ".npz"):
                 raise FormatError(f"not a {suffix} file (bad magic bytes)")
+            elif suffix in PICKLE_SUFFIXES:
+                raise FormatError(f"not a pickle: its first byte {head[:1]!r} is no pickle opcode")
             else:
-                report.status = "skipped"
-                report.notes.append(
-                    "not a model format redblue scans (" + ", ".join(SCANNED_SUFFIXES) + ", by content or name)"
-                )
+                handle.seek(0)
+                if not _scan_json(handle, size, report):
+                    report.kind = "unknown"
+                    message = (
+                        "unrecognised format: not a pickle (protocols 0-5), zip checkpoint, NumPy "
+                        "file, safetensors or JSON"
+                    )
+                    if explicit:
+                        raise FormatError(message)
+                    report.status = "skipped"
+                    report.notes.append(message)
     except FileNotFoundError:
         report.error = "file not found"
     except IsADirectoryError:

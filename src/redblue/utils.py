@@ -12,7 +12,7 @@ import stat
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import filelock
 import numpy as np
@@ -80,24 +80,53 @@ MAX_JSON_BYTES = 256 << 20
 """The largest JSON record or result redblue reads (256 MiB)."""
 
 
+def _kind_of(mode: int) -> str:
+    if stat.S_ISDIR(mode):
+        return "a directory"
+    if stat.S_ISFIFO(mode):
+        return "a FIFO"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "a device"
+    return "a socket or other special file"
+
+
 def check_regular_file(path: Path, max_bytes: int | None = None) -> int:
     """The size of ``path`` after checking that it is a regular file (not a device, FIFO or
     socket, which could hang a read or never end) of at most ``max_bytes``; IntegrityError
     (one line naming the path) otherwise, FileNotFoundError when it does not exist."""
     info = path.stat()  # follows symlinks: what matters is what a read would open
     if not stat.S_ISREG(info.st_mode):
-        kind = ("a directory" if stat.S_ISDIR(info.st_mode) else "a FIFO" if stat.S_ISFIFO(info.st_mode)
-                else "a device" if stat.S_ISCHR(info.st_mode) or stat.S_ISBLK(info.st_mode) else "a socket or other special file")  # fmt: skip
-        raise IntegrityError(f"{path}: is {kind}, expected a regular file")
+        raise IntegrityError(f"{path}: is {_kind_of(info.st_mode)}, expected a regular file")
     if max_bytes is not None and info.st_size > max_bytes:
         raise IntegrityError(f"{path}: {info.st_size} bytes, more than the {max_bytes} a redblue file may hold")
     return info.st_size
 
 
-def read_regular_file(path: Path, max_bytes: int = MAX_READ_BYTES) -> bytes:
-    """The bytes of ``path``, a regular file of at most ``max_bytes`` (see :func:`check_regular_file`)."""
+@contextlib.contextmanager
+def open_regular(path: Path, max_bytes: int | None = None) -> Iterator[BinaryIO]:
+    """``path`` opened for reading, after :func:`check_regular_file`, and checked again on the
+    open descriptor: it is opened non-blocking, so a FIFO swapped in after the check cannot
+    hang the open, and ``fstat`` must still say a regular file of bounded size."""
     check_regular_file(path, max_bytes)
-    with open(path, "rb") as handle:
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOCTTY", 0) | getattr(os, "O_CLOEXEC", 0))
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise IntegrityError(f"{path}: is {_kind_of(info.st_mode)}, expected a regular file")
+        if max_bytes is not None and info.st_size > max_bytes:
+            raise IntegrityError(f"{path}: {info.st_size} bytes, more than the {max_bytes} a redblue file may hold")
+        os.set_blocking(fd, True)
+        handle = os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+    with handle:
+        yield handle
+
+
+def read_regular_file(path: Path, max_bytes: int = MAX_READ_BYTES) -> bytes:
+    """The bytes of ``path``, a regular file of at most ``max_bytes`` (see :func:`open_regular`)."""
+    with open_regular(path, max_bytes) as handle:
         data = handle.read(max_bytes + 1)
     if len(data) > max_bytes:  # grew since the check
         raise IntegrityError(f"{path}: more than the {max_bytes} bytes a redblue file may hold")
@@ -105,9 +134,8 @@ def read_regular_file(path: Path, max_bytes: int = MAX_READ_BYTES) -> bytes:
 
 
 def sha256_file(path: Path) -> str:
-    check_regular_file(path)
     digest = hashlib.sha256()
-    with open(path, "rb") as handle:
+    with open_regular(path) as handle:
         for chunk in iter(lambda: handle.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
