@@ -61,8 +61,8 @@ class CallablePayload:
         return (self.function, self.args)
 
 
-@pytest.fixture
-def marker(tmp_path: Path) -> Iterator[Path]:
+@pytest.fixture(name="marker")
+def marker_fixture(tmp_path: Path) -> Iterator[Path]:
     path = tmp_path / "PWNED"
     yield path
     assert not path.exists(), "a malicious payload was executed"

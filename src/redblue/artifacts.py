@@ -23,6 +23,7 @@ from torch import nn
 
 from redblue.errors import IntegrityError
 from redblue.models import build_model
+from redblue.validate import FILE_NAME_PATTERN
 from redblue.utils import (
     atomic_write_bytes,
     atomic_write_json,
@@ -92,7 +93,7 @@ def read_record(path: Path) -> dict[str, Any]:
     return record
 
 
-class HashMismatch(IntegrityError):
+class HashMismatchError(IntegrityError):
     """A file's SHA-256 differs from the one its record holds."""
 
 
@@ -108,7 +109,7 @@ def read_verified_tensors(path: Path, sha256: object, record_path: Path, *, kind
         raise IntegrityError(f"{path}: cannot read ({exc.strerror or exc})") from None
     digest = sha256_bytes(payload)
     if digest != sha256:
-        raise HashMismatch(
+        raise HashMismatchError(
             f"{path}: SHA-256 mismatch (got {digest[:16]}…, recorded {str(sha256)[:16]}… in "
             f"{record_path.name}): the file was modified or does not belong to this record"
         )
@@ -119,12 +120,19 @@ def read_verified_tensors(path: Path, sha256: object, record_path: Path, *, kind
 
 
 def _weights_of(json_path: Path, record: dict[str, Any]) -> Path:
-    weights_file = str(record.get("weights_file", json_path.with_suffix(".safetensors").name))
-    if Path(weights_file).name != weights_file or weights_file in ("", ".", ".."):
+    weights_file = record.get("weights_file", json_path.with_suffix(".safetensors").name)
+    if not isinstance(weights_file, str) or not FILE_NAME_PATTERN.fullmatch(weights_file) or ".." in weights_file:
         raise IntegrityError(
-            f"{json_path}: weights_file {weights_file!r} is not a file name in the record's own folder"
+            f"{json_path}: weights_file {weights_file!r} is not a file name in the record's own folder "
+            "(letters, digits, '.', '_', '+', '-')"
         )
-    return json_path.parent / weights_file
+    weights_path = json_path.parent / weights_file
+    if weights_path.is_symlink() and weights_path.resolve().parent != json_path.parent.resolve():
+        raise IntegrityError(
+            f"{json_path}: weights_file {weights_file!r} is a link that resolves outside the record's own "
+            f"folder (to {weights_path.resolve()})"
+        )
+    return weights_path
 
 
 PAIR_ATTEMPTS = 3
@@ -148,7 +156,7 @@ def _read_pair(json_path: Path) -> tuple[dict[str, Any], Path, dict[str, torch.T
             return record, weights_path, read_verified_tensors(
                 weights_path, record.get("weights_sha256"), json_path, kind="weights"
             )
-        except HashMismatch:
+        except HashMismatchError:
             if attempt == PAIR_ATTEMPTS - 1:
                 raise
             if read_record(json_path) == record:

@@ -267,7 +267,7 @@ def default_cache_dir() -> Path:
 def _find_in_dir(directory: Path, dataset: str, file_name: str) -> Path | None:
     for folder in (directory, directory / dataset):
         for candidate in (folder / file_name, folder / f"{file_name}.gz"):
-            if candidate.is_file():
+            if candidate.exists():  # a device, FIFO or folder is refused by name when read
                 return candidate
     return None
 

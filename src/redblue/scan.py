@@ -53,6 +53,7 @@ import os
 # (genops) over bytes; nothing here unpickles.
 import pickletools  # nosec B403
 import re
+import warnings
 import zipfile
 import zlib
 from collections.abc import Iterable, Iterator
@@ -346,6 +347,26 @@ _RULES = {
 }
 
 
+def _module_and_name(stream: IO[bytes], pos: int | None, arg: Any) -> tuple[str, str]:
+    """The exact (module, name) of a GLOBAL or INST opcode at ``pos``. pickletools joins the
+    two lines with a space, which loses the boundary when the module holds a space; the
+    unpickler reads each line as UTF-8, so they are read again from the stream."""
+    if pos is None or not stream.seekable():
+        module, _, name = str(arg).partition(" ")
+        return module, name
+    end = stream.tell()
+    stream.seek(pos + 1)
+    raw = stream.read(end - pos - 1)
+    stream.seek(end)
+    lines = raw.split(b"\n")
+    if len(lines) != 3 or lines[2]:
+        raise MalformedError(f"GLOBAL/INST argument at byte {pos} is not two lines")
+    try:
+        return lines[0].decode("utf-8"), lines[1].decode("utf-8")
+    except UnicodeDecodeError:
+        raise MalformedError(f"GLOBAL/INST argument at byte {pos} is not UTF-8") from None
+
+
 class _PickleWalker:
     """Symbolic execution of one pickle stream: stack and memo of names, nothing real."""
 
@@ -421,10 +442,14 @@ class _PickleWalker:
     def walk(self, stream: IO[bytes]) -> Any:
         """Walk one stream up to its STOP; returns the symbolic value it would produce."""
         try:
-            for op, arg, pos in pickletools.genops(stream):
-                result = self._step(op, arg, pos)
-                if op.name == "STOP":
-                    return result
+            with warnings.catch_warnings():  # pickletools warns on odd escapes in STRING arguments
+                warnings.simplefilter("ignore", DeprecationWarning)
+                for op, arg, pos in pickletools.genops(stream):
+                    if op.name in ("GLOBAL", "INST"):
+                        arg = _module_and_name(stream, pos, arg)
+                    result = self._step(op, arg, pos)
+                    if op.name == "STOP":
+                        return result
         except (ValueError, OverflowError, MemoryError) as exc:
             # pickletools raises ValueError for unknown opcodes, truncated or undecodable
             # arguments and a stream that ends before STOP.
@@ -438,7 +463,7 @@ class _PickleWalker:
         elif name in _LITERAL_INT:
             self.stack.append(_Const(int(arg)))
         elif name == "GLOBAL":
-            module, _, attr = str(arg).partition(" ")
+            module, attr = arg
             self.stack.append(self._import(module, attr, pos))
         elif name == "STACK_GLOBAL":
             attr, module = self._pop(pos), self._pop(pos)
@@ -452,7 +477,7 @@ class _PickleWalker:
                 )
                 self.stack.append(_UNKNOWN)
         elif name == "INST":
-            module, _, attr = str(arg).partition(" ")
+            module, attr = arg
             self._pop_to_mark(pos)
             target = self._import(module, attr, pos)
             self._call(target, name, pos)

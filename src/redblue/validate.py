@@ -55,6 +55,8 @@ def check_float(
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,127}")
 """A name that becomes part of a file name under ``--out``: letters, digits, ``.``, ``_``,
 ``+``, ``-``; starts with a letter or digit; at most 128 characters; no ``..``."""
+FILE_NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,254}")
+"""A file name a record may point to (a name plus a suffix such as ``.safetensors``)."""
 
 
 def check_name(name: str, value: object, *, error: type[Exception] = ConfigError) -> str:

@@ -47,6 +47,17 @@ for _command in (
     cli.add_command(_command)
 
 
+def one_line(text: str) -> str:
+    """``text`` with every character that could break or hide a line (newlines, NUL, record
+    separators, other control characters) written as an escape, so an error is one line
+    whatever a hostile file name or record field holds."""
+    return "".join(ch if ch.isprintable() else ascii(ch)[1:-1] for ch in text)
+
+
+def _error(text: str) -> None:
+    print(f"redblue: error: {one_line(text)}", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point: run the CLI; user errors become one line and exit code 2."""
     args = sys.argv[1:] if argv is None else argv
@@ -58,10 +69,10 @@ def main(argv: list[str] | None = None) -> int:
         returned = cli.main(args=args, prog_name="redblue", standalone_mode=False)
     except click.UsageError as exc:
         hint = f" (see 'redblue {exc.ctx.info_name} --help')" if exc.ctx and exc.ctx.parent else ""
-        print(f"redblue: error: {exc.format_message()}{hint}", file=sys.stderr)
+        _error(f"{exc.format_message()}{hint}")
         return 2
     except click.ClickException as exc:
-        print(f"redblue: error: {exc.format_message()}", file=sys.stderr)
+        _error(exc.format_message())
         return 2
     except click.exceptions.Abort:
         print("redblue: aborted", file=sys.stderr)
@@ -70,11 +81,11 @@ def main(argv: list[str] | None = None) -> int:
         print("redblue: interrupted (completed results are kept; run again to resume)", file=sys.stderr)
         return 130
     except RedblueError as exc:
-        print(f"redblue: error: {exc}", file=sys.stderr)
+        _error(str(exc))
         return 2
     except OSError as exc:  # a full disk, a permission, a quota: what and where, in one line
         where = f"{exc.filename}: " if exc.filename else ""
-        print(f"redblue: error: {where}{exc.strerror or exc} (nothing half-written is kept)", file=sys.stderr)
+        _error(f"{where}{exc.strerror or exc} (nothing half-written is kept)")
         return 2
     except click.exceptions.Exit as exc:
         return int(exc.exit_code)

@@ -86,9 +86,13 @@ def render_attack_plots(out: Path, name: str, result: Mapping[str, Any]) -> list
     images = out / "images"
     metrics = result["metrics"]
     paths: list[Path] = []
-    samples_file = result.get("samples_file")  # relative to the JSON's folder, metrics/
+    samples_file = result.get("samples_file")  # a file name in the JSON's own folder, metrics/
     samples_path = out / "metrics" / str(samples_file)
-    if samples_file and not (samples_path.is_file() and sha256_file(samples_path) == result.get("samples_sha256")):
+    if samples_file and (not isinstance(samples_file, str) or Path(samples_file).name != samples_file
+                         or samples_path.is_symlink()):  # fmt: skip
+        print(f"notice: {name}: samples_file {samples_file!r} is not a file name in metrics/; example plots "
+              "not rendered", file=sys.stderr)  # fmt: skip
+    elif samples_file and not (samples_path.is_file() and sha256_file(samples_path) == result.get("samples_sha256")):
         print(f"notice: {name}: {samples_path.name} missing or modified; example plots not rendered", file=sys.stderr)
     elif samples_file:
         samples = load_samples(samples_path)
