@@ -23,7 +23,6 @@ from torch import nn
 
 from redblue.errors import IntegrityError
 from redblue.models import build_model
-from redblue.validate import FILE_NAME_PATTERN
 from redblue.utils import (
     atomic_write_bytes,
     atomic_write_json,
@@ -32,6 +31,7 @@ from redblue.utils import (
     read_regular_file,
     sha256_bytes,
 )
+from redblue.validate import FILE_NAME_PATTERN
 
 FORMAT = "redblue.model/1"
 

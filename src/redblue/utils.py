@@ -221,6 +221,13 @@ def library_versions() -> dict[str, str]:
     }
 
 
+def one_line(text: str) -> str:
+    """``text`` with every character that could break or hide a line (newlines, NUL, record
+    separators, other control characters) written as an escape, so an error is one line
+    whatever a hostile file name or record field holds."""
+    return "".join(ch if ch.isprintable() else ascii(ch)[1:-1] for ch in text)
+
+
 def pct(value: Any, digits: int = 2, missing: str = "n/a") -> str:
     """A share as a percentage (``0.1234`` -> ``"12.34%"``); ``missing`` for None or a non-number."""
     if isinstance(value, bool) or not isinstance(value, int | float) or value != value:
