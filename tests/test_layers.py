@@ -28,7 +28,7 @@ LAYERS: list[tuple[str, ...]] = [
     # 4: the stages; the report (rendered from JSON, never from a stage)
     ("redblue.stages", "redblue.report"),
     # 5: the workflow
-    ("redblue.pipeline",),
+    ("redblue.pipeline", "redblue.sweep"),
     # 6: the command line and the lazy top-level API
     ("redblue.cli", "redblue.__main__", "redblue"),
 ]

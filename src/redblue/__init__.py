@@ -6,6 +6,7 @@ The building blocks and the stages, importable from the top level (loaded on fir
     from redblue import apply_trigger, Trigger, select_poison_indices, backdoor_metrics
     from redblue import train_baseline, attack_stage, defend_stage, poison_stage
     from redblue import defend_backdoor_stage, run_workflow, render_plots, render_report
+    from redblue import load_grid, run_sweep
 """
 
 from __future__ import annotations
@@ -73,6 +74,9 @@ _EXPORTS = {
     "render_report": "redblue.report.render",
     "render_plots": "redblue.report.stage_plots",
     "build_summary": "redblue.report.summary",
+    # sweeps
+    "load_grid": "redblue.sweep",
+    "run_sweep": "redblue.sweep",
 }
 
 __all__ = ["__version__", *sorted(_EXPORTS)]

@@ -35,7 +35,10 @@ def load_schema(name: str) -> dict[str, Any]:
     return schema
 
 
-SCHEMAS = ("baseline", "evaluate", "attack", "defend", "poison", "poison_sweep", "backdoor_defense", "summary")
+SCHEMAS = (
+    "baseline", "evaluate", "attack", "defend", "poison", "poison_sweep", "backdoor_defense", "summary",
+    "sweep", "sweep_cell",
+)
 """Every result schema shipped in the package."""
 
 
@@ -219,3 +222,34 @@ class Summary(Result):
     columns: list[dict[str, Any]]
     rows: list[dict[str, Any]]
     notes: list[str]
+
+
+@dataclass(frozen=True)
+class SweepCellResult(Result):
+    """``cell.json``: how one cell ended (done or failed), with its key metrics."""
+
+    SCHEMA: ClassVar[str] = "sweep_cell"
+    cell: str
+    key: str
+    stage: str
+    axes: dict[str, Any]
+    status: str  # done | failed
+    seconds: float
+    metrics: dict[str, float]
+    result: str | None  # the stage's result JSON, relative to the cell folder
+    error: str | None
+
+
+@dataclass(frozen=True)
+class SweepResult(Result):
+    """``sweep_summary.json``: one row per cell, in grid order."""
+
+    SCHEMA: ClassVar[str] = "sweep"
+    name: str
+    stage: str
+    axes: dict[str, list[Any]]
+    fixed: dict[str, Any]
+    cells: list[dict[str, Any]]
+    counts: dict[str, int]
+    seconds: float
+    engine: dict[str, Any] = field(default_factory=dict)

@@ -17,8 +17,10 @@ from redblue.cli import poison as poison_commands
 from redblue.cli import report as report_commands
 from redblue.cli import run as run_commands
 from redblue.cli import scan as scan_commands
+from redblue.cli import sweep as sweep_commands
 from redblue.cli import train as train_commands
 from redblue.errors import RedblueError
+from redblue.utils import one_line
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -43,15 +45,9 @@ for _command in (
     report_commands.report,
     scan_commands.scan,
     scan_commands.verify,
+    sweep_commands.sweep,
 ):
     cli.add_command(_command)
-
-
-def one_line(text: str) -> str:
-    """``text`` with every character that could break or hide a line (newlines, NUL, record
-    separators, other control characters) written as an escape, so an error is one line
-    whatever a hostile file name or record field holds."""
-    return "".join(ch if ch.isprintable() else ascii(ch)[1:-1] for ch in text)
 
 
 def _error(text: str) -> None:

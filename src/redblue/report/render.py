@@ -9,15 +9,18 @@ from __future__ import annotations
 
 import base64
 import json
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import jinja2
 
-from redblue.errors import RedblueError
+from redblue.errors import IntegrityError, RedblueError
 from redblue.evaluation.checks import CHECKS
-from redblue.utils import atomic_write_bytes
+from redblue.report.sweep_plots import main_metric, sorted_rows
+from redblue.results import validate_result
+from redblue.utils import atomic_write_bytes, read_json
 
 TEMPLATES = Path(__file__).resolve().parent / "templates"
 STAGE_ORDER = ["baseline", "fgsm", "pgd", "standard", "attack", "advtrain", "poison", "backdoor"]
@@ -87,9 +90,11 @@ def check_explanations() -> dict[str, str]:
 
 
 def load_results(out: Path) -> dict[str, dict[str, Any]]:
-    """Every ``metrics/*.json`` under ``out``, by file stem."""
+    """Every ``metrics/*.json`` under ``out``, by file stem (none when only sweeps ran)."""
     folder = out / "metrics"
     if not folder.is_dir():
+        if sweep_summaries(out):
+            return {}
         raise RedblueError(f"{folder}: no metrics folder (run a stage first, e.g. 'redblue run --out {out}')")
     results = {}
     for path in sorted(folder.glob("*.json")):
@@ -98,6 +103,44 @@ def load_results(out: Path) -> dict[str, dict[str, Any]]:
         except (OSError, json.JSONDecodeError) as exc:
             raise RedblueError(f"{path}: unreadable JSON ({exc})") from None
     return results
+
+
+def sweep_summaries(out: Path) -> list[Path]:
+    """Every ``OUT/sweeps/NAME/sweep_summary.json``."""
+    return sorted((out / "sweeps").glob("*/sweep_summary.json"))
+
+
+def sweep_sections(out: Path) -> list[dict[str, Any]]:
+    """What the report shows of each sweep: its counts, table (best first) and plots."""
+    sections = []
+    for path in sweep_summaries(out):
+        try:
+            summary = read_json(path)
+            validate_result(summary, "sweep")
+        except IntegrityError as exc:
+            print(f"notice: report: {exc}; sweep not shown", file=sys.stderr)
+            continue
+        metric = main_metric(summary)
+        rows = [
+            {
+                "cell": row["cell"],
+                "axes": row["axes"],
+                "status": row["status"],
+                "value": row["metrics"].get(metric) if metric else None,
+                "seconds": row["seconds"],
+                "error": row["error"],
+            }
+            for row in sorted_rows(summary)
+        ]
+        images = [
+            {"title": png.stem.replace("_", " "), "data": base64.b64encode(png.read_bytes()).decode("ascii")}
+            for png in sorted((path.parent / "images").glob("sweep_*.png"))
+        ]
+        sections.append({"name": summary["name"], "stage": summary["stage"], "axes": list(summary["axes"]),
+                         "metric": metric, "counts": summary["counts"], "seconds": summary["seconds"],
+                         "engine": summary["engine"], "rows": rows, "images": images,
+                         "file": str(path.relative_to(out))})  # fmt: skip
+    return sections
 
 
 def build_context(out: Path) -> dict[str, Any]:
@@ -148,6 +191,7 @@ def build_context(out: Path) -> dict[str, Any]:
         "warnings": warnings,
         "configs": {k: json.dumps(v, indent=2, sort_keys=True) for k, v in configs.items()},
         "images": images,
+        "sweeps": sweep_sections(out),
         "versions": versions,
         "fmt": _fmt,
     }
