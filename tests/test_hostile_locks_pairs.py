@@ -29,6 +29,9 @@ def test_every_writing_command_takes_the_output_lock(capsys: pytest.CaptureFixtu
                                                      tiny_model_dir: Path) -> None:
     out = tmp_path / "out"
     model = str(tiny_model_dir / "models" / "baseline.json")
+    grid = tmp_path / "grid.toml"
+    grid.write_text(f'[sweep]\nstage = "evaluate"\nmodel = "{model}"\n[data]\ndataset = "mnist-mini"\n'
+                    '[axes]\nmodel = ["' + model + '"]\n')  # fmt: skip
     commands = [
         ("train", "--dataset", "mnist-mini", "--epochs", "1", "--device", "cpu"),
         ("evaluate", "--model", model, "--dataset", "mnist-mini"),
@@ -38,6 +41,7 @@ def test_every_writing_command_takes_the_output_lock(capsys: pytest.CaptureFixtu
         ("defend-backdoor", "--model", model, "--dataset", "mnist-mini"),
         ("run", "--quick", "--dataset", "mnist-mini"),
         ("report",),
+        ("sweep", str(grid)),
     ]
     (out / "metrics").mkdir(parents=True)  # so that report gets as far as its lock
     with output_lock(out):

@@ -23,7 +23,7 @@ import pytest
 from redblue.errors import ConfigError
 from redblue.report.render import render_report
 from redblue.report.sweep_plots import main_metric, render_sweep_plots, sorted_rows
-from redblue.sweep import load_grid
+from redblue.sweep import load_grid, run_sequentially, run_sweep
 from tests.hostile_helpers import one_line_exit_2
 
 Cli = Callable[..., CompletedProcess[str]]
@@ -77,6 +77,11 @@ def _summary(out: Path, name: str = "g") -> dict[str, Any]:
         ('[sweep]\nstage = "attack"\nmodel = "missing.json"\n[axes]\neps = [0.1]\n', "missing.json"),
         ('[sweep]\nstage = "train"\n[axes]\nepochs = [1, 2]\nlr = [0.1, 0.2]\nseed = ' + str(list(range(3000)))
          + "\n", "more than 10000"),
+        ('[sweep]\nstage = "train"\n[axes]\nseed = [1979-05-27]\n', "numbers, strings or booleans"),
+        ('[sweep]\nstage = "train"\n[axes]\nlr = [0.1, 0.1000]\nepochs = [1, 1.0]\n', "listed twice"),
+        ('[sweep]\nstage = "attack"\nmodel = "a\\u0000b.json"\n[axes]\neps = [0.1]\n', "not a usable path"),
+        ('[sweep]\nstage = "train"\nnum_cpus = 0\n[axes]\nepochs = [1]\n', "num_cpus"),
+        ("[sweep\n", "grid file"),
     ],
 )
 def test_a_bad_grid_file_is_one_error_before_anything_runs(tmp_path: Path, text: str, needle: str) -> None:
@@ -85,6 +90,7 @@ def test_a_bad_grid_file_is_one_error_before_anything_runs(tmp_path: Path, text:
     with pytest.raises(ConfigError) as info:
         load_grid(path)
     assert needle in str(info.value) and "\n" not in str(info.value)
+    assert "--config" not in str(info.value)  # the grid is an argument, not --config
 
 
 def test_the_grid_is_the_product_of_the_axes_with_stable_readable_cell_names(tmp_path: Path,
@@ -96,6 +102,7 @@ def test_the_grid_is_the_product_of_the_axes_with_stable_readable_cell_names(tmp
     ]
     assert [c.configs["attack"].eps for c in grid.cells] == [0.1, 0.1, 0.3, 0.3]
     assert grid.cells[0].cell_id.startswith("eps-0.1_attack-fgsm_steps-5-")
+    assert all(Path(str(c.model)).is_absolute() for c in grid.cells)  # a Ray worker runs in its own folder
     assert len({c.key for c in grid.cells}) == 4
     again = load_grid(_grid(tmp_path, model, '"attack.eps" = [0.1, 0.3]\nattack = ["fgsm", "pgd"]\nsteps = [5]\n'))
     assert [c.cell_id for c in again.cells] == [c.cell_id for c in grid.cells]
@@ -226,3 +233,63 @@ def test_a_bad_grid_is_one_line_exit_2_from_the_cli(cli: Cli, tmp_path: Path) ->
     path.write_text('[sweep]\nstage = "train"\n[axes]\nepochs = [1, 0]\n')
     one_line_exit_2(cli("sweep", str(path), "--out", str(tmp_path / "out")), "g.toml", "epochs")
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    ("stage", "settings", "axes", "result"),
+    [
+        ("train", "[train]\nepochs = 1\ndevice = \"cpu\"\n", "seed = [0, 1]\n", "baseline_metrics.json"),
+        ("evaluate", "", "model = [\"{model}\"]\n", "baseline_evaluate_metrics.json"),
+        ("poison", "[train]\nepochs = 1\ndevice = \"cpu\"\n", "\"poison.rate\" = [0.05]\n", "poison_metrics.json"),
+    ],
+)
+def test_every_stage_records_its_result_and_resumes(tmp_path: Path, tiny_model_dir: Path, mini: Any, stage: str,
+                                                    settings: str, axes: str, result: str) -> None:
+    model = tiny_model_dir / "models" / "baseline.json"
+    path = tmp_path / "grid.toml"
+    path.write_text(f'[sweep]\nstage = "{stage}"\nname = "s"\n[data]\ndataset = "mnist-mini"\n{settings}'
+                    f"[axes]\n{axes.format(model=model)}")  # fmt: skip
+    grid = load_grid(path, mini)
+    out = tmp_path / "out"
+    first = run_sweep(grid, out, mini, progress=False, runner=run_sequentially)
+    assert first.counts["done"] == len(grid.cells) and first.counts["reused"] == 0, first.cells
+    for cell in first.cells:
+        assert cell["result"] == f"metrics/{result}"
+        assert (out / "sweeps" / "s" / cell["cell"] / cell["result"]).is_file()
+    again = run_sweep(grid, out, mini, progress=False, runner=run_sequentially)
+    assert again.counts["reused"] == len(grid.cells) and again.engine["engine"] == "none"
+
+
+def test_a_grid_checked_for_other_data_is_refused(tmp_path: Path, tiny_model_dir: Path, mini: Any) -> None:
+    grid = load_grid(_grid(tmp_path, tiny_model_dir / "models" / "baseline.json", "eps = [0.1]\n"), mini)
+    with pytest.raises(ConfigError, match="other data"):
+        run_sweep(grid, tmp_path / "out", mini.subset(n_test=10), progress=False, runner=run_sequentially)
+
+
+def test_a_cell_no_node_can_hold_is_one_line_not_a_hang(cli: Cli, tmp_path: Path, tiny_model_dir: Path) -> None:
+    grid = _grid(tmp_path, tiny_model_dir / "models" / "baseline.json", "eps = [0.1]\n")
+    grid.write_text(grid.read_text().replace('name = "g"', 'name = "g"\nnum_cpus = 1000'))
+    line = one_line_exit_2(cli("sweep", str(grid), "--out", str(tmp_path / "out")), "num_cpus = 1000", "no node")
+    assert "largest" in line
+
+
+def test_a_bad_ray_address_is_one_line(cli: Cli, tmp_path: Path, tiny_model_dir: Path) -> None:
+    grid = _grid(tmp_path, tiny_model_dir / "models" / "baseline.json", "eps = [0.1]\n")
+    one_line_exit_2(cli("sweep", str(grid), "--out", str(tmp_path / "out"), "--ray-address", "host:abc"),
+                    "--ray-address host:abc")  # fmt: skip
+
+
+def test_a_tampered_sweep_summary_is_skipped_by_the_report(cli: Cli, tmp_path: Path) -> None:
+    root = tmp_path / "out" / "sweeps" / "s"
+    root.mkdir(parents=True)
+    summary = {"schema": {"name": "redblue.sweep", "version": 1}, "name": "s", "stage": "attack",
+               "axes": {"eps": [0.1, 0.3], "attack": ["fgsm", "pgd"]}, "fixed": {},
+               "cells": [{"cell": "c0", "axes": {"eps": 0.2, "other": 1}, "status": "done", "seconds": 1.0,
+                          "metrics": {"robust_accuracy": 0.5}, "error": None, "result": None, "reused": False}],
+               "counts": {"cells": 1, "done": 1, "failed": 0, "reused": 0}, "seconds": 1.0, "engine": {}}  # fmt: skip
+    (root / "sweep_summary.json").write_text(json.dumps(summary))  # axis values that are not on the axes
+    proc = cli("report", "--out", str(tmp_path / "out"))
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
+    (root / "sweep_summary.json").write_text('{"schema": {"name": "redblue.sweep", "version": 1}}')
+    proc = cli("report", "--out", str(tmp_path / "out"))
+    assert proc.returncode == 0 and "sweep not shown" in proc.stderr, proc.stderr

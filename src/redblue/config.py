@@ -83,29 +83,29 @@ MAX_CONFIG_BYTES = 16 << 20
 """The largest config file redblue reads (16 MiB; a real one is a few hundred bytes)."""
 
 
-def load_toml(path: str | Path | None, sections: tuple[str, ...] = ()) -> ConfigFile:
+def load_toml(path: str | Path | None, sections: tuple[str, ...] = (), *, option: str = "--config") -> ConfigFile:
     """Read a TOML config file strictly: a missing, unreadable or malformed file, a section
     that is not one of ``sections`` (when given) or a section that is not a table is a
-    ConfigError naming the file and what is accepted."""
+    ConfigError naming the file (as ``option``) and what is accepted."""
     if path is None:
         return ConfigFile(None, {})
     p = Path(path)
     try:
         data = tomllib.loads(read_regular_file(p, MAX_CONFIG_BYTES).decode("utf-8"))
     except IntegrityError as exc:  # a device, FIFO or socket (never opened), or too large
-        raise ConfigError(f"--config {exc}") from None
+        raise ConfigError(f"{option} {exc}") from None
     except FileNotFoundError:
-        raise ConfigError(f"--config {p}: file not found") from None
+        raise ConfigError(f"{option} {p}: file not found") from None
     except IsADirectoryError:
-        raise ConfigError(f"--config {p}: is a directory, expected a TOML file") from None
+        raise ConfigError(f"{option} {p}: is a directory, expected a TOML file") from None
     except OSError as exc:
-        raise ConfigError(f"--config {p}: cannot read ({exc.strerror or exc})") from None
+        raise ConfigError(f"{option} {p}: cannot read ({exc.strerror or exc})") from None
     except UnicodeDecodeError:
-        raise ConfigError(f"--config {p}: not UTF-8 text, expected a TOML file") from None
+        raise ConfigError(f"{option} {p}: not UTF-8 text, expected a TOML file") from None
     except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"--config {p}: not valid TOML ({exc})") from None
+        raise ConfigError(f"{option} {p}: not valid TOML ({exc})") from None
     except RecursionError:
-        raise ConfigError(f"--config {p}: nested too deeply to be a redblue config") from None
+        raise ConfigError(f"{option} {p}: nested too deeply to be a redblue config") from None
     for name, value in data.items():
         if sections and name not in sections:
             raise ConfigError(f"{p}: unknown section [{name}], expected {', '.join(f'[{s}]' for s in sections)}")

@@ -38,7 +38,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import itertools
-import json
+import logging
 import os
 import re
 import sys
@@ -124,6 +124,7 @@ class Grid:
     data: DataConfig
     cells: list[Cell]
     fixed: dict[str, dict[str, Any]]  # the stage's sections as the file sets them, before the axes
+    data_identity: dict[str, Any] | None  # what the cells' keys were computed for (None: not yet)
 
 
 # --------------------------------------------------------------------------- the grid file
@@ -170,11 +171,20 @@ def _resolve(base: Path, value: str) -> str:
     return str(path if path.is_absolute() else (base / path))
 
 
+def _canonical(value: bool | float | str) -> tuple[str, object]:
+    """``1`` and ``1.0`` are one value (the same setting); ``True`` and ``1`` are not."""
+    if isinstance(value, bool):
+        return ("bool", value)
+    if isinstance(value, int | float):
+        return ("number", float(value))
+    return ("str", value)
+
+
 def load_grid(path: str | Path, data: Dataset | None = None) -> Grid:
     """Parse and check a grid file: every cell's settings are built (and validated) here,
     before anything runs. ``data`` (when given) enters each cell's key."""
-    grid_path = Path(path)
-    file = load_toml(grid_path, ("sweep", "axes", "data", "train", "attack", "defend", "poison"))
+    grid_path = Path(path).absolute()  # cells may run elsewhere (a Ray worker's own folder)
+    file = load_toml(grid_path, ("sweep", "axes", "data", "train", "attack", "defend", "poison"), option="grid file")
     raw_sweep = dict(file.section("sweep") or {})
     if "stage" not in raw_sweep:
         raise ConfigError(f"{grid_path}: [sweep] stage is missing, expected one of {', '.join(SWEEP_STAGES)}")
@@ -198,9 +208,9 @@ def load_grid(path: str | Path, data: Dataset | None = None) -> Grid:
     for key, values in (file.section("axes") or {}).items():
         if not isinstance(values, list) or not values:
             raise ConfigError(f"{grid_path}: [axes] {key} = {values!r}: expected a non-empty list of values")
-        if any(isinstance(v, dict | list) for v in values):
+        if not all(isinstance(v, bool | int | float | str) for v in values):
             raise ConfigError(f"{grid_path}: [axes] {key}: values must be numbers, strings or booleans")
-        if len({json.dumps(v) for v in values}) != len(values):
+        if len({_canonical(v) for v in values}) != len(values):
             raise ConfigError(f"{grid_path}: [axes] {key}: a value is listed twice")
         try:
             targets[key] = _axis_target(key, stage)
@@ -257,7 +267,7 @@ def load_grid(path: str | Path, data: Dataset | None = None) -> Grid:
     if len({c.cell_id for c in cells}) != len(cells):  # pragma: no cover - the hash makes ids unique
         raise ConfigError(f"{grid_path}: two cells share a folder name")
     fixed = {s: dict(file.section(s) or {}) for s in STAGE_SECTIONS[stage]}
-    return Grid(grid_path, sweep, axes, data_cfg, cells, fixed)
+    return Grid(grid_path, sweep, axes, data_cfg, cells, fixed, data.identity() if data is not None else None)
 
 
 # --------------------------------------------------------------------------- one cell
@@ -292,6 +302,18 @@ def _run_stage(cell: Cell, stage: str, data: Dataset, data_cfg: DataConfig, out:
     return attack_stage(out, loaded, data, configs["attack"], data_cfg=data_cfg)
 
 
+def _result_file(out: Path, result: Result) -> str:
+    """The stage's result JSON under ``out/metrics`` (stages name their files differently:
+    ``baseline_metrics.json``, ``poison_metrics.json``, ``NAME_evaluate_metrics.json``)."""
+    written = result.to_json()
+    for path in sorted((out / "metrics").glob("*_metrics.json")):
+        with contextlib.suppress(IntegrityError):
+            saved = read_json(path)
+            if saved.get("schema") == written["schema"] and saved.get("cache_key") == written.get("cache_key"):
+                return f"metrics/{path.name}"
+    raise IntegrityError(f"{out / 'metrics'}: the {written['schema']['name']} result was not written")
+
+
 def cell_path(root: Path, cell: Cell) -> Path:
     return root / cell.cell_id / "cell.json"
 
@@ -309,7 +331,7 @@ def run_cell(cell: Cell, stage: str, data: Dataset, data_cfg: DataConfig, root: 
         result = _run_stage(cell, stage, data, data_cfg, out)
         render_stage_plots(out, result)
         metrics = key_metrics(result)
-        result_file = f"metrics/{result['name']}_metrics.json"
+        result_file = _result_file(out, result)
         status = "done"
     except Exception as exc:  # a cell's failure is recorded, never raised: the sweep goes on
         status = "failed"
@@ -359,41 +381,71 @@ def ray_session(address: str | None) -> Iterator[dict[str, Any]]:
     with this machine's CPUs and GPUs; dashboard and usage statistics off. Yields what the
     engine is (for the summary); shuts down what it started."""
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    import logging
-
     import ray  # deferred: a second or two to import, and only sweeps need it
 
     started = False
     if not ray.is_initialized():
         options: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False, "logging_level": logging.ERROR}
-        if address:
-            ray.init(address=address, **options)
-        else:
-            ray.init(num_cpus=os.cpu_count() or 1, num_gpus=torch.cuda.device_count(), **options)
+        try:
+            if address:
+                ray.init(address=address, **options)
+            else:
+                ray.init(num_cpus=os.cpu_count() or 1, num_gpus=torch.cuda.device_count(), **options)
+        except (ValueError, ConnectionError, RuntimeError, TimeoutError) as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            where = f"--ray-address {address}" if address else "local Ray instance"
+            raise ConfigError(f"{where}: cannot start or connect ({one_line(first)})") from None
         started = True
     try:
         resources = ray.cluster_resources()
+        nodes = [n for n in ray.nodes() if n.get("Alive")]
         yield {
             "engine": "ray",
             "ray_version": ray.__version__,
             "address": address or "local",
             "cpus": float(resources.get("CPU", 0.0)),
             "gpus": float(resources.get("GPU", 0.0)),
-            "nodes": len(ray.nodes()),
+            "nodes": len(nodes),
+            "largest_node": max(
+                ((float(n["Resources"].get("CPU", 0.0)), float(n["Resources"].get("GPU", 0.0))) for n in nodes),
+                default=(0.0, 0.0),
+            ),
         }
     finally:
         if started:
             ray.shutdown()
 
 
+def check_fits(sweep: SweepConfig, engine: Mapping[str, Any]) -> None:
+    """ConfigError when no node can hold one cell (Ray would keep it pending for ever)."""
+    import ray  # deferred, see ray_session
+
+    fits = any(
+        float(n["Resources"].get("CPU", 0.0)) >= sweep.num_cpus and float(n["Resources"].get("GPU", 0.0)) >= sweep.num_gpus
+        for n in ray.nodes()
+        if n.get("Alive")
+    )
+    if not fits:
+        cpus, gpus = engine["largest_node"]
+        raise ConfigError(
+            f"[sweep] num_cpus = {sweep.num_cpus:g}, num_gpus = {sweep.num_gpus:g}: no node of the Ray instance "
+            f"({engine['address']}) has that much (the largest: {cpus:g} CPUs, {gpus:g} GPUs)"
+        )
+
+
 def _run_on_ray(
     todo: list[Cell], grid: Grid, data: Dataset, root: Path, address: str | None,
-    on_done: Callable[[dict[str, Any]], None],
+    on_done: Callable[[dict[str, Any]], None], on_start: Callable[[int], None],
 ) -> dict[str, Any]:  # fmt: skip
     import ray  # deferred, see ray_session
 
     sweep = grid.sweep
     with ray_session(address) as engine:
+        check_fits(sweep, engine)
+        slots = int(engine["cpus"] // sweep.num_cpus)
+        if sweep.num_gpus:
+            slots = min(slots, int(engine["gpus"] // sweep.num_gpus))
+        on_start(max(1, slots))
         data_ref = ray.put(data)  # once: every cell reads it from the object store
         remote = ray.remote(num_cpus=sweep.num_cpus, num_gpus=sweep.num_gpus, max_retries=0)(run_cell)
         threads = max(1, int(sweep.num_cpus))
@@ -425,7 +477,9 @@ def run_sweep(
     ``OUT/sweeps/NAME/sweep_summary.json``. Returns the summary."""
     from tqdm import tqdm
 
-    root = out / "sweeps" / grid.sweep.name
+    if grid.data_identity is not None and grid.data_identity != data.identity():
+        raise ConfigError(f"{grid.path}: the grid's cell keys were computed for other data; load it with this dataset")
+    root = out.absolute() / "sweeps" / grid.sweep.name  # absolute: cells may run in another folder
     rows: dict[str, dict[str, Any]] = {}
     todo = []
     for cell in grid.cells:
@@ -436,28 +490,37 @@ def run_sweep(
             todo.append(cell)
     start = time.perf_counter()
     engine: dict[str, Any] = {"engine": "none", "reason": "every cell had finished before"}
-    bar = tqdm(total=len(grid.cells), initial=len(rows), desc=f"sweep {grid.sweep.name}", unit="cell",
-               disable=not progress, file=sys.stderr)  # fmt: skip
     failed: list[str] = []
+    slots = [1]  # cells that can run at once (Ray's CPUs and GPUs / what a cell asks for)
+    bars: list[Any] = []  # opened once the engine runs (no bar when it fails to start)
 
-    slots = max(1, int((os.cpu_count() or 1) // max(grid.sweep.num_cpus, 1e-9)))
+    def show() -> None:
+        left = len(grid.cells) - len(rows)
+        bars[0].set_postfix(running=min(left, slots[0]), queued=max(0, left - slots[0]), failed=len(failed))
+
+    def on_start(capacity: int) -> None:
+        slots[0] = capacity
+        bars.append(tqdm(total=len(grid.cells), initial=len(rows), desc=f"sweep {grid.sweep.name}", unit="cell",
+                         disable=not progress, file=sys.stderr))  # fmt: skip
+        show()
 
     def on_done(row: dict[str, Any]) -> None:
         rows[row["cell"]] = {**row, "reused": False}
         if row["status"] != "done":
             failed.append(row["cell"])
-        bar.update(1)
-        left = len(grid.cells) - len(rows)
-        bar.set_postfix(running=min(left, slots), failed=len(failed))
+        bars[0].update(1)
+        show()
 
     try:
         if todo:
             if runner is None:
-                engine = _run_on_ray(todo, grid, data, root, ray_address, on_done)
+                engine = _run_on_ray(todo, grid, data, root, ray_address, on_done, on_start)
             else:
+                on_start(1)
                 engine = runner(todo, grid, data, root, on_done)
     finally:
-        bar.close()
+        for bar in bars:
+            bar.close()
     cells = []
     for cell in grid.cells:
         row = rows.get(cell.cell_id)

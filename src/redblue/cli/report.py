@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from redblue.cli.common import DEFAULT_OUT
-from redblue.errors import RedblueError
+from redblue.errors import IntegrityError, RedblueError
 from redblue.report.render import render_report, sweep_summaries
 from redblue.report.stage_plots import render_all_plots
 from redblue.report.sweep_plots import render_sweep_plots
@@ -30,8 +30,12 @@ def report(out: str) -> None:
     with output_lock(folder):
         render_all_plots(folder)
         for path in sweep_summaries(folder):
-            summary = read_json(path)
-            validate_result(summary, "sweep")
+            try:
+                summary = read_json(path)
+                validate_result(summary, "sweep")
+            except IntegrityError as exc:
+                click.echo(f"notice: {exc}; sweep not shown", err=True)
+                continue
             render_sweep_plots(path.parent, summary)
         html_path, md_path = render_report(folder)
     click.echo(f"wrote {html_path} and {md_path}")

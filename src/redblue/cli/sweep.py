@@ -35,10 +35,10 @@ def sweep(grid_file: Path, out: str, ray_address: str | None) -> None:
     Exit code 1 when a cell failed (the others still run), 2 for a bad grid file.
     """
     grid = load_grid(grid_file)  # every cell checked before anything is loaded or run
-    out_dir = check_output_dir(out)
-    data = load_data(grid.data, device="cpu")
-    grid = load_grid(grid_file, data)  # the keys include the data's identity
+    out_dir = check_output_dir(out).absolute()  # cells may run in another folder (a Ray worker's)
     with output_lock(out_dir):
+        data = load_data(grid.data, device="cpu")
+        grid = load_grid(grid_file, data)  # the keys include the data's identity
         summary = run_sweep(grid, out_dir, data, ray_address=ray_address)
         root = out_dir / "sweeps" / grid.sweep.name
         render_sweep_plots(root, summary)

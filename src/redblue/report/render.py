@@ -20,7 +20,7 @@ from redblue.errors import IntegrityError, RedblueError
 from redblue.evaluation.checks import CHECKS
 from redblue.report.sweep_plots import main_metric, sorted_rows
 from redblue.results import validate_result
-from redblue.utils import atomic_write_bytes, read_json
+from redblue.utils import atomic_write_bytes, read_json, read_regular_file
 
 TEMPLATES = Path(__file__).resolve().parent / "templates"
 STAGE_ORDER = ["baseline", "fgsm", "pgd", "standard", "attack", "advtrain", "poison", "backdoor"]
@@ -105,6 +105,19 @@ def load_results(out: Path) -> dict[str, dict[str, Any]]:
     return results
 
 
+MAX_PNG_BYTES = 64 << 20
+
+
+def _png_data(png: Path) -> str | None:
+    """A plot's bytes as base64, or None (with a notice) when it is not a regular file of
+    bounded size (a FIFO or a device would hang or never end the read)."""
+    try:
+        return base64.b64encode(read_regular_file(png, MAX_PNG_BYTES)).decode("ascii")
+    except (IntegrityError, OSError) as exc:
+        print(f"notice: report: {png.name} not shown ({exc})", file=sys.stderr)
+        return None
+
+
 def sweep_summaries(out: Path) -> list[Path]:
     """Every ``OUT/sweeps/NAME/sweep_summary.json``."""
     return sorted((out / "sweeps").glob("*/sweep_summary.json"))
@@ -120,27 +133,36 @@ def sweep_sections(out: Path) -> list[dict[str, Any]]:
         except IntegrityError as exc:
             print(f"notice: report: {exc}; sweep not shown", file=sys.stderr)
             continue
-        metric = main_metric(summary)
-        rows = [
-            {
-                "cell": row["cell"],
-                "axes": row["axes"],
-                "status": row["status"],
-                "value": row["metrics"].get(metric) if metric else None,
-                "seconds": row["seconds"],
-                "error": row["error"],
-            }
-            for row in sorted_rows(summary)
-        ]
-        images = [
-            {"title": png.stem.replace("_", " "), "data": base64.b64encode(png.read_bytes()).decode("ascii")}
-            for png in sorted((path.parent / "images").glob("sweep_*.png"))
-        ]
-        sections.append({"name": summary["name"], "stage": summary["stage"], "axes": list(summary["axes"]),
-                         "metric": metric, "counts": summary["counts"], "seconds": summary["seconds"],
-                         "engine": summary["engine"], "rows": rows, "images": images,
-                         "file": str(path.relative_to(out))})  # fmt: skip
+        try:
+            sections.append(_sweep_section(out, path, summary))
+        except (KeyError, TypeError, ValueError) as exc:
+            print(f"notice: report: {path}: inconsistent sweep summary ({exc!r}); sweep not shown", file=sys.stderr)
     return sections
+
+
+def _sweep_section(out: Path, path: Path, summary: dict[str, Any]) -> dict[str, Any]:
+    """One sweep in the report: its counts, its cells best first, its plots."""
+    metric = main_metric(summary)
+    rows = [
+        {
+            "cell": row["cell"],
+            "values": [row["axes"].get(axis, "—") for axis in summary["axes"]],
+            "status": row["status"],
+            "value": row["metrics"].get(metric) if metric else None,
+            "seconds": row["seconds"],
+            "error": row["error"],
+        }
+        for row in sorted_rows(summary)
+    ]
+    images = [
+        {"title": png.stem.replace("_", " "), "data": data}
+        for png in sorted((path.parent / "images").glob("sweep_*.png"))
+        if (data := _png_data(png)) is not None
+    ]
+    return {"name": summary["name"], "stage": summary["stage"], "axes": list(summary["axes"]),
+            "metric": metric, "counts": summary["counts"], "seconds": summary["seconds"],
+            "engine": summary["engine"], "rows": rows, "images": images,
+            "file": str(path.relative_to(out))}  # fmt: skip
 
 
 def build_context(out: Path) -> dict[str, Any]:
@@ -170,14 +192,11 @@ def build_context(out: Path) -> dict[str, Any]:
     configs = {s: results[s] for s in results if s.endswith("_config")}
     images = []
     for png in sorted((out / "images").glob("*.png"), key=lambda p: (_stage_rank(p.stem), p.name)):
-        images.append(
-            {
-                "name": png.stem,
-                "title": png.stem.replace("_", " "),
-                "file": f"images/{png.name}",
-                "data": base64.b64encode(png.read_bytes()).decode("ascii"),
-            }
-        )
+        encoded = _png_data(png)
+        if encoded is not None:
+            images.append(
+                {"name": png.stem, "title": png.stem.replace("_", " "), "file": f"images/{png.name}", "data": encoded}
+            )
     versions: dict[str, Any] = {}
     for data in results.values():
         if isinstance(data, dict) and isinstance(data.get("versions"), dict):

@@ -69,7 +69,8 @@ def metric_vs_axis(summary: Mapping[str, Any], path: Path) -> Path | None:
         points = sorted(
             (c["axes"][x_key], c["metrics"][metric])
             for c in summary["cells"]
-            if c["status"] == "done" and all(c["axes"].get(k) == v for k, v in fixed.items())
+            if c["status"] == "done" and _is_number(c["axes"].get(x_key)) and _is_number(c["metrics"].get(metric))
+            and all(c["axes"].get(k) == v for k, v in fixed.items())
         )
         if points:
             label = ", ".join(f"{k.rpartition('.')[2]} {_shown(k, v)}" for k, v in fixed.items()) or metric
@@ -92,8 +93,9 @@ def heatmap(summary: Mapping[str, Any], path: Path) -> Path | None:
     rows, cols = axes[row_key], axes[col_key]
     grid = [[float("nan")] * len(cols) for _ in rows]
     for cell in summary["cells"]:
-        if cell["status"] == "done":
-            grid[rows.index(cell["axes"][row_key])][cols.index(cell["axes"][col_key])] = 100 * cell["metrics"][metric]
+        r, c, value = cell["axes"].get(row_key), cell["axes"].get(col_key), cell["metrics"].get(metric)
+        if cell["status"] == "done" and r in rows and c in cols and _is_number(value):
+            grid[rows.index(r)][cols.index(c)] = 100 * value
     fig, ax = plt.subplots(figsize=(1.2 * len(cols) + 3, 0.6 * len(rows) + 2))
     image = ax.imshow(grid, cmap="viridis", vmin=0, vmax=100, aspect="auto")
     ax.set_xticks(range(len(cols)), [_shown(col_key, v) for v in cols], fontsize=10)
