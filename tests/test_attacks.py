@@ -206,7 +206,7 @@ def test_square_schedule_halves_the_window_share() -> None:
 
 
 def test_registry_and_suites() -> None:
-    assert set(ATTACKS) == {"fgsm", "pgd", "apgd-ce", "apgd-t", "square"}
+    assert set(ATTACKS) == {"fgsm", "pgd", "apgd-ce", "apgd-t", "fab-t", "square"}
     assert SUITES == {"quick": ["fgsm", "pgd"], "standard": ["apgd-ce", "apgd-t"]}
     assert expand("standard,square") == ["apgd-ce", "apgd-t", "square"]
     assert expand("quick,fgsm") == ["fgsm", "pgd"]

@@ -40,6 +40,7 @@ _EXPORTS = {
     "pgd": "redblue.attacks",
     "apgd_ce": "redblue.attacks",
     "apgd_t": "redblue.attacks",
+    "fab_t": "redblue.attacks",
     "square": "redblue.attacks",
     "ATTACKS": "redblue.attacks",
     "evaluate_robustness": "redblue.evaluation",

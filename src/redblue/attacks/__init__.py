@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from redblue.attacks.apgd import apgd_ce, apgd_run, apgd_t
+from redblue.attacks.fab import fab_run, fab_t
 from redblue.attacks.fgsm import fgsm, fgsm_run
 from redblue.attacks.pgd import pgd, pgd_run
 from redblue.attacks.projection import AttackOutput, per_example_norm, project, random_start
@@ -26,6 +27,7 @@ ATTACKS: dict[str, Callable[..., torch.Tensor]] = {
     "pgd": pgd,
     "apgd-ce": apgd_ce,
     "apgd-t": apgd_t,
+    "fab-t": fab_t,
     "square": square,
 }
 
@@ -43,6 +45,7 @@ RUNNERS: dict[str, Callable[..., AttackOutput]] = {
     "pgd": pgd_run,
     "apgd-ce": _apgd_ce_run,
     "apgd-t": _apgd_t_run,
+    "fab-t": fab_run,
     "square": square_run,
 }
 
@@ -52,6 +55,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
     "pgd": {"alpha": None, "steps": 40, "restarts": 1, "random_start": True},
     "apgd-ce": {"steps": 100, "restarts": 1},
     "apgd-t": {"steps": 100, "restarts": 1, "n_targets": 9},
+    "fab-t": {"steps": 100, "restarts": 1, "n_targets": 9},
     "square": {"steps": 5000, "restarts": 1, "p_init": 0.8},
 }
 """Settings each attack accepts besides ``eps`` and ``norm``, with their defaults."""
@@ -103,6 +107,7 @@ __all__ = [
     "apgd_ce",
     "apgd_t",
     "expand",
+    "fab_t",
     "fgsm",
     "per_example_norm",
     "pgd",

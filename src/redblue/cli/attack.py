@@ -21,7 +21,7 @@ from redblue.validate import check_name
 @click.option(
     "--attack",
     default=None,
-    help="fgsm, pgd, apgd-ce, apgd-t, square, quick (fgsm+pgd), standard (apgd-ce+apgd-t), "
+    help="fgsm, pgd, apgd-ce, apgd-t, fab-t, square, quick (fgsm+pgd), standard (apgd-ce+apgd-t), "
     "or a comma-separated list such as standard,square. [default: fgsm]",
 )
 @click.option("--eps", type=float, default=None, help="Perturbation radius in pixel units [0, 1]. [default: 0.25]")
