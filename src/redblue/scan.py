@@ -63,7 +63,8 @@ from typing import IO, Any
 
 import numpy as np
 
-from redblue.errors import ConfigError
+from redblue.errors import ConfigError, IntegrityError
+from redblue.utils import open_regular
 
 SEVERITIES: tuple[str, ...] = ("low", "medium", "high", "critical")
 SCANNED_SUFFIXES: tuple[str, ...] = (
@@ -441,6 +442,7 @@ class _PickleWalker:
 
     def walk(self, stream: IO[bytes]) -> Any:
         """Walk one stream up to its STOP; returns the symbolic value it would produce."""
+        next_op = stream.tell() if stream.seekable() else None
         try:
             with warnings.catch_warnings():  # pickletools warns on odd escapes in STRING arguments
                 warnings.simplefilter("ignore", DeprecationWarning)
@@ -450,11 +452,29 @@ class _PickleWalker:
                     result = self._step(op, arg, pos)
                     if op.name == "STOP":
                         return result
+                    next_op = stream.tell() if next_op is not None else None
         except (ValueError, OverflowError, MemoryError) as exc:
             # pickletools raises ValueError for unknown opcodes, truncated or undecodable
             # arguments and a stream that ends before STOP.
+            self._import_the_unpickler_would_make(stream, next_op)
             raise MalformedError(str(exc) or type(exc).__name__) from None
         raise MalformedError("stream ended before STOP")
+
+    def _import_the_unpickler_would_make(self, stream: IO[bytes], pos: int | None) -> None:
+        """pickletools reads GLOBAL/INST names as ASCII, the unpickler as UTF-8: where the
+        walk broke on such an opcode, record the import that pickle.load would still make."""
+        if pos is None:
+            return
+        stream.seek(pos)
+        if stream.read(1) not in (b"c", b"i"):
+            return
+        lines = [stream.readline(4096), stream.readline(4096)]
+        if all(line.endswith(b"\n") for line in lines):
+            try:
+                module, attr = (line[:-1].decode("utf-8") for line in lines)
+            except UnicodeDecodeError:
+                return
+            self._import(module, attr, pos)
 
     def _step(self, op: pickletools.OpcodeInfo, arg: Any, pos: int | None) -> Any:
         name = op.name
@@ -478,8 +498,8 @@ class _PickleWalker:
                 self.stack.append(_UNKNOWN)
         elif name == "INST":
             module, attr = arg
+            target = self._import(module, attr, pos)  # as CPython: the import comes before the MARK is popped
             self._pop_to_mark(pos)
-            target = self._import(module, attr, pos)
             self._call(target, name, pos)
             self.stack.append(_UNKNOWN)
         elif name == "OBJ":
@@ -535,6 +555,10 @@ class _PickleWalker:
                     pos, called=True,
                 )
             self.stack.append(target)
+        elif name == "POP":
+            if not self.stack:
+                raise MalformedError(f"stack underflow at byte {pos}")
+            self.stack.pop()  # as CPython: right after a MARK, POP drops the mark itself
         elif name == "DUP":
             self.stack.append(self._top(pos))
         elif name == "MARK":
@@ -869,7 +893,7 @@ def scan_file(path: str | os.PathLike[str], *, explicit: bool = True) -> FileRep
                 report.status = "skipped"
                 report.notes.append("not a regular file")
             return report.finish()
-        with open(path, "rb") as handle:
+        with open_regular(path) as handle:  # non-blocking open: a FIFO swapped in cannot hang it
             size = os.fstat(handle.fileno()).st_size
             head = handle.read(16)
             handle.seek(0)
@@ -911,6 +935,8 @@ def scan_file(path: str | os.PathLike[str], *, explicit: bool = True) -> FileRep
         report.error = "permission denied"
     except FormatError as exc:
         report.error = str(exc)
+    except IntegrityError as exc:  # not a regular file after all
+        report.error = str(exc).removeprefix(f"{path}: ")
     except MalformedError as exc:
         report.error = f"malformed pickle ({exc})"
     except OSError as exc:

@@ -94,7 +94,10 @@ def check_regular_file(path: Path, max_bytes: int | None = None) -> int:
     """The size of ``path`` after checking that it is a regular file (not a device, FIFO or
     socket, which could hang a read or never end) of at most ``max_bytes``; IntegrityError
     (one line naming the path) otherwise, FileNotFoundError when it does not exist."""
-    info = path.stat()  # follows symlinks: what matters is what a read would open
+    try:
+        info = path.stat()  # follows symlinks: what matters is what a read would open
+    except ValueError as exc:  # a NUL byte in the path
+        raise IntegrityError(f"{str(path)!r}: not a usable path ({exc})") from None
     if not stat.S_ISREG(info.st_mode):
         raise IntegrityError(f"{path}: is {_kind_of(info.st_mode)}, expected a regular file")
     if max_bytes is not None and info.st_size > max_bytes:
