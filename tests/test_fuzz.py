@@ -26,7 +26,7 @@ import tempfile
 from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 from unittest import mock
 
 import numpy as np
@@ -354,10 +354,21 @@ class _Recorder(pickle._Unpickler):  # the pure-Python one (same opcodes, no C s
     """Unpickles with every global replaced by a stub: records what ``pickle.load`` would
     import, and runs nothing of it."""
 
-    def __init__(self, data: bytes) -> None:
-        super().__init__(io.BytesIO(data))
+    def __init__(self, data: bytes, encoding: str = "ASCII") -> None:
+        super().__init__(io.BytesIO(data), encoding=encoding)
+        self.size = len(data)
         self.protocol = data[1] if data[:1] == b"\x80" and len(data) > 1 else 0
         self.requested: list[tuple[str, str, int]] = []
+
+    def _load_bytearray8(self) -> None:
+        # the pure-Python unpickler zero-fills bytearray(declared length) before reading:
+        # a mutated length of gigabytes would fill memory (the C one does not touch it)
+        (length,) = struct.unpack("<Q", self.read(8))
+        if length > self.size:
+            raise pickle.UnpicklingError("BYTEARRAY8 longer than the data")
+        self.append(bytearray(self.read(length)))  # type: ignore[attr-defined]
+
+    dispatch: ClassVar[dict[int, Any]] = {**pickle._Unpickler.dispatch, pickle.BYTEARRAY8[0]: _load_bytearray8}  # type: ignore[attr-defined]
 
     def find_class(self, module: str, name: str) -> Any:
         self.requested.append((module, name, self.protocol))
@@ -402,20 +413,23 @@ def test_fuzz_pickle(data: bytes, name: str) -> None:
 def _check_imports_were_seen(data: bytes, report: Any) -> int:
     """Whatever ``pickle.load`` would import, the scanner saw: allowlisted, or reported.
     Returns how many imports the stubbed unpickling requested."""
-    recorder = _Recorder(data)
-    with contextlib.suppress(Exception), mock.patch.object(pickle, "_Unframer", _StrictUnframer):
-        recorder.load()
+    requested = []
+    for encoding in ("utf-8", "latin1"):  # how torch.load and np.load decode protocol-0/2 strings
+        recorder = _Recorder(data, encoding)
+        with contextlib.suppress(Exception), mock.patch.object(pickle, "_Unframer", _StrictUnframer):
+            recorder.load()
+        requested += recorder.requested
     flagged = {f.name for f in report.findings}
-    for module, attr, protocol in recorder.requested:
-        if not all(part.isidentifier() for part in (*module.split("."), *attr.split("."))):
-            continue  # no unpickler can import it (e.g. "" or a line cut at the end of the data): nothing runs
+    for module, attr, protocol in requested:
+        if not module or not attr:
+            continue  # nothing can import an empty name
         if protocol < 3 and (module, attr) in _compat_pickle.NAME_MAPPING:  # as pickle.Unpickler resolves it
             module, attr = _compat_pickle.NAME_MAPPING[module, attr]
         elif protocol < 3 and module in _compat_pickle.IMPORT_MAPPING:
             module = _compat_pickle.IMPORT_MAPPING[module]
         full = f"{module}.{attr}"
         assert is_allowed(full) or (full in flagged and full in report.imports), (full, report)
-    return len(recorder.requested)
+    return len(requested)
 
 
 def test_the_pickle_property_sees_the_imports_of_the_seeds(tmp_path: Path) -> None:

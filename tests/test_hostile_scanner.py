@@ -118,3 +118,64 @@ def test_the_cli_fails_closed_on_explicit_files_and_skips_them_in_folders(capsys
     code, out = scan(tmp_path)
     assert code == 1 and SYSTEM in out, out
     assert scan_paths([tmp_path]).counts()["critical"] == 1
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"I0x10\n0cposix\nsystem\n(S'x'\ntR.",  # C reads INT in any base; pickletools only base 10
+        b"L0x10L\n0cposix\nsystem\n(S'x'\ntR.",
+        "S'\u00e9'\n0cposix\nsystem\n(S'x'\ntR.".encode(),  # torch.load decodes STRING as UTF-8
+        b"(0cposix\nsystem\n(S'x'\ntR.",  # POP right after a MARK drops the mark
+        b"c\xc3\x80posix\nsystem\n.",  # a UTF-8 module name (pickletools reads ASCII)
+    ],
+)
+def test_text_opcodes_that_pickletools_refuses_but_the_unpickler_reads_are_followed(tmp_path: Path,
+                                                                                     data: bytes) -> None:
+    path = tmp_path / "model"
+    path.write_bytes(data)
+    for explicit in (True, False):
+        report = scan_file(path, explicit=explicit)
+        assert report.status in ("findings", "error") and report.findings, report  # never skipped or clean
+        assert report.worst in ("critical", "high", "medium")
+
+
+def test_a_global_name_too_long_to_resolve_is_a_finding(tmp_path: Path) -> None:
+    path = tmp_path / "model"
+    path.write_bytes(b"c" + b"\xc3\x80" * 40_000 + b"\nsystem\n.")
+    report = scan_file(path, explicit=False)
+    assert report.status == "error" and report.worst == "high"
+
+
+def test_a_tar_archive_is_never_clean(tmp_path: Path, marker: Path) -> None:
+    # torch.load tries tarfile first and unpickles the members 'storages', 'tensors' and
+    # 'pickle'; a member named 'N.' makes the tar header itself parse as a harmless pickle.
+    import io
+    import tarfile
+
+    path = tmp_path / "ckpt.pt"
+    with tarfile.open(path, "w", format=tarfile.PAX_FORMAT) as archive:
+        for name, payload in (("N.", b"x"), ("storages", _evil(marker, 2)), ("pickle", pickle.dumps({"a": 1}))):
+            info = tarfile.TarInfo(name)
+            info.size = len(payload)
+            archive.addfile(info, io.BytesIO(payload))
+    for explicit in (True, False):
+        report = scan_file(path, explicit=explicit)
+        assert report.kind == "tar" and report.status == "error" and report.worst == "critical", report
+        assert "legacy torch.save format" in str(report.error)
+
+
+def test_an_npz_member_is_an_array_by_its_magic_whatever_its_name(tmp_path: Path, marker: Path) -> None:
+    import io
+    import zipfile
+
+    import numpy as np
+
+    buffer = io.BytesIO()
+    np.lib.format.write_array(buffer, np.array([SystemPayload("echo x")], dtype=object), allow_pickle=True)
+    path = tmp_path / "weights.npz"
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("payload", buffer.getvalue())  # np.load(...)["payload"] unpickles it
+    report = scan_file(path)
+    assert report.kind == "npz" and report.worst == "critical", report
+    assert {f.rule for f in report.findings} >= {"object-array"}

@@ -45,6 +45,8 @@ from __future__ import annotations
 
 import _compat_pickle
 import ast
+import codecs
+import contextlib
 import io
 import json
 import os
@@ -53,6 +55,7 @@ import os
 # (genops) over bytes; nothing here unpickles.
 import pickletools  # nosec B403
 import re
+import tarfile
 import warnings
 import zipfile
 import zlib
@@ -73,6 +76,7 @@ SCANNED_SUFFIXES: tuple[str, ...] = (
 PICKLE_SUFFIXES: tuple[str, ...] = (".pkl", ".pickle", ".pt", ".pth", ".ckpt", ".bin")
 MAX_MEMBER_BYTES = 1 << 30  # a pickle or .npy header inside a zip larger than this is refused
 MAX_NPY_HEADER = 1 << 16
+MAX_TEXT_LINE = 1 << 16  # a protocol-0 argument line longer than this is not resolved (a finding)
 MAX_SAFETENSORS_HEADER = 100 * (1 << 20)  # the safetensors library's own limit
 TORCH_LEGACY_MAGIC = 0x1950A86A20F9469CFC6C  # first pickle of a legacy (non-zip) torch.save file
 
@@ -441,40 +445,83 @@ class _PickleWalker:
             )
 
     def walk(self, stream: IO[bytes]) -> Any:
-        """Walk one stream up to its STOP; returns the symbolic value it would produce."""
-        next_op = stream.tell() if stream.seekable() else None
-        try:
-            with warnings.catch_warnings():  # pickletools warns on odd escapes in STRING arguments
-                warnings.simplefilter("ignore", DeprecationWarning)
-                for op, arg, pos in pickletools.genops(stream):
-                    if op.name in ("GLOBAL", "INST"):
-                        arg = _module_and_name(stream, pos, arg)
-                    result = self._step(op, arg, pos)
-                    if op.name == "STOP":
-                        return result
-                    next_op = stream.tell() if next_op is not None else None
-        except (ValueError, OverflowError, MemoryError) as exc:
-            # pickletools raises ValueError for unknown opcodes, truncated or undecodable
-            # arguments and a stream that ends before STOP.
-            self._import_the_unpickler_would_make(stream, next_op)
-            raise MalformedError(str(exc) or type(exc).__name__) from None
-        raise MalformedError("stream ended before STOP")
+        """Walk one stream up to its STOP; returns the symbolic value it would produce.
 
-    def _import_the_unpickler_would_make(self, stream: IO[bytes], pos: int | None) -> None:
-        """pickletools reads GLOBAL/INST names as ASCII, the unpickler as UTF-8: where the
-        walk broke on such an opcode, record the import that pickle.load would still make."""
-        if pos is None:
-            return
+        pickletools is stricter than the unpickler on a few text opcodes (see
+        :meth:`_lenient_step`); where it stops on one of those, the opcode is read as the
+        unpickler reads it and the walk goes on after it, so the scanner never stops earlier
+        than ``pickle.load`` would."""
+        seekable = stream.seekable()
+        while True:
+            next_op = stream.tell() if seekable else None
+            try:
+                with warnings.catch_warnings():  # pickletools warns on odd escapes in STRING arguments
+                    warnings.simplefilter("ignore", DeprecationWarning)
+                    for op, arg, pos in pickletools.genops(stream):
+                        if op.name in ("GLOBAL", "INST"):
+                            arg = _module_and_name(stream, pos, arg)
+                        result = self._step(op, arg, pos)
+                        if op.name == "STOP":
+                            return result
+                        next_op = stream.tell() if seekable else None
+            except (ValueError, OverflowError, MemoryError) as exc:
+                # pickletools raises ValueError for unknown opcodes, truncated or undecodable
+                # arguments and a stream that ends before STOP.
+                if next_op is not None and self._lenient_step(stream, next_op):
+                    continue
+                raise MalformedError(str(exc) or type(exc).__name__) from None
+            raise MalformedError("stream ended before STOP")
+
+    def _lenient_step(self, stream: IO[bytes], pos: int) -> bool:
+        """Read the text opcode at ``pos`` as the unpickler does where pickletools refuses it:
+        GLOBAL/INST names in UTF-8 (pickletools: ASCII), INT/LONG in any base (``0x10``, as
+        C's strtol), STRING with non-ASCII bytes (torch.load decodes them as UTF-8). True when
+        the opcode was consumed (the walk goes on after it)."""
         stream.seek(pos)
-        if stream.read(1) not in (b"c", b"i"):
-            return
-        lines = [stream.readline(4096), stream.readline(4096)]
-        if all(line.endswith(b"\n") for line in lines):
+        code = stream.read(1)
+        if code in (b"c", b"i"):
+            lines = [stream.readline(MAX_TEXT_LINE + 1), stream.readline(MAX_TEXT_LINE + 1)]
+            if any(len(line) > MAX_TEXT_LINE for line in lines):
+                self._suspect("<unreadable import>", "high", "computed-import",
+                              f"a GLOBAL/INST name longer than {MAX_TEXT_LINE} bytes: not resolved",
+                              pos, called=False)  # fmt: skip
+                return False
+            if not all(line.endswith(b"\n") for line in lines):
+                return False
             try:
                 module, attr = (line[:-1].decode("utf-8") for line in lines)
             except UnicodeDecodeError:
-                return
-            self._import(module, attr, pos)
+                return False
+            target = self._import(module, attr, pos)  # the unpickler imports first
+            if code == b"c":
+                self.stack.append(target)
+            else:
+                self._pop_to_mark(pos)
+                self._call(target, "INST", pos)
+                self.stack.append(_UNKNOWN)
+            return True
+        if code in (b"I", b"L"):
+            line = stream.readline(MAX_TEXT_LINE + 1)
+            if not line.endswith(b"\n") or not re.fullmatch(rb"\s*[-+]?\w+L?\s*", line[:-1]):
+                return False
+            self.stack.append(_UNKNOWN)  # a number; its value never names an import
+            return True
+        if code == b"S":
+            line = stream.readline(MAX_TEXT_LINE + 1)
+            body = line[:-1]
+            if not line.endswith(b"\n") or len(body) < 2 or body[:1] not in (b"'", b'"') or body[-1:] != body[:1]:
+                return False
+            try:
+                raw = codecs.escape_decode(body[1:-1])[0]
+            except ValueError:
+                return False
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                text = raw.decode("latin-1")
+            self.stack.append(_Const(text))
+            return True
+        return False
 
     def _step(self, op: pickletools.OpcodeInfo, arg: Any, pos: int | None) -> Any:
         name = op.name
@@ -800,6 +847,52 @@ def _read_member(archive: zipfile.ZipFile, info: zipfile.ZipInfo, limit: int) ->
     return data
 
 
+def _member_head(archive: zipfile.ZipFile, info: zipfile.ZipInfo) -> bytes:
+    try:
+        with archive.open(info) as member:
+            return member.read(6)
+    except (zipfile.BadZipFile, zlib.error, RuntimeError, NotImplementedError, EOFError, OSError) as exc:
+        raise FormatError(f"cannot read member {info.filename} of the zip archive ({exc})") from None
+
+
+def _is_tar(handle: IO[bytes]) -> bool:
+    """True when ``handle`` is an uncompressed tar archive (what torch.load tries first)."""
+    try:
+        with tarfile.open(fileobj=handle, mode="r:"):
+            return True
+    except (tarfile.TarError, OSError, EOFError, ValueError):
+        return False
+    finally:
+        handle.seek(0)
+
+
+def _scan_tar(handle: IO[bytes], report: FileReport) -> None:
+    """A tar archive: the legacy torch.save format, whose members ``storages``, ``tensors``
+    and ``pickle`` torch.load unpickles (several pickles per member, raw data between them).
+    Each member's first pickle is scanned, and the file is an error either way: the scanner
+    cannot follow torch's layout inside the members, so it cannot say the file is safe."""
+    report.kind = "tar"
+    try:
+        with tarfile.open(fileobj=handle, mode="r:") as archive:
+            for member in archive:
+                if not member.isfile():
+                    continue
+                if member.size > MAX_MEMBER_BYTES:
+                    raise FormatError(f"tar member {member.name} is larger than {MAX_MEMBER_BYTES} bytes")
+                extracted = archive.extractfile(member)
+                if extracted is None:
+                    continue
+                with contextlib.suppress(MalformedError):
+                    _scan_pickle_stream(io.BytesIO(extracted.read(MAX_MEMBER_BYTES)), report, member.name,
+                                        allow_legacy=False)  # fmt: skip
+    except (tarfile.TarError, OSError, EOFError) as exc:
+        raise FormatError(f"unreadable tar archive ({exc})") from None
+    raise FormatError(
+        "tar archive (the legacy torch.save format): torch.load unpickles its members, and the scanner "
+        "cannot follow them completely; do not load it"
+    )
+
+
 def _scan_zip(handle: IO[bytes], path: Path, report: FileReport) -> None:
     try:
         archive = zipfile.ZipFile(handle)
@@ -808,7 +901,9 @@ def _scan_zip(handle: IO[bytes], path: Path, report: FileReport) -> None:
     with archive:
         infos = [i for i in archive.infolist() if not i.is_dir()]
         pickles = [i for i in infos if i.filename.endswith((".pkl", ".pickle"))]
-        arrays = [i for i in infos if i.filename.endswith(".npy")]
+        # np.load's NpzFile reads any member that starts with the .npy magic as an array,
+        # whatever its name: members are classified by their first bytes, not their suffix.
+        arrays = [i for i in infos if i not in pickles and _member_head(archive, i) == b"\x93NUMPY"]
         code = [i for i in infos if i.filename.endswith(".py") and "/code/" in f"/{i.filename}"]
         if any(i.filename.rsplit("/", 1)[-1] == "data.pkl" for i in pickles):
             report.kind = "torch-zip"
@@ -899,6 +994,8 @@ def scan_file(path: str | os.PathLike[str], *, explicit: bool = True) -> FileRep
             handle.seek(0)
             if head[:4] in (b"PK\x03\x04", b"PK\x05\x06"):
                 _scan_zip(handle, path, report)
+            elif _is_tar(handle):  # before the pickle check: a tar header can parse as a pickle
+                _scan_tar(handle, report)
             elif head[:6] == b"\x93NUMPY":
                 report.kind = "npy"
                 _scan_npy(handle, size, report, None)
