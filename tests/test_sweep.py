@@ -262,8 +262,11 @@ def test_every_stage_records_its_result_and_resumes(tmp_path: Path, tiny_model_d
 
 def test_a_grid_checked_for_other_data_is_refused(tmp_path: Path, tiny_model_dir: Path, mini: Any) -> None:
     grid = load_grid(_grid(tmp_path, tiny_model_dir / "models" / "baseline.json", "eps = [0.1]\n"), mini)
-    with pytest.raises(ConfigError, match="other data"):
+    with pytest.raises(ConfigError, match=r"load_grid\(path, data\)"):
         run_sweep(grid, tmp_path / "out", mini.subset(n_test=10), progress=False, runner=run_sequentially)
+    unkeyed = load_grid(_grid(tmp_path, tiny_model_dir / "models" / "baseline.json", "eps = [0.1]\n"))
+    with pytest.raises(ConfigError, match=r"load_grid\(path, data\)"):  # keys without the data's hashes
+        run_sweep(unkeyed, tmp_path / "out", mini, progress=False, runner=run_sequentially)
 
 
 def test_a_cell_no_node_can_hold_is_one_line_not_a_hang(cli: Cli, tmp_path: Path, tiny_model_dir: Path) -> None:

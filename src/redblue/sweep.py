@@ -99,7 +99,7 @@ class SweepConfig:
     def __post_init__(self) -> None:
         check_choice("stage", self.stage, SWEEP_STAGES)
         check_name("name", self.name)
-        check_float("num_cpus", self.num_cpus, 0.0, 1024.0, low_open=True)
+        check_float("num_cpus", self.num_cpus, 0.01, 1024.0)
         check_float("num_gpus", self.num_gpus, 0.0, 64.0)
 
 
@@ -406,10 +406,8 @@ def ray_session(address: str | None) -> Iterator[dict[str, Any]]:
             "cpus": float(resources.get("CPU", 0.0)),
             "gpus": float(resources.get("GPU", 0.0)),
             "nodes": len(nodes),
-            "largest_node": max(
-                ((float(n["Resources"].get("CPU", 0.0)), float(n["Resources"].get("GPU", 0.0))) for n in nodes),
-                default=(0.0, 0.0),
-            ),
+            "most_cpus_on_a_node": max((float(n["Resources"].get("CPU", 0.0)) for n in nodes), default=0.0),
+            "most_gpus_on_a_node": max((float(n["Resources"].get("GPU", 0.0)) for n in nodes), default=0.0),
         }
     finally:
         if started:
@@ -426,10 +424,10 @@ def check_fits(sweep: SweepConfig, engine: Mapping[str, Any]) -> None:
         if n.get("Alive")
     )
     if not fits:
-        cpus, gpus = engine["largest_node"]
         raise ConfigError(
             f"[sweep] num_cpus = {sweep.num_cpus:g}, num_gpus = {sweep.num_gpus:g}: no node of the Ray instance "
-            f"({engine['address']}) has that much (the largest: {cpus:g} CPUs, {gpus:g} GPUs)"
+            f"({engine['address']}) has that much (the largest has {engine['most_cpus_on_a_node']:g} CPUs; "
+            f"the most GPUs on a node: {engine['most_gpus_on_a_node']:g})"
         )
 
 
@@ -477,8 +475,9 @@ def run_sweep(
     ``OUT/sweeps/NAME/sweep_summary.json``. Returns the summary."""
     from tqdm import tqdm
 
-    if grid.data_identity is not None and grid.data_identity != data.identity():
-        raise ConfigError(f"{grid.path}: the grid's cell keys were computed for other data; load it with this dataset")
+    if grid.data_identity != data.identity():
+        raise ConfigError(f"{grid.path}: the cells' keys must name this dataset: load the grid with "
+                          "load_grid(path, data) for the data it runs on")  # fmt: skip
     root = out.absolute() / "sweeps" / grid.sweep.name  # absolute: cells may run in another folder
     rows: dict[str, dict[str, Any]] = {}
     todo = []

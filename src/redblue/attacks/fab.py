@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from redblue.attacks.projection import AttackOutput, check_inputs, check_settings, per_example_norm, project
+from redblue.errors import ConfigError
 from redblue.utils import eval_mode
 from redblue.validate import check_float, check_int
 
@@ -51,6 +52,8 @@ def project_on_hyperplane(p: torch.Tensor, w: torch.Tensor, b: torch.Tensor, nor
     """Per row of ``p`` (N, D): the step ``d`` of least ``norm`` with ``w·(p + d) = b`` and
     ``p + d`` in [0, 1]^D. Where the box makes the hyperplane unreachable, the step that gets
     closest to it (every coordinate pushed to its bound in the useful direction)."""
+    scale = w.abs().amax(dim=1, keepdim=True).clamp_min(_TINY)  # the same hyperplane, w scaled to max |w| = 1:
+    w, b = w / scale, b / scale.squeeze(1)  # no underflow in w**2 (L2) for tiny gradients
     c = b - (w * p).sum(dim=1)  # the change of w·x that is needed
     s = torch.sign(c)[:, None]
     direction = s * torch.sign(w)  # +1: this pixel should grow, -1: shrink
@@ -147,7 +150,9 @@ def fab_run(
     with eval_mode(model), torch.no_grad():
         clean_logits = model(x).float()
     num_classes = clean_logits.shape[1]
-    check_int("n_targets", n_targets, 1, max(1, num_classes - 1))
+    if num_classes < 2:
+        raise ConfigError(f"fab-t: the model has {num_classes} output, expected at least 2 classes")
+    check_int("n_targets", n_targets, 1, num_classes - 1)
     generator = torch.Generator(device=x.device).manual_seed(seed)
     x_adv = x.clone()
     robust = clean_logits.argmax(1) == y
@@ -160,11 +165,13 @@ def fab_run(
                     break
                 xs, ys, targets = x[rows], y[rows], order[rows, -rank]
                 start = None
-                if restart > 0:  # later restarts start at a random point of the eps-ball
-                    noise = torch.rand(xs.shape, generator=generator, device=x.device) * 2 - 1
-                    if norm == "l2":
-                        noise = noise / per_example_norm(noise, "l2").clamp_min(_TINY)[:, None, None, None]
-                    start = project(xs + 0.5 * eps * noise, xs, eps, norm)
+                if restart > 0:  # later restarts start at half the eps-ball's radius (as AutoAttack)
+                    if norm == "linf":
+                        noise = torch.rand(xs.shape, generator=generator, device=x.device) * 2 - 1
+                    else:
+                        noise = torch.randn(xs.shape, generator=generator, device=x.device)
+                    noise = noise / per_example_norm(noise, norm).clamp_min(_TINY)[:, None, None, None]
+                    start = (xs + 0.5 * eps * noise).clamp(0.0, 1.0)
                 found, dist = _fab_single(model, xs, ys, targets, eps=eps, norm=norm, steps=steps,
                                           alpha_max=alpha_max, eta=eta, beta=beta, start=start)  # fmt: skip
                 broken = dist <= eps * (1 + 1e-6)
