@@ -31,7 +31,7 @@ from redblue.utils import (
     read_regular_file,
     sha256_bytes,
 )
-from redblue.validate import FILE_NAME_PATTERN
+from redblue.validate import FILE_NAME_PATTERN, is_safe_name
 
 FORMAT = "redblue.model/1"
 
@@ -121,7 +121,7 @@ def read_verified_tensors(path: Path, sha256: object, record_path: Path, *, kind
 
 def _weights_of(json_path: Path, record: dict[str, Any]) -> Path:
     weights_file = record.get("weights_file", json_path.with_suffix(".safetensors").name)
-    if not isinstance(weights_file, str) or not FILE_NAME_PATTERN.fullmatch(weights_file) or ".." in weights_file:
+    if not is_safe_name(weights_file, FILE_NAME_PATTERN):
         raise IntegrityError(
             f"{json_path}: weights_file {weights_file!r} is not a file name in the record's own folder "
             "(letters, digits, '.', '_', '+', '-')"

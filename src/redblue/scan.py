@@ -67,7 +67,7 @@ from typing import IO, Any
 import numpy as np
 
 from redblue.errors import ConfigError, IntegrityError
-from redblue.utils import open_regular
+from redblue.utils import MAX_JSON_BYTES, open_regular
 
 SEVERITIES: tuple[str, ...] = ("low", "medium", "high", "critical")
 SCANNED_SUFFIXES: tuple[str, ...] = (
@@ -366,10 +366,18 @@ def _module_and_name(stream: IO[bytes], pos: int | None, arg: Any) -> tuple[str,
     lines = raw.split(b"\n")
     if len(lines) != 3 or lines[2]:
         raise MalformedError(f"GLOBAL/INST argument at byte {pos} is not two lines")
+    names = _decode_names(lines[0], lines[1])
+    if names is None:
+        raise MalformedError(f"GLOBAL/INST argument at byte {pos} is not UTF-8")
+    return names
+
+
+def _decode_names(module: bytes, name: bytes) -> tuple[str, str] | None:
+    """A GLOBAL/INST argument's two lines (without newlines) as the unpickler reads them (UTF-8)."""
     try:
-        return lines[0].decode("utf-8"), lines[1].decode("utf-8")
+        return module.decode("utf-8"), name.decode("utf-8")
     except UnicodeDecodeError:
-        raise MalformedError(f"GLOBAL/INST argument at byte {pos} is not UTF-8") from None
+        return None
 
 
 class _PickleWalker:
@@ -486,25 +494,16 @@ class _PickleWalker:
                               f"a GLOBAL/INST name longer than {MAX_TEXT_LINE} bytes: not resolved",
                               pos, called=False)  # fmt: skip
                 return False
-            if not all(line.endswith(b"\n") for line in lines):
+            names = _decode_names(lines[0][:-1], lines[1][:-1])
+            if not all(line.endswith(b"\n") for line in lines) or names is None:
                 return False
-            try:
-                module, attr = (line[:-1].decode("utf-8") for line in lines)
-            except UnicodeDecodeError:
-                return False
-            target = self._import(module, attr, pos)  # the unpickler imports first
-            if code == b"c":
-                self.stack.append(target)
-            else:
-                self._pop_to_mark(pos)
-                self._call(target, "INST", pos)
-                self.stack.append(_UNKNOWN)
+            self._step(_OPCODES[code], names, pos)  # the same GLOBAL / INST step as any other
             return True
         if code in (b"I", b"L"):
             line = stream.readline(MAX_TEXT_LINE + 1)
             if not line.endswith(b"\n") or not re.fullmatch(rb"\s*[-+]?\w+L?\s*", line[:-1]):
                 return False
-            self.stack.append(_UNKNOWN)  # a number; its value never names an import
+            self._generic(_OPCODES[code], pos)  # a number of unknown value: it never names an import
             return True
         if code == b"S":
             line = stream.readline(MAX_TEXT_LINE + 1)
@@ -519,7 +518,7 @@ class _PickleWalker:
                 text = raw.decode("utf-8")
             except UnicodeDecodeError:
                 text = raw.decode("latin-1")
-            self.stack.append(_Const(text))
+            self._step(_OPCODES[code], text, pos)
             return True
         return False
 
@@ -676,8 +675,8 @@ _SAFETENSORS_BITS: dict[str, int] = {
     "BF16": 16, "I32": 32, "U32": 32, "F32": 32, "C64": 64, "F64": 64, "I64": 64, "U64": 64,
 }
 MAX_RANK = 32
-MAX_JSON_BYTES = 256 << 20  # larger JSON is not recognised as JSON (the loader's own limit)
-_OPCODE_BYTES = frozenset(op.code.encode("latin-1") for op in pickletools.opcodes)
+_OPCODES = {op.code.encode("latin-1"): op for op in pickletools.opcodes}
+_OPCODE_BYTES = frozenset(_OPCODES)
 _PROTOCOLS = (b"\x00", b"\x01", b"\x02", b"\x03", b"\x04", b"\x05")
 
 

@@ -227,12 +227,13 @@ def load_grid(path: str | Path, data: Dataset | None = None) -> Grid:
     if stage in NEEDS_MODEL and "model" not in axes and sweep.model is None:
         raise ConfigError(f"{grid_path}: stage {stage!r} needs a model: [sweep] model = \"...\" or a model axis")
 
-    identity = data.identity() if data is not None else {"dataset": data_cfg.dataset}
+    data_identity = data.identity() if data is not None else None
+    fixed = {s: dict(file.section(s) or {}) for s in STAGE_SECTIONS[stage]}
     model_hashes: dict[str, str] = {}
     cells = []
     for combo in itertools.product(*axes.values()):
         point = dict(zip(axes, combo, strict=True))
-        sections: dict[str, dict[str, Any]] = {s: dict(file.section(s) or {}) for s in STAGE_SECTIONS[stage]}
+        sections = {s: dict(values) for s, values in fixed.items()}
         model = sweep.model
         for key, value in point.items():
             section, setting = targets[key]
@@ -260,14 +261,13 @@ def load_grid(path: str | Path, data: Dataset | None = None) -> Grid:
                 "stage": stage,
                 "configs": {s: dataclasses.asdict(c) for s, c in configs.items()},
                 "model": model_hashes.get(model_path) if model_path else None,
-                "data": identity,
+                "data": data_identity or {"dataset": data_cfg.dataset},
             }
         )
         cells.append(Cell(_cell_id(point), point, configs, model_path, key))
     if len({c.cell_id for c in cells}) != len(cells):  # pragma: no cover - the hash makes ids unique
         raise ConfigError(f"{grid_path}: two cells share a folder name")
-    fixed = {s: dict(file.section(s) or {}) for s in STAGE_SECTIONS[stage]}
-    return Grid(grid_path, sweep, axes, data_cfg, cells, fixed, data.identity() if data is not None else None)
+    return Grid(grid_path, sweep, axes, data_cfg, cells, fixed, data_identity)
 
 
 # --------------------------------------------------------------------------- one cell

@@ -90,6 +90,14 @@ def _kind_of(mode: int) -> str:
     return "a socket or other special file"
 
 
+def _require_regular(path: Path, info: os.stat_result, max_bytes: int | None) -> int:
+    if not stat.S_ISREG(info.st_mode):
+        raise IntegrityError(f"{path}: is {_kind_of(info.st_mode)}, expected a regular file")
+    if max_bytes is not None and info.st_size > max_bytes:
+        raise IntegrityError(f"{path}: {info.st_size} bytes, more than the {max_bytes} a redblue file may hold")
+    return info.st_size
+
+
 def check_regular_file(path: Path, max_bytes: int | None = None) -> int:
     """The size of ``path`` after checking that it is a regular file (not a device, FIFO or
     socket, which could hang a read or never end) of at most ``max_bytes``; IntegrityError
@@ -98,11 +106,7 @@ def check_regular_file(path: Path, max_bytes: int | None = None) -> int:
         info = path.stat()  # follows symlinks: what matters is what a read would open
     except ValueError as exc:  # a NUL byte in the path
         raise IntegrityError(f"{str(path)!r}: not a usable path ({exc})") from None
-    if not stat.S_ISREG(info.st_mode):
-        raise IntegrityError(f"{path}: is {_kind_of(info.st_mode)}, expected a regular file")
-    if max_bytes is not None and info.st_size > max_bytes:
-        raise IntegrityError(f"{path}: {info.st_size} bytes, more than the {max_bytes} a redblue file may hold")
-    return info.st_size
+    return _require_regular(path, info, max_bytes)
 
 
 @contextlib.contextmanager
@@ -113,11 +117,7 @@ def open_regular(path: Path, max_bytes: int | None = None) -> Iterator[BinaryIO]
     check_regular_file(path, max_bytes)
     fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOCTTY", 0) | getattr(os, "O_CLOEXEC", 0))
     try:
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode):
-            raise IntegrityError(f"{path}: is {_kind_of(info.st_mode)}, expected a regular file")
-        if max_bytes is not None and info.st_size > max_bytes:
-            raise IntegrityError(f"{path}: {info.st_size} bytes, more than the {max_bytes} a redblue file may hold")
+        _require_regular(path, os.fstat(fd), max_bytes)
         os.set_blocking(fd, True)
         handle = os.fdopen(fd, "rb")
     except BaseException:

@@ -7,6 +7,7 @@ CLI flag), the value and what is accepted. Used by the configs, the attacks and 
 from __future__ import annotations
 
 import re
+from typing import TypeGuard
 
 from redblue.errors import ConfigError
 
@@ -59,10 +60,16 @@ FILE_NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,254}")
 """A file name a record may point to (a name plus a suffix such as ``.safetensors``)."""
 
 
+def is_safe_name(value: object, pattern: re.Pattern[str] = NAME_PATTERN) -> TypeGuard[str]:
+    """True when ``value`` is a string that matches ``pattern`` and holds no ``..``: a plain
+    file name (part) that cannot point anywhere but its own folder."""
+    return isinstance(value, str) and pattern.fullmatch(value) is not None and ".." not in value
+
+
 def check_name(name: str, value: object, *, error: type[Exception] = ConfigError) -> str:
     """``value`` when it is a safe file-name part (:data:`NAME_PATTERN`), so that nothing
     derived from it can land outside the output folder; ``error`` (one line) otherwise."""
-    if not isinstance(value, str) or not NAME_PATTERN.fullmatch(value) or ".." in value:
+    if not is_safe_name(value):
         raise error(
             f"{opt(name)} {value!r}: expected a name of letters, digits, '.', '_', '+' or '-' "
             "(no path separator, no '..', at most 128 characters)"

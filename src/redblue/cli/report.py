@@ -7,12 +7,11 @@ from pathlib import Path
 import click
 
 from redblue.cli.common import DEFAULT_OUT
-from redblue.errors import IntegrityError, RedblueError
-from redblue.report.render import render_report, sweep_summaries
+from redblue.errors import RedblueError
+from redblue.report.render import render_report, sweep_summaries, valid_sweep_summaries
 from redblue.report.stage_plots import render_all_plots
 from redblue.report.sweep_plots import render_sweep_plots
-from redblue.results import validate_result
-from redblue.utils import output_lock, read_json
+from redblue.utils import output_lock
 
 
 @click.command()
@@ -29,13 +28,7 @@ def report(out: str) -> None:
         raise RedblueError(f"{folder / 'metrics'}: no metrics folder (run a stage first, e.g. 'redblue run --out {out}')")
     with output_lock(folder):
         render_all_plots(folder)
-        for path in sweep_summaries(folder):
-            try:
-                summary = read_json(path)
-                validate_result(summary, "sweep")
-            except IntegrityError as exc:
-                click.echo(f"notice: {exc}; sweep not shown", err=True)
-                continue
+        for path, summary in valid_sweep_summaries(folder):
             render_sweep_plots(path.parent, summary)
         html_path, md_path = render_report(folder)
     click.echo(f"wrote {html_path} and {md_path}")

@@ -20,6 +20,7 @@ import matplotlib.pyplot as plt
 
 from redblue.report.plots import save_figure
 from redblue.utils import sha256_file
+from redblue.validate import FILE_NAME_PATTERN, is_safe_name
 
 
 def load_samples(path: Path) -> dict[str, torch.Tensor]:
@@ -88,8 +89,7 @@ def render_attack_plots(out: Path, name: str, result: Mapping[str, Any]) -> list
     paths: list[Path] = []
     samples_file = result.get("samples_file")  # a file name in the JSON's own folder, metrics/
     samples_path = out / "metrics" / str(samples_file)
-    if samples_file and (not isinstance(samples_file, str) or Path(samples_file).name != samples_file
-                         or samples_path.is_symlink()):  # fmt: skip
+    if samples_file and (not is_safe_name(samples_file, FILE_NAME_PATTERN) or samples_path.is_symlink()):
         print(f"notice: {name}: samples_file {samples_file!r} is not a file name in metrics/; example plots "
               "not rendered", file=sys.stderr)  # fmt: skip
     elif samples_file and not (samples_path.is_file() and sha256_file(samples_path) == result.get("samples_sha256")):

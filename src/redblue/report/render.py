@@ -98,10 +98,7 @@ def load_results(out: Path) -> dict[str, dict[str, Any]]:
         raise RedblueError(f"{folder}: no metrics folder (run a stage first, e.g. 'redblue run --out {out}')")
     results = {}
     for path in sorted(folder.glob("*.json")):
-        try:
-            results[path.stem] = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError) as exc:
-            raise RedblueError(f"{path}: unreadable JSON ({exc})") from None
+        results[path.stem] = read_json(path)  # bounded, regular files only; IntegrityError names the file
     return results
 
 
@@ -123,9 +120,10 @@ def sweep_summaries(out: Path) -> list[Path]:
     return sorted((out / "sweeps").glob("*/sweep_summary.json"))
 
 
-def sweep_sections(out: Path) -> list[dict[str, Any]]:
-    """What the report shows of each sweep: its counts, table (best first) and plots."""
-    sections = []
+def valid_sweep_summaries(out: Path) -> list[tuple[Path, dict[str, Any]]]:
+    """(path, summary) of every sweep summary that reads and validates; the others are
+    skipped with a notice."""
+    found = []
     for path in sweep_summaries(out):
         try:
             summary = read_json(path)
@@ -133,6 +131,14 @@ def sweep_sections(out: Path) -> list[dict[str, Any]]:
         except IntegrityError as exc:
             print(f"notice: report: {exc}; sweep not shown", file=sys.stderr)
             continue
+        found.append((path, summary))
+    return found
+
+
+def sweep_sections(out: Path) -> list[dict[str, Any]]:
+    """What the report shows of each sweep: its counts, table (best first) and plots."""
+    sections = []
+    for path, summary in valid_sweep_summaries(out):
         try:
             sections.append(_sweep_section(out, path, summary))
         except (KeyError, TypeError, ValueError) as exc:
