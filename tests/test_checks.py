@@ -25,7 +25,7 @@ from redblue.evaluation.checks import (
     check_zero_gradients,
 )
 
-DOCS = Path(__file__).resolve().parents[1] / "docs" / "checks.md"
+DOCS = Path(__file__).resolve().parents[1] / "src" / "redblue" / "evaluation" / "checks.md"
 
 
 def test_every_check_is_documented_with_an_anchor() -> None:
@@ -52,7 +52,7 @@ def test_pure_checks_fire_on_their_symptom_and_only_then() -> None:
     assert check_robustness_gap(0.90, "pgd", 0.85, 0.99) is None
     found = check_pgd_vs_fgsm(0.1, 0.2)
     assert found is not None and found["id"] == "pgd-weaker-than-fgsm"
-    assert found["doc"] == "docs/checks.md#pgd-weaker-than-fgsm"
+    assert found["doc"] == "redblue/evaluation/checks.md#pgd-weaker-than-fgsm"
 
 
 class Quantize(nn.Module):

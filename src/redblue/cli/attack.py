@@ -34,7 +34,7 @@ from redblue.validate import check_name
 @click.option("--random-start/--no-random-start", default=None, help="PGD random start. [default: on]")
 @click.option("--n-targets", type=int, default=None, help="APGD-T target classes. [default: 9]")
 @click.option("--sweep", is_flag=True, default=None, help="Also sweep eps (0, 0.05, ... until accuracy is 0).")
-@click.option("--checks/--no-checks", default=None, help="Run the sanity checks (docs/checks.md). [default: on]")
+@click.option("--checks/--no-checks", default=None, help="Run the sanity checks (redblue/evaluation/checks.md). [default: on]")
 @click.option("--n-examples", type=int, default=None, help="Evaluate the first N test images. [default: all]")
 @click.option("--batch-size", type=int, default=None, help="Images per attack batch. [default: 500]")
 @click.option("--seed", type=int, default=None, help="Seeds random starts. [default: 0]")

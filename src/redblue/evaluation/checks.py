@@ -1,7 +1,7 @@
 """Sanity checks of a robustness evaluation: warnings with a documented meaning.
 
 Each check returns nothing when it passes and a warning ``{"id", "message", "doc"}`` when
-it fails; ``doc`` points to the entry in ``docs/checks.md`` that says what the warning
+it fails; ``doc`` points to the entry in ``redblue/evaluation/checks.md`` that says what the warning
 means and what to do. :func:`run_checks` runs them all on a subset of the evaluated
 images (reusing the evaluation's per-example results where it can) and is called by
 :func:`redblue.evaluation.evaluate_robustness`. A normally trained model raises none; a
@@ -22,7 +22,7 @@ from redblue.evaluation.runner import RobustnessResult, run_attack
 from redblue.train import channels_last
 from redblue.utils import eval_mode, pct, seed_everything
 
-DOC = "docs/checks.md"
+DOC = "redblue/evaluation/checks.md"
 TOLERANCE = 0.005
 """0.5 pp: how much accuracy may move between settings before a check fires."""
 LARGE_EPS = {"linf": 0.5, "l2": 8.0}
@@ -43,7 +43,7 @@ CHECKS = {
     "sweep-not-monotonic": "accuracy rises with eps in the sweep",
     "robustness-gap": "FGSM accuracy is more than 10 pp above the strongest attack's",
 }
-"""Every check id and a one-line summary (each has an entry in docs/checks.md)."""
+"""Every check id and a one-line summary (each has an entry in checks.md beside this module)."""
 
 
 def warning(check_id: str, message: str) -> dict[str, str]:

@@ -11,7 +11,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
-from redblue.report.plots import save_figure
+from redblue.report.plots import legend_below, save_figure
 
 _CURVES = (
     ("test_accuracy", "clean (test)", "-"),
@@ -35,7 +35,7 @@ def robust_training_curves(
     if restored_epoch is not None:
         ax_acc.axvline(restored_epoch, color="grey", linestyle=":", label=f"restored epoch {restored_epoch}")
     ax_acc.set(xlabel="epoch", ylabel="accuracy (%)", title=f"{title}: accuracy per epoch", ylim=(0, 100))
-    ax_acc.legend(fontsize=8)
+    legend_below(ax_acc)
     for ax in (ax_loss, ax_acc):
         ax.grid(alpha=0.3)
         ax.set_xticks(epochs)
@@ -64,5 +64,5 @@ def eps_sweep(sweep: dict[str, Sequence[float]], title: str, path: Path) -> Path
             ax.plot(eps, [100 * v for v in values], marker="o", label=name)
     ax.set(xlabel="eps (L-inf, pixel units)", ylabel="accuracy (%)", title=title, ylim=(0, 100))
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    legend_below(ax)
     return save_figure(fig, path)

@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
-from redblue.report.plots import save_figure
+from redblue.report.plots import legend_below, save_figure
 from redblue.utils import sha256_file
 from redblue.validate import FILE_NAME_PATTERN, is_safe_name
 
@@ -34,40 +34,61 @@ def strongest_attack(result: Mapping[str, Any]) -> str:
     return str(min(attacks, key=lambda a: attacks[a]["robust_accuracy"]))
 
 
+def as_image(image: torch.Tensor) -> tuple[Any, dict[str, Any]]:
+    """One (C, H, W) image in [0, 1] as what ``imshow`` draws: grey for one channel, RGB for three."""
+    if image.shape[0] == 3:
+        return image.permute(1, 2, 0).float().clamp(0, 1).numpy(), {}
+    return image[0].float().numpy(), {"cmap": "gray", "vmin": 0.0, "vmax": 1.0}
+
+
+LABEL_PT = 11
+"""Font size of the per-image labels: about 17 px at the plots' 110 dpi, 10 px or more when the
+report shows the grid at 60% of its size (a 700 px wide window)."""
+
+
 def adversarial_grid(samples: Mapping[str, torch.Tensor], attack: str, title: str, path: Path) -> Path:
-    """Clean images (top row) over adversarial ones (bottom row), each with its prediction."""
+    """Clean images (top row) over adversarial ones (bottom row), each with its prediction
+    (red when wrong); grey or RGB by the images' channels."""
     clean, adv, y = samples["clean"], samples[attack], samples["y"]
     clean_pred, adv_pred = samples["pred_clean"], samples[f"pred_{attack}"]
     n = int(clean.shape[0])
-    fig, axes = plt.subplots(2, max(n, 1), figsize=(1.5 * max(n, 1), 3.6), squeeze=False)
+    fig, axes = plt.subplots(2, max(n, 1), figsize=(1.3 * max(n, 1), 3.9), squeeze=False)
     for i in range(n):
         for row, (images, pred, label) in enumerate(((clean, clean_pred, "clean"), (adv, adv_pred, attack))):
             ax = axes[row][i]
-            ax.imshow(images[i, 0].float().numpy(), cmap="gray", vmin=0.0, vmax=1.0)
+            pixels, style = as_image(images[i])
+            ax.imshow(pixels, **style)
             ok = int(pred[i]) == int(y[i])
-            ax.set_title(f"{label}: {int(pred[i])}", fontsize=8, color="black" if ok else "red")
+            ax.set_title(f"{label}: {int(pred[i])}", fontsize=LABEL_PT, color="black" if ok else "red")
             ax.set_xticks([])
             ax.set_yticks([])
-        axes[0][i].set_xlabel(f"true {int(y[i])}", fontsize=7)
-    fig.suptitle(title, fontsize=10)
+        axes[0][i].set_xlabel(f"true {int(y[i])}", fontsize=LABEL_PT)
+    fig.suptitle(title, fontsize=LABEL_PT + 1)
     return save_figure(fig, path)
 
 
 def perturbation_heatmap(samples: Mapping[str, torch.Tensor], attack: str, eps: float, title: str, path: Path) -> Path:
-    """The perturbation ``x_adv − x`` of each example, blue (darker) to red (brighter)."""
-    delta = (samples[attack].float() - samples["clean"].float())[:, 0]
+    """The perturbation ``x_adv − x`` of each example (summed over colour channels), blue
+    (darker) to red (brighter), each labelled with its L∞ size; an unchanged image says why."""
+    delta = (samples[attack].float() - samples["clean"].float()).sum(1)
     n = int(delta.shape[0])
     bound = max(float(delta.abs().max()), eps, 1e-6)
-    fig, axes = plt.subplots(1, max(n, 1), figsize=(1.5 * max(n, 1) + 0.8, 2.0), squeeze=False)
+    fig, axes = plt.subplots(1, max(n, 1), figsize=(1.3 * max(n, 1) + 0.8, 2.3), squeeze=False)
     image = None
+    wrong = samples["pred_clean"] != samples["y"] if "pred_clean" in samples else torch.zeros(n, dtype=torch.bool)
     for i in range(n):
         ax = axes[0][i]
         image = ax.imshow(delta[i].numpy(), cmap="seismic", vmin=-bound, vmax=bound)
+        size = float(delta[i].abs().max())
+        if size == 0.0:
+            reason = "already wrong:\nnot attacked" if bool(wrong[i]) else "unchanged"
+            ax.text(0.5, 0.5, reason, transform=ax.transAxes, ha="center", va="center", fontsize=LABEL_PT - 1)
+        ax.set_xlabel(f"max |δ| {size:.2f}", fontsize=LABEL_PT - 1)
         ax.set_xticks([])
         ax.set_yticks([])
     if image is not None:
         fig.colorbar(image, ax=axes[0].tolist(), fraction=0.02)
-    fig.suptitle(title, fontsize=10)
+    fig.suptitle(title, fontsize=LABEL_PT + 1)
     return save_figure(fig, path)
 
 
@@ -78,7 +99,7 @@ def accuracy_vs_eps(sweep: Mapping[str, Sequence[Mapping[str, float]]], norm: st
         ax.plot([p["eps"] for p in points], [100 * p["robust_accuracy"] for p in points], marker="o", label=attack)
     ax.set(xlabel=f"eps ({norm})", ylabel="robust accuracy (%)", title=title, ylim=(-2, 102))
     ax.grid(alpha=0.3)
-    ax.legend()
+    legend_below(ax)
     return save_figure(fig, path)
 
 

@@ -6,12 +6,23 @@ from pathlib import Path
 from typing import Any
 
 import matplotlib
+import numpy as np
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
-from redblue.report.plots import save_figure
+from redblue.report.attack_plots import LABEL_PT
+from redblue.report.plots import legend_below, save_figure
 from redblue.utils import pct
+
+
+def _show(ax: Any, image: Any, pixel_max: float) -> None:
+    """An (H, W) grey or (H, W, 3) RGB image with pixels in [0, pixel_max]."""
+    pixels = np.asarray(image, dtype=np.float32) / pixel_max
+    if pixels.ndim == 3:
+        ax.imshow(pixels.clip(0, 1))
+    else:
+        ax.imshow(pixels, cmap="gray", vmin=0.0, vmax=1.0)
 
 
 def clean_vs_triggered(result: dict[str, Any], path: Path) -> Path:
@@ -20,25 +31,26 @@ def clean_vs_triggered(result: dict[str, Any], path: Path) -> Path:
     ex = result["examples"]
     target = result["metrics"]["target"]
     n = len(ex["clean"])
-    fig, axes = plt.subplots(2, max(n, 1), figsize=(1.4 * max(n, 1), 3.4), squeeze=False)
+    fig, axes = plt.subplots(2, max(n, 1), figsize=(1.3 * max(n, 1), 3.9), squeeze=False)
     vmax = ex.get("pixel_max", 255)
     for j in range(n):
         for i, (key, pred_key) in enumerate((("clean", "pred_clean"), ("triggered", "pred_triggered"))):
             ax = axes[i][j]
-            ax.imshow(ex[key][j], cmap="gray", vmin=0, vmax=vmax)
+            _show(ax, ex[key][j], vmax)
             pred = ex[pred_key][j]
             ax.set_title(
-                f"y={ex['labels'][j]} → {pred}", fontsize=8, color="red" if i == 1 and pred == target else "black"
+                f"y={ex['labels'][j]} → {pred}", fontsize=LABEL_PT,
+                color="red" if i == 1 and pred == target else "black",
             )
             ax.set_xticks([])
             ax.set_yticks([])
-        axes[0][j].set_ylabel("clean" if j == 0 else "")
-        axes[1][j].set_ylabel("triggered" if j == 0 else "")
+        axes[0][j].set_ylabel("clean" if j == 0 else "", fontsize=LABEL_PT)
+        axes[1][j].set_ylabel("triggered" if j == 0 else "", fontsize=LABEL_PT)
     m = result["metrics"]
     fig.suptitle(
         f"{result['model']['name']}: clean accuracy {pct(m['clean_accuracy'])}, ASR {pct(m['asr'])}, "
         f"RA {pct(m['ra'])} (target {target})",
-        fontsize=9,
+        fontsize=LABEL_PT + 1,
     )
     return save_figure(fig, path)
 
@@ -48,7 +60,7 @@ def trigger_image(result: dict[str, Any], path: Path) -> Path:
     ex = result["examples"]
     trig = result["trigger"]
     fig, ax = plt.subplots(figsize=(3, 3))
-    ax.imshow(ex["trigger_image"], cmap="gray", vmin=0, vmax=ex.get("pixel_max", 255))
+    _show(ax, ex["trigger_image"], ex.get("pixel_max", 255))
     ax.set_title(
         f"trigger: {trig['size']}x{trig['size']} {trig['pattern']}, {trig['position']}, blend {trig['blend']:g}",
         fontsize=8,
@@ -97,7 +109,7 @@ def asr_vs_rate(sweep: dict[str, Any], path: Path) -> Path:
         title=f"BadNets: ASR vs poison rate (target {sweep['target']})",
         ylim=(-2, 102),
     )
-    ax.legend()
+    legend_below(ax)
     ax.grid(alpha=0.3)
     return save_figure(fig, path)
 
@@ -124,6 +136,6 @@ def defense_summary(result: dict[str, Any], path: Path) -> Path:
         title=f"{result['method']}: precision {pct(det['precision'])}, recall {pct(det['recall'])}",
     )
     ax.title.set_fontsize(9)
-    ax.legend(fontsize=8, loc="lower center")
+    legend_below(ax, offset=0.1)  # inside the axes it covered the ASR bars
     ax.grid(axis="y", alpha=0.3)
     return save_figure(fig, path)

@@ -25,6 +25,14 @@ def save_figure(fig: Figure, path: Path) -> Path:
     return path
 
 
+def legend_below(ax: Any, *, fontsize: int = 8, offset: float = 0.16) -> None:
+    """The axes' legend under the x label, in up to three columns: inside the axes a legend
+    covers bars or points."""
+    n = len(ax.get_legend_handles_labels()[1])
+    if n:
+        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -offset), ncol=min(3, n), fontsize=fontsize, frameon=False)
+
+
 def training_curves(history: Sequence[dict[str, Any]], title: str, path: Path) -> Path:
     """Loss and accuracy (train, test and any ``*_accuracy`` extras) per epoch."""
     epochs = [h["epoch"] for h in history]
@@ -35,7 +43,7 @@ def training_curves(history: Sequence[dict[str, Any]], title: str, path: Path) -
     for key in keys:
         ax_acc.plot(epochs, [100 * h[key] for h in history], marker="o", label=key.replace("_", " "))
     ax_acc.set(xlabel="epoch", ylabel="accuracy (%)", title=f"{title}: accuracy")
-    ax_acc.legend()
+    legend_below(ax_acc)
     for ax in (ax_loss, ax_acc):
         ax.grid(alpha=0.3)
         ax.set_xticks(epochs)
@@ -56,4 +64,26 @@ def confusion_matrix(matrix: Sequence[Sequence[int]], title: str, path: Path) ->
                 j, i, str(value), ha="center", va="center", fontsize=7, color="white" if value > peak / 2 else "black"
             )
     ax.set(xlabel="predicted", ylabel="true", title=title, xticks=range(n), yticks=range(n))
+    return save_figure(fig, path)
+
+
+def models_accuracy_vs_eps(curves: Sequence[dict[str, Any]], path: Path) -> Path:
+    """Every evaluated model's robust accuracy (%) against eps in one chart: one colour per
+    model, one line style per attack; the legend sits below the axes, covering nothing."""
+    models = list(dict.fromkeys(c["model"] for c in curves))
+    attacks = list(dict.fromkeys(c["attack"] for c in curves))
+    styles = ["-", "--", ":", "-."]
+    markers = ["o", "s", "^", "D", "v"]
+    norms = sorted({c["norm"] for c in curves})
+    fig, ax = plt.subplots(figsize=(7.5, 4.2))
+    for c in curves:
+        i, j = models.index(c["model"]), attacks.index(c["attack"])
+        ax.plot(c["eps"], [100 * a for a in c["accuracy"]], linestyle=styles[j % len(styles)],
+                marker=markers[j % len(markers)], color=f"C{i % 10}", label=f"{c['model']}: {c['attack']}")  # fmt: skip
+    unit = " / ".join({"linf": "L∞", "l2": "L2"}.get(n, n) for n in norms)
+    ax.set(xlabel=f"eps ({unit}, pixels in [0, 1])", ylabel="robust accuracy (%)", ylim=(-2, 102),
+           title="Robust accuracy against the perturbation budget, every evaluated model")  # fmt: skip
+    ax.title.set_fontsize(10)
+    ax.grid(alpha=0.3)
+    legend_below(ax, fontsize=9)
     return save_figure(fig, path)

@@ -9,43 +9,26 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import jinja2
+from markupsafe import Markup, escape
 
 from redblue.errors import IntegrityError, RedblueError
 from redblue.evaluation.checks import CHECKS
+from redblue.report.overview import eps_curves, model_cards, stage_facts
+from redblue.report.plots import models_accuracy_vs_eps
+from redblue.report.summary import build_summary, count, stage_results
 from redblue.report.sweep_plots import main_metric, sorted_rows
 from redblue.results import validate_result
-from redblue.utils import atomic_write_bytes, read_json, read_regular_file
+from redblue.utils import atomic_write_bytes, pct, read_json, read_regular_file
 
 TEMPLATES = Path(__file__).resolve().parent / "templates"
 STAGE_ORDER = ["baseline", "fgsm", "pgd", "standard", "attack", "advtrain", "poison", "backdoor"]
-
-
-def _stage_rank(name: str) -> tuple[int, str]:
-    for i, prefix in enumerate(STAGE_ORDER):
-        if name.startswith(prefix):
-            return i, name
-    return len(STAGE_ORDER), name
-
-
-def _numbers(
-    obj: Any, prefix: str = "", depth: int = 0, out: list[tuple[str, Any]] | None = None
-) -> list[tuple[str, Any]]:
-    """(dotted key, value) for scalar leaves of a metrics dict, two levels deep at most."""
-    rows = [] if out is None else out
-    if isinstance(obj, dict):
-        for key, value in obj.items():
-            name = f"{prefix}{key}"
-            if isinstance(value, bool | int | float | str) or value is None:
-                rows.append((name, value))
-            elif isinstance(value, dict) and depth < 1:
-                _numbers(value, name + ".", depth + 1, rows)
-    return rows
 
 
 def _warnings(obj: Any, where: str, found: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -75,18 +58,38 @@ def _fmt(value: Any) -> str:
     return "—" if value is None else str(value)
 
 
-def check_explanations() -> dict[str, str]:
-    """Check id -> "Means ... Do ..." text from docs/checks.md (in a source checkout), else the
-    one-line summaries of :data:`redblue.evaluation.checks.CHECKS`."""
-    explanations = {k: v[:1].upper() + v[1:] + "." for k, v in CHECKS.items()}
-    doc = Path(__file__).resolve().parents[3] / "docs" / "checks.md"
-    if doc.is_file():
-        for section in doc.read_text(encoding="utf-8").split("\n## ")[1:]:
-            check_id, _, body = section.partition("\n")
-            text = " ".join(line.strip() for line in body.splitlines() if line.strip())
-            if check_id.strip() in explanations and text:
-                explanations[check_id.strip()] = text.replace("**", "")
-    return explanations
+CHECKS_DOC = Path(__file__).resolve().parents[1] / "evaluation" / "checks.md"
+"""The sanity checks' documentation, shipped in the package; the report carries it."""
+
+
+_INLINE = re.compile(r"\*\*(.+?)\*\*|\*(.+?)\*|`([^`]+)`")
+_TAGS = (Markup("<strong>{}</strong>"), Markup("<em>{}</em>"), Markup("<code>{}</code>"))
+
+
+def _inline_markdown(text: str) -> Markup:
+    """``text`` as safe HTML, its ``**bold**``, ``*emphasis*`` and `` `code` `` as tags (all
+    text escaped)."""
+    parts, pos = [], 0
+    for match in _INLINE.finditer(text):
+        parts.append(escape(text[pos : match.start()]))
+        kind = next(i for i, group in enumerate(match.groups()) if group is not None)
+        parts.append(_TAGS[kind].format(match.group(kind + 1)))
+        pos = match.end()
+    parts.append(escape(text[pos:]))
+    return Markup("").join(parts)
+
+
+def check_docs() -> list[dict[str, Any]]:
+    """``[{"id", "summary", "paragraphs": [Markup, ...]}]``: every check's entry of the packaged
+    checks.md (Fires when / Means / Do), or its one-line summary where the entry is missing."""
+    entries = {k: {"id": k, "summary": v[:1].upper() + v[1:] + ".", "paragraphs": []} for k, v in CHECKS.items()}
+    text = read_regular_file(CHECKS_DOC, 1 << 20).decode("utf-8") if CHECKS_DOC.is_file() else ""
+    for section in text.split("\n## ")[1:]:
+        check_id, _, body = section.partition("\n")
+        if check_id.strip() in entries:
+            paragraphs = re.split(r"\n(?=\*\*)", body.strip())
+            entries[check_id.strip()]["paragraphs"] = [_inline_markdown(" ".join(p.split())) for p in paragraphs]
+    return list(entries.values())
 
 
 def load_results(out: Path) -> dict[str, dict[str, Any]]:
@@ -171,54 +174,110 @@ def _sweep_section(out: Path, path: Path, summary: dict[str, Any]) -> dict[str, 
             "file": str(path.relative_to(out))}  # fmt: skip
 
 
+STAGE_TITLES = {
+    "baseline": "Training",
+    "evaluate": "Evaluation",
+    "attack": "Red team: evasion attack",
+    "defend": "Blue team: adversarial training",
+    "poison": "Backdoor: data poisoning",
+    "poison_sweep": "Backdoor: poison-rate sweep",
+    "backdoor_defense": "Blue team: backdoor detection and removal",
+}
+OVERVIEW_PLOT = "overview_accuracy_vs_eps.png"
+
+
+WIDE_PX = 800
+"""A plot wider than this (in image pixels) takes the full width of its section."""
+
+
+def _images(out: Path) -> dict[str, str]:
+    """PNG stem -> base64 data of every plot under ``out/images``."""
+    return {png.stem: data for png in sorted((out / "images").glob("*.png")) if (data := _png_data(png)) is not None}
+
+
+def _png_width(data: str) -> int:
+    """The width of a base64 PNG, from its IHDR chunk (0 when it is not a PNG)."""
+    head = base64.b64decode(data[:32])
+    return int.from_bytes(head[16:20], "big") if head[:8] == b"\x89PNG\r\n\x1a\n" else 0
+
+
+def _owner(stem: str, names: list[str]) -> str | None:
+    """The stage whose name is the longest prefix of a plot's file name."""
+    owners = [n for n in names if stem == n or stem.startswith(n + "_")]
+    return max(owners, key=len) if owners else None
+
+
+def _caption(stem: str, name: str) -> str:
+    rest = stem.removeprefix(name).strip("_").replace("_", " ")
+    return rest[:1].upper() + rest[1:] if rest else name.replace("_", " ")
+
+
 def build_context(out: Path) -> dict[str, Any]:
+    """Everything the templates show, from the JSON results (and plots) under ``out``."""
     results = load_results(out)
-    summary = results.pop("metrics_summary", None)
+    stored = results.get("metrics_summary")
+    staged = stage_results(out) if (out / "metrics").is_dir() else []
+    summary = build_summary(out, quick=bool(stored.get("quick")) if isinstance(stored, dict) else False,
+                            results=staged).to_json()  # fmt: skip
+    curves = eps_curves(staged)
+    if curves:
+        models_accuracy_vs_eps(curves, out / "images" / OVERVIEW_PLOT)
+    images = _images(out)
+    overview = images.pop(OVERVIEW_PLOT.removesuffix(".png"), None)
+    docs = check_docs()
+    documented = {d["id"] for d in docs}
+    names = [name for name, _ in staged]
+    owned: dict[str, list[dict[str, Any]]] = {name: [] for name in names}
+    other: list[dict[str, Any]] = []
+    for stem, png in images.items():
+        owner = _owner(stem, names)
+        entry = {"title": _caption(stem, owner or ""), "file": f"images/{stem}.png", "data": png,
+                 "wide": _png_width(png) > WIDE_PX}  # fmt: skip
+        (owned[owner] if owner else other).append(entry)
     stages = []
     warnings: list[dict[str, Any]] = []
-    for stem in sorted((s for s in results if s.endswith("_metrics")), key=_stage_rank):
-        data = results[stem]
-        name = stem.removesuffix("_metrics")
-        _warnings(data, name, warnings)
+    for name, data in staged:
+        found = _warnings(data, name, [])
+        for w in found:
+            w["anchor"] = f"check-{w['id']}" if w["id"] in documented else None
+        warnings += found
         model = data.get("model") if isinstance(data.get("model"), dict) else {}
-        dataset = data.get("dataset") if isinstance(data.get("dataset"), dict) else {}
-        stages.append(
-            {
-                "name": name,
-                "metrics": [(k, _fmt(v)) for k, v in _numbers(data.get("metrics", {}))],
-                "settings": json.dumps(data.get("config") or data.get("settings") or {}, indent=2, sort_keys=True),
-                "weights_sha256": (model or {}).get("weights_sha256"),
-                "dataset": dataset,
-                "seconds": data.get("seconds") or (data.get("training") or {}).get("seconds"),
-            }
-        )
-    explanations = check_explanations()
-    for w in warnings:
-        w.setdefault("explanation", explanations.get(w["id"], ""))
+        stages.append({
+            "name": name,
+            "stage": data.get("stage"),
+            "title": f"{STAGE_TITLES.get(str(data.get('stage')), str(data.get('stage')))}: {name}",
+            **stage_facts(data),
+            "images": owned[name],
+            "warnings": found,
+            "raw": json.dumps(data, indent=2, sort_keys=True),
+            "weights_sha256": (model or {}).get("weights_sha256"),
+            "dataset": data.get("dataset") if isinstance(data.get("dataset"), dict) else {},
+        })  # fmt: skip
     configs = {s: results[s] for s in results if s.endswith("_config")}
-    images = []
-    for png in sorted((out / "images").glob("*.png"), key=lambda p: (_stage_rank(p.stem), p.name)):
-        encoded = _png_data(png)
-        if encoded is not None:
-            images.append(
-                {"name": png.stem, "title": png.stem.replace("_", " "), "file": f"images/{png.name}", "data": encoded}
-            )
     versions: dict[str, Any] = {}
-    for data in results.values():
-        if isinstance(data, dict) and isinstance(data.get("versions"), dict):
+    for _, data in staged:
+        if isinstance(data.get("versions"), dict):
             versions = data["versions"]
             break
+    datasets = [s["dataset"] for s in stages if s["dataset"].get("files")]
     return {
         "generated": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
         "out": str(out),
         "summary": summary,
+        "cards": model_cards(staged),
+        "overview": overview,
+        "overview_file": f"images/{OVERVIEW_PLOT}",
         "stages": stages,
         "warnings": warnings,
+        "check_docs": docs,
         "configs": {k: json.dumps(v, indent=2, sort_keys=True) for k, v in configs.items()},
-        "images": images,
+        "images": other,
         "sweeps": sweep_sections(out),
+        "dataset": datasets[0] if datasets else None,
         "versions": versions,
         "fmt": _fmt,
+        "pct": pct,
+        "count": count,
     }
 
 

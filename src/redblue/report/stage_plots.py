@@ -26,8 +26,8 @@ def render_training_plots(out: Path, name: str, result: Mapping[str, Any]) -> li
     paths = [
         plots.confusion_matrix(
             metrics["confusion"],
-            f"{name}: confusion matrix (clean accuracy {100 * metrics['clean_accuracy']:.2f}% "
-            f"on {metrics['n_test']} test images)",
+            f"{name}: confusion matrix\nclean accuracy {100 * metrics['clean_accuracy']:.2f}% "
+            f"on {metrics['n_test']} test images",
             images / f"{name}_confusion_matrix.png",
         )
     ]

@@ -2,21 +2,26 @@
 
 Rows follow the original project's README (Baseline; Baseline + FGSM; Adv. trained;
 Poisoned), extended with the stronger attacks, the robustness gap, C-Acc / ASR / RA and
-the backdoor detection results. Every row carries the settings that produced it.
+the backdoor detection results. The table is built from whatever stage results exist under
+``OUT/metrics`` (``redblue run`` or separate subcommands, any ``--name``): one row per
+result, by its stage. Every row carries the number of images behind its figures and the
+settings that produced it.
 """
 
 from __future__ import annotations
 
-import json
+import sys
 from pathlib import Path
 from typing import Any
 
-from redblue.results import Summary
-from redblue.utils import pct
+from redblue.errors import IntegrityError
+from redblue.results import SCHEMAS, Summary, validate_result
+from redblue.utils import pct, read_json
 
 COLUMNS: list[dict[str, Any]] = [
     {"key": "scenario", "label": "Scenario"},
     {"key": "model", "label": "Model"},
+    {"key": "images", "label": "Images"},
     {"key": "clean_accuracy", "label": "Clean acc.", "percent": True},
     {"key": "robust_accuracy", "label": "Adversarial acc.", "percent": True},
     {"key": "asr", "label": "ASR", "percent": True},
@@ -24,13 +29,35 @@ COLUMNS: list[dict[str, Any]] = [
     {"key": "detail", "label": "Settings / notes"},
 ]
 
+STAGE_ORDER = ["baseline", "evaluate", "attack", "defend", "poison", "poison_sweep", "backdoor_defense"]
+"""The order of the stages in the table and the report (each stage's results by name)."""
 
-def _load(out: Path, stem: str) -> dict[str, Any] | None:
-    path = out / "metrics" / f"{stem}_metrics.json"
-    if not path.is_file():
-        return None
-    data = json.loads(path.read_text(encoding="utf-8"))
-    return data if isinstance(data, dict) else None
+ATTACK_LABELS = {
+    "fgsm": "FGSM",
+    "pgd": "PGD",
+    "apgd-ce": "APGD-CE",
+    "apgd-t": "APGD-T",
+    "fab-t": "FAB-T",
+    "square": "Square",
+    "quick": "quick suite (FGSM + PGD)",
+    "standard": "standard suite (APGD-CE + APGD-T)",
+}
+"""How an attack (or suite) name reads in a table or a legend."""
+
+
+def attack_label(spec: str) -> str:
+    """``"standard,square"`` -> ``"standard suite (APGD-CE + APGD-T) + Square"``."""
+    return " + ".join(ATTACK_LABELS.get(part.strip(), part.strip()) for part in str(spec).split(","))
+
+
+def count(n: Any) -> str:
+    """An image count with thousands separators (``1000`` -> ``"1,000"``), ``"?"`` when unknown."""
+    return f"{n:,}" if isinstance(n, int) and not isinstance(n, bool) else "?"
+
+
+def first(n: Any, total: Any) -> str:
+    """``"first 1,000"`` of the test images, or ``"all 10,000"`` when that is all of them."""
+    return f"all {count(n)}" if n == total and n is not None else f"first {count(n)}"
 
 
 def _get(obj: Any, *keys: str) -> Any:
@@ -41,18 +68,54 @@ def _get(obj: Any, *keys: str) -> Any:
     return obj
 
 
-def _attack_row(scenario: str, result: dict[str, Any], model: str) -> dict[str, Any]:
+def stage_results(out: Path) -> list[tuple[str, dict[str, Any]]]:
+    """(name, result) of every valid stage result ``OUT/metrics/*_metrics.json``, in stage
+    order then by name; a file that does not read or validate is skipped with a notice."""
+    found = []
+    for path in sorted((out / "metrics").glob("*_metrics.json")):
+        try:
+            data = read_json(path)
+            tag = data.get("schema") if isinstance(data, dict) else None
+            stage = str(tag.get("name", "")).removeprefix("redblue.") if isinstance(tag, dict) else ""
+            if stage not in SCHEMAS or stage == "summary":
+                raise IntegrityError(f"{path}: no redblue stage result schema tag")
+            validate_result(data, stage)
+        except IntegrityError as exc:
+            print(f"notice: report: {exc}; not shown", file=sys.stderr)
+            continue
+        found.append((path.name.removesuffix("_metrics.json"), data))
+    return sorted(found, key=lambda item: (_rank(item[1]), item[0]))
+
+
+def _rank(data: dict[str, Any]) -> int:
+    stage = str(data.get("stage"))
+    return STAGE_ORDER.index(stage) if stage in STAGE_ORDER else len(STAGE_ORDER)
+
+
+def model_label(name: Any) -> str:
+    """``baseline`` -> ``Baseline``; other model names as they are."""
+    return "Baseline" if name == "baseline" else str(name)
+
+
+def _warning_ids(result: dict[str, Any]) -> list[str]:
+    return [str(w.get("id") or w.get("check")) for w in result.get("warnings") or [] if isinstance(w, dict)]
+
+
+def _attack_row(result: dict[str, Any]) -> dict[str, Any]:
     m = result.get("metrics", {})
     attacks = m.get("attacks") or {}
+    spec = _get(result, "config", "attack", "attack") or ",".join(attacks)
     parts = []
     for attack, a in attacks.items():
         s = a.get("settings", {})
         knobs = ", ".join(f"{k} {s[k]}" for k in ("alpha", "steps", "restarts") if s.get(k) is not None)
         parts.append(f"{attack}: {pct(a.get('robust_accuracy'))}" + (f" ({knobs})" if knobs else ""))
-    warnings = [w.get("id") or w.get("check") for w in result.get("warnings") or []]
+    warnings = _warning_ids(result)
+    model = _get(result, "model", "name")
     return {
-        "scenario": scenario,
+        "scenario": f"{model_label(model)} + {attack_label(spec)}",
         "model": model,
+        "images": first(m.get("n_examples"), _get(result, "dataset", "n_test")),
         "clean_accuracy": m.get("clean_accuracy"),
         "robust_accuracy": m.get("robust_accuracy"),
         "eps": m.get("eps"),
@@ -60,109 +123,125 @@ def _attack_row(scenario: str, result: dict[str, Any], model: str) -> dict[str, 
         "n_examples": m.get("n_examples"),
         "detail": f"{m.get('norm')} eps {m.get('eps')} on {m.get('n_examples')} test images; "
         + "; ".join(parts)
-        + (f"; warnings: {', '.join(str(w) for w in warnings)}" if warnings else ""),
+        + (f"; warnings: {', '.join(warnings)}" if warnings else ""),
         "warnings": warnings,
         "settings": {"attacks": {k: v.get("settings") for k, v in attacks.items()}},
     }
 
 
-def build_summary(out: Path, *, quick: bool = False) -> Summary:
-    """The scenario table from whatever stage JSONs exist under ``out/metrics``."""
+def _trained_row(name: str, result: dict[str, Any]) -> dict[str, Any]:
+    train = _get(result, "config", "train") or {}
+    model = _get(result, "model", "name") or name
+    evaluated = result.get("stage") == "evaluate"
+    return {
+        "scenario": ("Evaluated " if evaluated else "") + model_label(model),
+        "model": model,
+        "images": f"{count(_get(result, 'metrics', 'n_test'))} test",
+        "clean_accuracy": _get(result, "metrics", "clean_accuracy"),
+        "n_test": _get(result, "metrics", "n_test"),
+        "detail": f"{train.get('model_name')}, {train.get('epochs')} epochs, batch {train.get('batch_size')}, "
+        f"seed {train.get('seed')}",
+        "settings": {"train": train},
+    }
+
+
+def _defend_row(name: str, adv: dict[str, Any]) -> dict[str, Any]:
+    m = adv.get("metrics", {})
+    recipe = adv.get("recipe") or {}
+    warnings = _warning_ids(adv)
+    gap = None
+    if isinstance(m.get("fgsm_accuracy"), float) and isinstance(m.get("robust_accuracy"), float):
+        gap = m["fgsm_accuracy"] - m["robust_accuracy"]
+    suffix = "" if name == "advtrain" else f", {name}"
+    return {
+        "scenario": f"Adv. trained ({recipe.get('recipe', '?')}{suffix})",
+        "model": _get(adv, "model", "name") or name,
+        "images": f"{count(m.get('n_test'))} clean / {first(m.get('n_examples'), m.get('n_test'))} attacked",
+        "clean_accuracy": m.get("clean_accuracy"),
+        "n_test": m.get("n_test"),
+        "robust_accuracy": m.get("robust_accuracy"),
+        "n_examples": m.get("n_examples"),
+        "fgsm_accuracy": m.get("fgsm_accuracy"),
+        "pgd_accuracy": m.get("pgd_accuracy"),
+        "standard_accuracy": m.get("standard_accuracy"),
+        "square_accuracy": m.get("square_accuracy"),
+        "robustness_gap": gap,
+        "detail": f"eps {recipe.get('eps')}: FGSM {pct(m.get('fgsm_accuracy'))}, PGD {pct(m.get('pgd_accuracy'))}, "
+        f"standard {pct(m.get('standard_accuracy'))}, Square {pct(m.get('square_accuracy'))} "
+        f"on {m.get('n_examples')} test images; robustness gap "
+        f"{pct(gap)}" + (f"; warnings: {', '.join(warnings)}" if warnings else ""),
+        "warnings": warnings,
+        "settings": {"recipe": recipe, "train": _get(adv, "config", "train")},
+    }
+
+
+def _poison_row(poison: dict[str, Any]) -> dict[str, Any]:
+    m = poison.get("metrics", {})
+    p = poison.get("poison") or {}
+    trigger = poison.get("trigger") or {}
+    return {
+        "scenario": "Poisoned (BadNets)",
+        "model": _get(poison, "model", "name"),
+        "images": f"{count(m.get('n_test'))} clean / {count(m.get('n_triggered'))} triggered",
+        "clean_accuracy": m.get("clean_accuracy"),
+        "n_test": m.get("n_test"),
+        "asr": m.get("asr"),
+        "ra": m.get("ra"),
+        "detail": f"rate {p.get('rate')}, target {p.get('target')}, {trigger.get('size')}x{trigger.get('size')} "
+        f"{trigger.get('pattern')} patch {trigger.get('position')}",
+        "settings": {"poison": p, "trigger": trigger},
+    }
+
+
+def _backdoor_row(result: dict[str, Any]) -> dict[str, Any]:
+    method = result.get("method")
+    det = result.get("detection") or {}
+    after = result.get("after") or {}
+    n_test = _get(result, "dataset", "n_test")
+    return {
+        "scenario": f"Backdoor removed ({method})",
+        "model": _get(result, "retrained_model", "name") or f"retrained ({method})",
+        "images": f"{count(n_test)} test; {count(det.get('n'))} train screened",
+        "clean_accuracy": after.get("clean_accuracy"),
+        "asr": after.get("asr"),
+        "ra": after.get("ra"),
+        "precision": det.get("precision"),
+        "recall": det.get("recall"),
+        "detail": f"flagged {det.get('n_flagged')} of {det.get('n')}: precision {pct(det.get('precision'))}, "
+        f"recall {pct(det.get('recall'))}; "
+        + ("retrained without them" if result.get("after") else "not retrained (--no-retrain)"),
+        "settings": {"defense": _get(result, "config")},
+    }
+
+
+def build_summary(
+    out: Path, *, quick: bool = False, results: list[tuple[str, dict[str, Any]]] | None = None
+) -> Summary:
+    """The scenario table from whatever stage JSONs exist under ``out/metrics`` (or from
+    ``results``, as :func:`stage_results` returns them, when the caller has read them)."""
     rows: list[dict[str, Any]] = []
     notes: list[str] = []
     dataset = None
-    baseline = _load(out, "baseline")
-    if baseline:
-        dataset = baseline.get("dataset")
-        train = _get(baseline, "config", "train") or {}
-        rows.append(
-            {
-                "scenario": "Baseline",
-                "model": "baseline",
-                "clean_accuracy": _get(baseline, "metrics", "clean_accuracy"),
-                "n_test": _get(baseline, "metrics", "n_test"),
-                "detail": f"{train.get('model_name')}, {train.get('epochs')} epochs, batch {train.get('batch_size')}, "
-                f"seed {train.get('seed')}",
-                "settings": {"train": train},
-            }
-        )
-    for stem, scenario in (
-        ("fgsm", "Baseline + FGSM"),
-        ("pgd", "Baseline + PGD"),
-        ("standard", "Baseline + standard suite (APGD-CE + APGD-T)"),
-    ):
-        result = _load(out, stem)
-        if result:
-            rows.append(_attack_row(scenario, result, "baseline"))
-    adv = _load(out, "advtrain")
-    if adv:
-        m = adv.get("metrics", {})
-        recipe = adv.get("recipe") or {}
-        warnings = [w.get("id") or w.get("check") for w in adv.get("warnings") or []]
-        gap = None
-        if isinstance(m.get("fgsm_accuracy"), float) and isinstance(m.get("robust_accuracy"), float):
-            gap = m["fgsm_accuracy"] - m["robust_accuracy"]
-        rows.append(
-            {
-                "scenario": f"Adv. trained ({recipe.get('recipe', '?')})",
-                "model": "advtrain",
-                "clean_accuracy": m.get("clean_accuracy"),
-                "n_test": m.get("n_test"),
-                "robust_accuracy": m.get("robust_accuracy"),
-                "n_examples": m.get("n_examples"),
-                "fgsm_accuracy": m.get("fgsm_accuracy"),
-                "pgd_accuracy": m.get("pgd_accuracy"),
-                "standard_accuracy": m.get("standard_accuracy"),
-                "square_accuracy": m.get("square_accuracy"),
-                "robustness_gap": gap,
-                "detail": f"eps {recipe.get('eps')}: FGSM {pct(m.get('fgsm_accuracy'))}, PGD {pct(m.get('pgd_accuracy'))}, "
-                f"standard {pct(m.get('standard_accuracy'))}, Square {pct(m.get('square_accuracy'))} "
-                f"on {m.get('n_examples')} test images; robustness gap "
-                f"{pct(gap)}" + (f"; warnings: {', '.join(str(w) for w in warnings)}" if warnings else ""),
-                "warnings": warnings,
-                "settings": {"recipe": recipe, "train": _get(adv, "config", "train")},
-            }
-        )
-    poison = _load(out, "poison")
-    if poison:
-        m = poison.get("metrics", {})
-        p = poison.get("poison") or {}
-        trigger = poison.get("trigger") or {}
-        rows.append(
-            {
-                "scenario": "Poisoned (BadNets)",
-                "model": _get(poison, "model", "name"),
-                "clean_accuracy": m.get("clean_accuracy"),
-                "n_test": m.get("n_test"),
-                "asr": m.get("asr"),
-                "ra": m.get("ra"),
-                "detail": f"rate {p.get('rate')}, target {p.get('target')}, {trigger.get('size')}x{trigger.get('size')} "
-                f"{trigger.get('pattern')} patch {trigger.get('position')}",
-                "settings": {"poison": p, "trigger": trigger},
-            }
-        )
-    poisoned_sha = _get(poison, "model", "weights_sha256")
-    for method in ("ac", "spectral"):
-        result = _load(out, f"backdoor_defense_{method}")
-        if not result or _get(result, "poisoned_model", "weights_sha256") != poisoned_sha:
-            continue
-        det = result.get("detection") or {}
-        after = result.get("after") or {}
-        rows.append(
-            {
-                "scenario": f"Backdoor removed ({method})",
-                "model": _get(result, "retrained_model", "name") or f"retrained ({method})",
-                "clean_accuracy": after.get("clean_accuracy"),
-                "asr": after.get("asr"),
-                "ra": after.get("ra"),
-                "precision": det.get("precision"),
-                "recall": det.get("recall"),
-                "detail": f"flagged {det.get('n_flagged')} of {det.get('n')}: precision {pct(det.get('precision'))}, "
-                f"recall {pct(det.get('recall'))}; "
-                + ("retrained without them" if result.get("after") else "not retrained (--no-retrain)"),
-                "settings": {"defense": _get(result, "config")},
-            }
-        )
+    results = stage_results(out) if results is None else results
+    poisoned = {_get(r, "model", "weights_sha256") for _, r in results if r.get("stage") == "poison"}
+    for name, result in results:
+        stage = result.get("stage")
+        if dataset is None and isinstance(result.get("dataset"), dict):
+            dataset = result["dataset"]
+        if stage in ("baseline", "evaluate"):
+            rows.append(_trained_row(name, result))
+        elif stage == "attack":
+            rows.append(_attack_row(result))
+        elif stage == "defend":
+            rows.append(_defend_row(name, result))
+        elif stage == "poison":
+            rows.append(_poison_row(result))
+        elif stage == "backdoor_defense":
+            # A defence of a poisoned model that a later poison run replaced is stale.
+            if poisoned and _get(result, "poisoned_model", "weights_sha256") not in poisoned:
+                notes.append(f"{name}: defends a poisoned model that is no longer in this folder; not shown")
+                continue
+            rows.append(_backdoor_row(result))
     if quick:
         notes.append("--quick run: data subset, one epoch per model, few test images; not comparable to full runs")
     if dataset and dataset.get("name") != "mnist":

@@ -1,0 +1,239 @@
+"""What the first screen of the report shows, from the stage results alone.
+
+- :func:`model_cards`: one card per model — clean accuracy, the worst robust accuracy measured
+  on it (with its attack, eps and image count), ASR / RA where a backdoor is involved, and a
+  status from its sanity-check warnings;
+- :func:`eps_curves`: every accuracy-vs-eps curve in the results (attack sweeps and the
+  defended models' eps sweeps), for one chart with every evaluated model;
+- :func:`stage_facts`: a stage's headline numbers with human labels and units.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from redblue.report.summary import attack_label, count, first, model_label
+from redblue.utils import pct
+
+ASR_REMOVED = 0.10
+"""A backdoor counts as removed when the attack success rate after the defence is at most this."""
+
+NORM_LABELS = {"linf": "L∞", "l2": "L2"}
+
+
+def _get(obj: Any, *keys: str) -> Any:
+    for key in keys:
+        if not isinstance(obj, dict):
+            return None
+        obj = obj.get(key)
+    return obj
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _card(cards: dict[str, dict[str, Any]], name: str, kind: str | None = None) -> dict[str, Any]:
+    card = cards.setdefault(
+        name,
+        {"name": name, "title": model_label(name), "kind": kind or "model", "clean": None, "worst": None,
+         "asr": None, "ra": None, "warnings": [], "checked": False, "evaluations": 0, "backdoor": None},
+    )  # fmt: skip
+    if kind and card["kind"] == "model":
+        card["kind"] = kind
+    return card
+
+
+def _evaluation(card: dict[str, Any], label: str, m: dict[str, Any], *, checked: bool) -> None:
+    """Keep the lowest robust accuracy at the largest eps evaluated (per-norm L∞ first)."""
+    if not _is_number(m.get("robust_accuracy")) or not _is_number(m.get("eps")):
+        return
+    card["evaluations"] += 1
+    card["checked"] = card["checked"] or checked
+    value, eps, norm = float(m["robust_accuracy"]), float(m["eps"]), str(m.get("norm", "linf"))
+    best = card["worst"]
+    if best is None or (norm == "linf", eps, -value) > (best["norm"] == "linf", best["eps"], -best["value"]):
+        card["worst"] = {"value": value, "eps": eps, "norm": norm, "n": m.get("n_examples"), "attack": label}
+
+
+def _clean(card: dict[str, Any], value: Any, n: Any) -> None:
+    if _is_number(value) and (card["clean"] is None or (n or 0) > (card["clean"]["n"] or 0)):
+        card["clean"] = {"value": float(value), "n": n}
+
+
+def model_cards(results: Sequence[tuple[str, dict[str, Any]]]) -> list[dict[str, Any]]:
+    """One card per model that the results measure, in the order the results name them."""
+    cards: dict[str, dict[str, Any]] = {}
+    for name, r in results:
+        stage, m = r.get("stage"), r.get("metrics") or {}
+        if stage in ("baseline", "evaluate"):
+            card = _card(cards, str(_get(r, "model", "name") or name), "trained")
+            _clean(card, m.get("clean_accuracy"), m.get("n_test"))
+        elif stage == "attack":
+            card = _card(cards, str(_get(r, "model", "name") or name))
+            spec = _get(r, "config", "attack", "attack") or ",".join(m.get("attacks") or {})
+            _evaluation(card, attack_label(spec), m, checked=bool(_get(r, "checks", "ran")))
+            card["warnings"] += [w for w in r.get("warnings") or [] if isinstance(w, dict)]
+            _clean(card, m.get("clean_accuracy"), m.get("n_examples"))
+        elif stage == "defend":
+            card = _card(cards, str(_get(r, "model", "name") or name),
+                         f"adversarially trained ({_get(r, 'recipe', 'recipe')}, eps {_get(r, 'recipe', 'eps')})")
+            _clean(card, m.get("clean_accuracy"), m.get("n_test"))
+            ev = r.get("evaluation") or {}
+            counted = [attack_label(a) for a in ev.get("attacks") or {} if a not in ev.get("robust_accuracy_excludes", [])]
+            _evaluation(card, "worst case of " + ", ".join(counted), ev, checked=True)
+            card["warnings"] += [w for w in r.get("warnings") or [] if isinstance(w, dict)]
+        elif stage == "poison":
+            card = _card(cards, str(_get(r, "model", "name") or name), "poisoned (BadNets)")
+            _clean(card, m.get("clean_accuracy"), m.get("n_test"))
+            card["asr"], card["ra"] = m.get("asr"), m.get("ra")
+            card["backdoor"] = "planted"
+        elif stage == "backdoor_defense" and isinstance(r.get("after"), dict):
+            method = r.get("method")
+            card = _card(cards, str(_get(r, "retrained_model", "name") or f"retrained ({method})"),
+                         f"poisoned model retrained without what {method} flagged")  # fmt: skip
+            after = r["after"]
+            _clean(card, after.get("clean_accuracy"), _get(r, "dataset", "n_test"))
+            card["asr"], card["ra"] = after.get("asr"), after.get("ra")
+            card["backdoor"] = "defended"
+    for card in cards.values():
+        card["status"], card["status_text"] = _status(card)
+    return list(cards.values())
+
+
+def _status(card: dict[str, Any]) -> tuple[str, str]:
+    """(``ok`` | ``warn`` | ``bad`` | ``info``, a short sentence) for one card."""
+    asr = card["asr"]
+    if card["backdoor"] == "planted" and _is_number(asr):
+        return "bad", f"backdoored: the trigger sends {pct(asr)} of triggered images to the target"
+    if card["backdoor"] == "defended" and _is_number(asr):
+        if asr <= ASR_REMOVED:
+            return "ok", f"backdoor removed: ASR {pct(asr)} (at most {pct(ASR_REMOVED, 0)})"
+        return "bad", f"backdoor still works: ASR {pct(asr)} after the defence"
+    ids = sorted({str(w.get("id")) for w in card["warnings"]})
+    if ids:
+        return "warn", f"{len(ids)} sanity check{'s' if len(ids) > 1 else ''} fired: {', '.join(ids)}"
+    if card["checked"]:
+        return "ok", "robustness evaluated; no sanity check fired"
+    if card["evaluations"]:
+        return "info", "attacked without the sanity checks"
+    return "info", "not attacked"
+
+
+def eps_curves(results: Sequence[tuple[str, dict[str, Any]]]) -> list[dict[str, Any]]:
+    """``[{"model", "attack", "norm", "eps": [...], "accuracy": [...]}]``: every accuracy-vs-eps
+    curve in the results (an attack stage's ``metrics.sweep``, a defence's ``eps_sweep``)."""
+    curves = []
+    for name, r in results:
+        model = str(_get(r, "model", "name") or name)
+        if r.get("stage") == "attack" and isinstance(_get(r, "metrics", "sweep"), dict):
+            for attack, points in r["metrics"]["sweep"].items():
+                curves.append({"model": model, "attack": attack_label(attack), "norm": r["metrics"].get("norm", "linf"),
+                               "eps": [p["eps"] for p in points],
+                               "accuracy": [p["robust_accuracy"] for p in points]})  # fmt: skip
+        elif r.get("stage") == "defend" and isinstance(r.get("eps_sweep"), dict):
+            sweep = r["eps_sweep"]
+            for attack, values in sweep.items():
+                if attack != "eps":
+                    curves.append({"model": model, "attack": attack_label(attack), "norm": "linf",
+                                   "eps": list(sweep["eps"]), "accuracy": list(values)})  # fmt: skip
+    return curves
+
+
+def _attack_table(attacks: dict[str, Any]) -> list[dict[str, str]]:
+    rows = []
+    for name, a in attacks.items():
+        p = a.get("perturbation") or {}
+        s = a.get("settings") or {}
+        knobs = ", ".join(f"{k} {s[k]:g}" if _is_number(s[k]) else f"{k} {s[k]}"
+                          for k in ("steps", "restarts", "alpha", "n_targets", "p_init") if s.get(k) is not None)  # fmt: skip
+        rows.append({
+            "attack": attack_label(name),
+            "settings": knobs or "—",
+            "robust": pct(a.get("robust_accuracy")),
+            "asr": pct(a.get("attack_success_rate")),
+            "fooled": count(a.get("n_fooled")),
+            "linf": f"{p['linf_mean']:.3f}" if _is_number(p.get("linf_mean")) else "—",
+            "l2": f"{p['l2_mean']:.2f}" if _is_number(p.get("l2_mean")) else "—",
+            "seconds": f"{a['seconds']:.1f}" if _is_number(a.get("seconds")) else "—",
+        })  # fmt: skip
+    return rows
+
+
+def _seconds(value: Any) -> str:
+    return f"{value:.1f} s" if _is_number(value) else "—"
+
+
+def stage_facts(result: dict[str, Any]) -> dict[str, Any]:
+    """A stage's headline numbers as ``{"facts": [(label, value)], "attacks": [...]}``:
+    percentages with their image counts, times in seconds; the attack rows for the table."""
+    stage, m = result.get("stage"), result.get("metrics") or {}
+    facts: list[tuple[str, str]] = []
+    attacks: list[dict[str, str]] = []
+    model: dict[str, Any] = result["model"] if isinstance(result.get("model"), dict) else {}
+    if model.get("name"):
+        facts.append(("Model", f"{model['name']}" + (f" ({model['model_name']})" if model.get("model_name") else "")))
+    if stage in ("baseline", "evaluate"):
+        facts.append(("Clean accuracy", f"{pct(m.get('clean_accuracy'))} of {count(m.get('n_test'))} test images"))
+        lat = m.get("latency") or {}
+        if _is_number(lat.get("median_batch_ms")):
+            facts.append(("Inference latency", f"{lat['median_batch_ms']:.1f} ms per batch of {lat.get('batch_size')} "
+                          f"({lat.get('per_image_us', 0):.0f} µs per image, {lat.get('device')}, {lat.get('precision')})"))  # fmt: skip
+        facts.append(("Training time", _seconds(_get(result, "training", "seconds"))))
+    elif stage == "attack":
+        norm = NORM_LABELS.get(str(m.get("norm")), m.get("norm"))
+        facts += [
+            ("Threat model", f"{norm}, eps {m.get('eps')} (pixels in [0, 1])"),
+            ("Images", f"{first(m.get('n_examples'), _get(result, 'dataset', 'n_test'))} test images"),
+            ("Clean accuracy", pct(m.get("clean_accuracy"))),
+            ("Robust accuracy (worst case over the attacks)", pct(m.get("robust_accuracy"))),
+            ("Attack success rate (of correctly classified)", pct(m.get("attack_success_rate"))),
+            ("Time", f"{_seconds(m.get('seconds'))} ({m.get('images_per_s', 0):.0f} images/s, {m.get('device')})"),
+        ]
+        checks = result.get("checks") or {}
+        facts.append(("Sanity checks", f"ran on {count(checks.get('n_examples'))} images" if checks.get("ran")
+                      else str(checks.get("note") or "not run")))  # fmt: skip
+        attacks = _attack_table(m.get("attacks") or {})
+    elif stage == "defend":
+        recipe = result.get("recipe") or {}
+        ev = result.get("evaluation") or {}
+        facts += [
+            ("Recipe", f"{recipe.get('recipe')}, eps {recipe.get('eps')}, {recipe.get('steps')} step(s)"),
+            ("Clean accuracy", f"{pct(m.get('clean_accuracy'))} of {count(m.get('n_test'))} test images"),
+            ("Robust accuracy (worst case)", f"{pct(m.get('robust_accuracy'))} of "
+             f"{first(m.get('n_examples'), m.get('n_test'))} test images"),
+            ("FGSM accuracy (not a robustness measure alone)", pct(m.get("fgsm_accuracy"))),
+            ("Training time", _seconds(_get(result, "training", "seconds"))),
+        ]  # fmt: skip
+        attacks = _attack_table(ev.get("attacks") or {})
+    elif stage == "poison":
+        p = result.get("poison") or {}
+        t = result.get("trigger") or {}
+        facts += [
+            ("Poison", f"{pct(p.get('rate'), 1)} of the non-target training images ({count(p.get('n_poison'))}), "
+             f"relabelled to {p.get('target')}"),
+            ("Trigger", f"{t.get('size')}×{t.get('size')} {t.get('pattern')} patch, {t.get('position')}"),
+            ("Clean accuracy", f"{pct(m.get('clean_accuracy'))} of {count(m.get('n_test'))} test images"),
+            ("Attack success rate (ASR)", f"{pct(m.get('asr'))} of {count(m.get('n_triggered'))} triggered "
+             "non-target test images"),
+            ("Robust accuracy on triggered images (RA)", pct(m.get("ra"))),
+        ]  # fmt: skip
+    elif stage == "poison_sweep":
+        facts.append(("Poison rates", ", ".join(pct(pt.get("rate"), 1) for pt in result.get("points") or [])))
+    elif stage == "backdoor_defense":
+        det = result.get("detection") or {}
+        before: dict[str, Any] = result.get("before") or {}
+        after: dict[str, Any] = result.get("after") or {}
+        facts += [
+            ("Method", str(result.get("method"))),
+            ("Flagged", f"{count(det.get('n_flagged'))} of {count(det.get('n'))} training images "
+             f"({count(det.get('n_poison'))} were poisoned)"),
+            ("Detection precision / recall", f"{pct(det.get('precision'))} / {pct(det.get('recall'))}"),
+            ("Before: clean accuracy / ASR / RA",
+             f"{pct(before.get('clean_accuracy'))} / {pct(before.get('asr'))} / {pct(before.get('ra'))}"),
+            ("After retraining: clean accuracy / ASR / RA",
+             f"{pct(after.get('clean_accuracy'))} / {pct(after.get('asr'))} / {pct(after.get('ra'))}" if after
+             else "not retrained (--no-retrain)"),
+        ]  # fmt: skip
+    return {"facts": facts, "attacks": attacks}
