@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed-stamp
 OUT    ?= secure_ai_outputs
 ARGS   ?=
 
-.PHONY: run test lint install bench clean
+.PHONY: run test lint install bench browser clean
 
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -27,6 +27,10 @@ lint: $(STAMP)
 
 test: lint
 	$(BIN)/pytest $(ARGS)
+
+# Debian's Chromium and its driver, for the report's browser test (skipped without them).
+browser:
+	apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver
 
 bench: $(STAMP)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check --no-deps torchattacks==3.5.1
