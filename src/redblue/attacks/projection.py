@@ -137,7 +137,10 @@ def input_gradient(
         logits = model(x_req)
         losses = loss_fn(logits, y)
         (grad,) = torch.autograd.grad(losses.sum(), [x_req])
-    return grad.float(), losses.detach(), logits.detach().float()
+    grad = grad.float()
+    if 0 in grad.stride():  # an expanded gradient (a model that ignores its input): give it storage
+        grad = grad.clone()
+    return grad, losses.detach(), logits.detach().float()
 
 
 def misclassified(logits: torch.Tensor, y: torch.Tensor, targeted: bool) -> torch.Tensor:
