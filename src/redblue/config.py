@@ -387,9 +387,11 @@ class AttackConfig:
     """``redblue attack``: which attacks, the threat model and the attack settings.
 
     ``attack`` is an attack, a suite or a comma-separated list (``fgsm``, ``pgd``,
-    ``apgd-ce``, ``apgd-t``, ``square``, ``quick``, ``standard``, ``standard,square``).
+    ``apgd-ce``, ``apgd-t``, ``fab-t``, ``square``, ``quick``, ``standard``, ``autoattack``,
+    ``standard,square``).
     ``alpha``, ``steps`` and ``restarts`` left at None take each attack's default
     (``redblue.attacks.DEFAULTS``). ``n_examples`` None means the whole test set.
+    ``save_adversarial`` keeps every image's worst-case adversarial example.
     """
 
     attack: str = "fgsm"
@@ -404,6 +406,7 @@ class AttackConfig:
     batch_size: int = 500
     sweep: bool = False
     checks: bool = True
+    save_adversarial: bool = False
     seed: int = 0
     device: str = "auto"
 
@@ -422,7 +425,7 @@ class AttackConfig:
             check_int("n_examples", self.n_examples, 1, 10_000_000)
         check_int("batch_size", self.batch_size, 1, 65536)
         check_int("seed", self.seed, 0, 2**63 - 1)
-        for name in ("random_start", "sweep", "checks"):
+        for name in ("random_start", "sweep", "checks", "save_adversarial"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{opt(name)} {getattr(self, name)!r}: expected true or false")
         if not (self.device in DEVICES or self.device.startswith("cuda:")):

@@ -141,6 +141,8 @@ class AttackStageResult(StageResult):
     samples_file: str
     samples_sha256: str
     versions: dict[str, str]
+    # --save-adversarial: {"images_file", "images_sha256", "n", "format"} (None when off).
+    adversarial: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True)

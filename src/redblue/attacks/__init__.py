@@ -65,18 +65,35 @@ SUITES: dict[str, list[str]] = {
     "standard": ["apgd-ce", "apgd-t"],
 }
 
-ATTACK_CHOICES = (*ATTACKS, *SUITES)
+CASCADES: dict[str, list[str]] = {
+    "autoattack": ["apgd-ce", "apgd-t", "fab-t", "square"],
+}
+"""Protocols run as a cascade: each attack only on the images still robust after the ones
+before it, scored as the per-example worst case. ``autoattack`` is AutoAttack's standard
+version (Croce & Hein, ICML 2020): APGD-CE (100 steps), APGD-T (9 targets, 100 steps), FAB-T
+(9 targets, 100 steps), Square (5,000 queries), one restart each — the paper's settings, which
+are this module's defaults (torchattacks' ``AutoAttack`` class runs APGD with 10 steps)."""
+
+ATTACK_CHOICES = (*ATTACKS, *SUITES, *CASCADES)
 SETTINGS = ("alpha", "steps", "restarts", "random_start", "n_targets", "p_init")
 
 
+def _parts(spec: str | list[str]) -> list[str]:
+    return [p.strip() for p in (spec.split(",") if isinstance(spec, str) else list(spec))]
+
+
+def is_cascade(spec: str | list[str]) -> bool:
+    """Whether ``spec`` names a cascade protocol (then every attack it names runs as one)."""
+    return any(part in CASCADES for part in _parts(spec))
+
+
 def expand(spec: str | list[str]) -> list[str]:
-    """Attack names from a name, a suite, or a comma-separated list of them (order kept,
-    duplicates dropped): ``"standard,square"`` -> ``["apgd-ce", "apgd-t", "square"]``."""
-    parts = spec.split(",") if isinstance(spec, str) else list(spec)
+    """Attack names from a name, a suite, a cascade or a comma-separated list of them (order
+    kept, duplicates dropped): ``"standard,square"`` -> ``["apgd-ce", "apgd-t", "square"]``."""
     names: list[str] = []
-    for part in (p.strip() for p in parts):
-        if part in SUITES:
-            members = SUITES[part]
+    for part in _parts(spec):
+        if part in SUITES or part in CASCADES:
+            members = SUITES.get(part) or CASCADES[part]
         elif part in ATTACKS:
             members = [part]
         else:
@@ -100,6 +117,7 @@ def resolve_settings(name: str, eps: float, settings: dict[str, Any]) -> dict[st
 __all__ = [
     "ATTACKS",
     "ATTACK_CHOICES",
+    "CASCADES",
     "DEFAULTS",
     "RUNNERS",
     "SUITES",
@@ -109,6 +127,7 @@ __all__ = [
     "expand",
     "fab_t",
     "fgsm",
+    "is_cascade",
     "per_example_norm",
     "pgd",
     "project",

@@ -22,6 +22,7 @@ from redblue.validate import check_name
     "--attack",
     default=None,
     help="fgsm, pgd, apgd-ce, apgd-t, fab-t, square, quick (fgsm+pgd), standard (apgd-ce+apgd-t), "
+    "autoattack (AutoAttack's standard version as a cascade: apgd-ce, apgd-t, fab-t, square 5,000 queries), "
     "or a comma-separated list such as standard,square. [default: fgsm]",
 )
 @click.option("--eps", type=float, default=None, help="Perturbation radius in pixel units [0, 1]. [default: 0.25]")
@@ -36,6 +37,11 @@ from redblue.validate import check_name
 @click.option("--sweep", is_flag=True, default=None, help="Also sweep eps (0, 0.05, ... until accuracy is 0).")
 @click.option("--checks/--no-checks", default=None, help="Run the sanity checks (redblue/evaluation/checks.md). [default: on]")
 @click.option("--n-examples", type=int, default=None, help="Evaluate the first N test images. [default: all]")
+@click.option(
+    "--save-adversarial/--no-save-adversarial", default=None,
+    help="Write every image's worst-case adversarial example (metrics/NAME_adversarial.safetensors, hashed) "
+    "and a per-class grid (images/NAME_adversarial_by_class.png). [default: off]",
+)
 @click.option("--batch-size", type=int, default=None, help="Images per attack batch. [default: 500]")
 @click.option("--seed", type=int, default=None, help="Seeds random starts. [default: 0]")
 @click.option("--device", default=None, help="auto, cpu or cuda. [default: auto]")

@@ -10,13 +10,14 @@ across attacks; each attack already keeps the worst case across its restarts). W
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from typing import Any
 
 import torch
 from torch import nn
 
-from redblue.attacks import expand
+from redblue.attacks import expand, is_cascade, resolve_settings
 from redblue.attacks.projection import check_settings
 from redblue.errors import ConfigError
 from redblue.evaluation.checks import run_checks
@@ -53,6 +54,7 @@ def evaluate_robustness(
     checks: bool = True,
     check_options: dict[str, int] | None = None,
     progress: bool = False,
+    keep_adversarial: bool = False,
     **settings: Any,
 ) -> RobustnessResult:
     """Clean accuracy, per-attack and worst-case robust accuracy of ``model`` at ``eps``.
@@ -61,7 +63,9 @@ def evaluate_robustness(
         model: pixels in [0, 1] in, logits out. Moved to channels_last on ``x.device``.
         x: test images, uint8 or float in [0, 1], shape (N, 1, 28, 28), on the device to use.
         y: int64 labels (N,).
-        attacks: names, suites or a comma-separated list (``"quick"``, ``"standard,square"``).
+        attacks: names, suites or a comma-separated list (``"quick"``, ``"standard,square"``);
+            ``"autoattack"`` (AutoAttack's standard version) runs its attacks as a cascade, each
+            on the images still robust after the ones before it (see :data:`redblue.attacks.CASCADES`).
         eps: perturbation radius in pixel units.
         norm: ``"linf"`` or ``"l2"``.
         batch_size: images per attack batch.
@@ -70,6 +74,8 @@ def evaluate_robustness(
         checks: run the sanity checks (:mod:`redblue.checks`) and store their warnings.
         check_options: ``check_examples``, ``square_examples``, ``square_queries`` for
             :func:`redblue.checks.run_checks` (their cost).
+        keep_adversarial: keep every image's worst-case adversarial example in
+            ``result.adversarial`` (the first attack's example that fooled it, else the last's).
         settings: ``alpha``, ``steps``, ``restarts``, ``random_start``, ``n_targets``,
             ``p_init`` — each applied to the attacks that accept it.
 
@@ -77,6 +83,7 @@ def evaluate_robustness(
         A :class:`RobustnessResult` (``.to_json()`` for the JSON form).
     """
     names = expand(attacks)
+    cascade = is_cascade(attacks)
     check_settings(eps=eps, norm=norm)
     _check_settings(settings)
     if norm == "l2" and "square" in names:
@@ -89,20 +96,33 @@ def evaluate_robustness(
     results: list[AttackResult] = []
     robust: dict[str, torch.Tensor] = {}
     samples: dict[str, torch.Tensor] = {}
+    worst: torch.Tensor | None = None
+    final = _as_float(x).clone() if keep_adversarial else None
     for name in names:
         seed_everything(seed)
-        result, mask, clean_correct, sample = run_attack(
-            model, x, y, name, eps=eps, norm=norm, batch_size=batch_size,
-            settings=settings, clean_correct=clean_correct, progress=progress,
-        )  # fmt: skip
+        if cascade and worst is not None:
+            result, mask, sample = _cascade_step(model, x, y, name, worst, samples[results[-1].attack], eps=eps,
+                                                 norm=norm, batch_size=batch_size, settings=settings,
+                                                 progress=progress, adversarial=final)  # fmt: skip
+        else:
+            buffer = torch.empty_like(final) if final is not None else None
+            result, mask, clean_correct, sample = run_attack(
+                model, x, y, name, eps=eps, norm=norm, batch_size=batch_size,
+                settings=settings, clean_correct=clean_correct, progress=progress, adversarial=buffer,
+            )  # fmt: skip
+            if final is not None and buffer is not None:
+                # The images still robust before this attack take its result; the others keep
+                # the example of the attack that fooled them first.
+                take = torch.ones_like(mask) if worst is None else worst
+                final[take] = buffer[take]
+            if cascade:
+                result = dataclasses.replace(result, n_attacked=n, own_robust_accuracy=result.robust_accuracy)
         results.append(result)
         robust[name] = mask
         samples[name] = sample
-    if clean_correct is None:  # pragma: no cover - names is never empty
+        worst = mask.clone() if worst is None else worst & mask  # run_attack's masks imply clean-correct
+    if clean_correct is None or worst is None:  # pragma: no cover - names is never empty
         raise ConfigError("--attack: no attack given")
-    worst = clean_correct.clone()
-    for mask in robust.values():
-        worst &= mask
     n_correct = int(clean_correct.sum())
     seconds = time.perf_counter() - start_time
     samples["clean"] = _as_float(x[:N_SAMPLES])
@@ -122,6 +142,9 @@ def evaluate_robustness(
         clean_correct=clean_correct,
         robust=robust,
         samples=samples,
+        protocol="cascade" if cascade else "independent",
+        per_class=per_class_accuracy(y, clean_correct, worst),
+        adversarial=final,
     )
     if sweep is not False:
         grid = None if sweep is True else list(sweep)
@@ -137,6 +160,73 @@ def evaluate_robustness(
             **settings,
         )
     return outcome
+
+
+def per_class_accuracy(y: torch.Tensor, clean_correct: torch.Tensor, robust: torch.Tensor) -> list[dict[str, Any]]:
+    """``[{"class", "n", "clean_accuracy", "robust_accuracy"}]`` for every class present in ``y``."""
+    size = int(y.max()) + 1 if y.numel() else 0
+    total = torch.bincount(y, minlength=size)
+    clean = torch.bincount(y[clean_correct], minlength=size)
+    kept = torch.bincount(y[robust], minlength=size)
+    return [
+        {"class": c, "n": int(total[c]), "clean_accuracy": int(clean[c]) / int(total[c]),
+         "robust_accuracy": int(kept[c]) / int(total[c])}
+        for c in range(size) if int(total[c])
+    ]  # fmt: skip
+
+
+def _cascade_step(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    name: str,
+    still_robust: torch.Tensor,
+    previous_samples: torch.Tensor,
+    *,
+    eps: float,
+    norm: str,
+    batch_size: int,
+    settings: dict[str, Any],
+    progress: bool,
+    adversarial: torch.Tensor | None = None,
+) -> tuple[AttackResult, torch.Tensor, torch.Tensor]:
+    """One attack of a cascade, run only on the images ``still_robust`` after the ones before it.
+
+    Returns its result (``robust_accuracy``: the share of all images still robust after it, the
+    cascade's running accuracy; ``own_robust_accuracy`` and ``attack_success_rate``: on the
+    ``n_attacked`` images it was given), its robust mask over all images (False where it did
+    not run: those were broken already) and the cascade's sample images so far; writes its
+    adversarial examples into ``adversarial`` (all images) at the images it attacked.
+    """
+    n = int(x.shape[0])
+    index = still_robust.nonzero().squeeze(1)
+    mask = torch.zeros(n, dtype=torch.bool, device=x.device)
+    sample = previous_samples.clone()
+    if index.numel() == 0:
+        resolved = resolve_settings(name, eps, settings)
+        result = AttackResult(attack=name, settings={"eps": eps, "norm": norm, **resolved}, robust_accuracy=0.0,
+                              attack_success_rate=0.0, n_fooled=0, perturbation={}, seconds=0.0,
+                              images_per_s=float("nan"), n_attacked=0, own_robust_accuracy=None)  # fmt: skip
+        return result, mask, sample
+    ones = torch.ones(int(index.numel()), dtype=torch.bool, device=x.device)
+    buffer = adversarial[index] if adversarial is not None else None
+    sub, sub_mask, _, sub_sample = run_attack(model, x[index], y[index], name, eps=eps, norm=norm,
+                                              batch_size=batch_size, settings=settings, clean_correct=ones,
+                                              progress=progress, adversarial=buffer)  # fmt: skip
+    mask[index] = sub_mask
+    if adversarial is not None and buffer is not None:
+        adversarial[index] = buffer
+    for j, i in enumerate(index[: sub_sample.shape[0]].tolist()):
+        if i < sample.shape[0]:
+            sample[i] = sub_sample[j]
+    n_attacked = int(index.numel())
+    result = dataclasses.replace(
+        sub,
+        robust_accuracy=int(mask.sum()) / n,
+        n_attacked=n_attacked,
+        own_robust_accuracy=sub.robust_accuracy,
+    )
+    return result, mask, sample
 
 
 def eps_sweep(

@@ -42,6 +42,10 @@ class AttackResult:
     perturbation: dict[str, float]
     seconds: float
     images_per_s: float
+    # In a cascade: the images this attack ran on (those still robust before it), and the
+    # share of them it left robust; ``robust_accuracy`` is then the cascade's running accuracy.
+    n_attacked: int | None = None
+    own_robust_accuracy: float | None = None
 
 
 @dataclass
@@ -63,6 +67,11 @@ class RobustnessResult:
     warnings: list[dict[str, Any]] = field(default_factory=list)
     checks_n_examples: int | None = None
     sweep_n_examples: int | None = None
+    protocol: str = "independent"  # or "cascade" (each attack on the images still robust)
+    per_class: list[dict[str, Any]] = field(default_factory=list)
+    # Every image's worst-case adversarial example (evaluate_robustness(keep_adversarial=True)):
+    # from the first attack that fooled it, else from the last attack; not serialised.
+    adversarial: torch.Tensor | None = field(default=None, repr=False)
     # Per-example masks and sample images: used by the checks and the plots, not serialised.
     clean_correct: torch.Tensor | None = field(default=None, repr=False)
     robust: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
@@ -88,6 +97,8 @@ class RobustnessResult:
             "attack_success_rate": self.attack_success_rate,
             "seconds": self.seconds,
             "images_per_s": self.images_per_s,
+            "protocol": self.protocol,
+            "per_class": self.per_class,
             "attacks": {a.attack: dataclasses.asdict(a) for a in self.attacks},
             "sweep": self.sweep,
             "warnings": self.warnings,
@@ -116,12 +127,14 @@ def run_attack(
     settings: dict[str, Any] | None = None,
     clean_correct: torch.Tensor | None = None,
     progress: bool = False,
+    adversarial: torch.Tensor | None = None,
 ) -> tuple[AttackResult, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Run one attack over (x, y) in batches, checking the threat model on every batch.
 
     Returns (result, robust mask, clean-correct mask, adversarial images of the first
     :data:`N_SAMPLES` examples). ``clean_correct`` is reused when given; else it comes from
-    the attack's own clean forward pass, or a separate one when the attack had none.
+    the attack's own clean forward pass, or a separate one when the attack had none. Every
+    adversarial image is also written into ``adversarial`` (float, shaped like ``x``) when given.
     """
     check_settings(eps=eps, norm=norm)
     resolved = resolve_settings(attack, eps, settings or {})
@@ -156,6 +169,8 @@ def run_attack(
         delta = x_adv - xb
         linf[start:stop] = per_example_norm(delta, "linf")
         l2[start:stop] = per_example_norm(delta, "l2")
+        if adversarial is not None:
+            adversarial[start:stop] = x_adv.detach()
         if start < N_SAMPLES:
             samples.append(x_adv[: N_SAMPLES - start].detach())
         bar.update(xb.shape[0])

@@ -92,6 +92,31 @@ def perturbation_heatmap(samples: Mapping[str, torch.Tensor], attack: str, eps: 
     return save_figure(fig, path)
 
 
+def adversarial_by_class(tensors: Mapping[str, torch.Tensor], title: str, path: Path, per_class: int = 8) -> Path:
+    """One row per class: the worst-case adversarial examples of its first ``per_class`` test
+    images, each titled with the model's prediction (red when the attack fooled it)."""
+    x, y, pred = tensors["adversarial.x"], tensors["adversarial.y"], tensors["adversarial.pred"]
+    classes = sorted({int(c) for c in y.tolist()})
+    fig, axes = plt.subplots(max(len(classes), 1), per_class, figsize=(1.15 * per_class + 0.9, 1.3 * max(len(classes), 1) + 0.7),
+                             squeeze=False)  # fmt: skip
+    for row, label in enumerate(classes):
+        index = (y == label).nonzero().squeeze(1)[:per_class].tolist()
+        for col in range(per_class):
+            ax = axes[row][col]
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if col >= len(index):
+                ax.axis("off")
+                continue
+            pixels, style = as_image(x[index[col]])
+            ax.imshow(pixels, **style)
+            guess = int(pred[index[col]])
+            ax.set_title(f"→ {guess}", fontsize=LABEL_PT, color="red" if guess != label else "black")
+        axes[row][0].set_ylabel(f"class {label}", fontsize=LABEL_PT)
+    fig.suptitle(title, fontsize=LABEL_PT + 1)
+    return save_figure(fig, path)
+
+
 def accuracy_vs_eps(sweep: Mapping[str, Sequence[Mapping[str, float]]], norm: str, title: str, path: Path) -> Path:
     """Robust accuracy (%) against eps, one line per attack."""
     fig, ax = plt.subplots(figsize=(5.5, 3.8))
@@ -131,6 +156,24 @@ def render_attack_plots(out: Path, name: str, result: Mapping[str, Any]) -> list
                 f"{name}: {attack} perturbation x_adv - x", images / f"{name}_perturbation.png",
             )
         )  # fmt: skip
+    adversarial = result.get("adversarial")
+    if isinstance(adversarial, dict):
+        file = str(adversarial.get("images_file"))
+        adv_path = out / "metrics" / file
+        if not is_safe_name(file, FILE_NAME_PATTERN) or adv_path.is_symlink() or not adv_path.is_file() or (
+            sha256_file(adv_path) != adversarial.get("images_sha256")
+        ):
+            print(f"notice: {name}: {file!r} missing, modified or not a file in metrics/; per-class grid not rendered",
+                  file=sys.stderr)  # fmt: skip
+        else:
+            paths.append(
+                adversarial_by_class(
+                    load_samples(adv_path),
+                    f"{name}: worst-case adversarial examples (eps {metrics['eps']:g}, {metrics['norm']}), first "
+                    "images of each class; red = fooled",
+                    images / f"{name}_adversarial_by_class.png",
+                )
+            )
     if metrics.get("sweep"):
         paths.append(
             accuracy_vs_eps(

@@ -154,6 +154,7 @@ def _attack_table(attacks: dict[str, Any]) -> list[dict[str, str]]:
             "robust": pct(a.get("robust_accuracy")),
             "asr": pct(a.get("attack_success_rate")),
             "fooled": count(a.get("n_fooled")),
+            "attacked": "all" if a.get("n_attacked") is None else count(a.get("n_attacked")),
             "linf": f"{p['linf_mean']:.3f}" if _is_number(p.get("linf_mean")) else "—",
             "l2": f"{p['l2_mean']:.2f}" if _is_number(p.get("l2_mean")) else "—",
             "seconds": f"{a['seconds']:.1f}" if _is_number(a.get("seconds")) else "—",
@@ -166,11 +167,13 @@ def _seconds(value: Any) -> str:
 
 
 def stage_facts(result: dict[str, Any]) -> dict[str, Any]:
-    """A stage's headline numbers as ``{"facts": [(label, value)], "attacks": [...]}``:
-    percentages with their image counts, times in seconds; the attack rows for the table."""
+    """A stage's headline numbers as ``{"facts": [(label, value)], "attacks": [...], "per_class":
+    [...]}``: percentages with their image counts, times in seconds; the attack rows and the
+    per-class rows for the tables."""
     stage, m = result.get("stage"), result.get("metrics") or {}
     facts: list[tuple[str, str]] = []
     attacks: list[dict[str, str]] = []
+    per_class: list[dict[str, str]] = []
     model: dict[str, Any] = result["model"] if isinstance(result.get("model"), dict) else {}
     if model.get("name"):
         facts.append(("Model", f"{model['name']}" + (f" ({model['model_name']})" if model.get("model_name") else "")))
@@ -195,6 +198,11 @@ def stage_facts(result: dict[str, Any]) -> dict[str, Any]:
         facts.append(("Sanity checks", f"ran on {count(checks.get('n_examples'))} images" if checks.get("ran")
                       else str(checks.get("note") or "not run")))  # fmt: skip
         attacks = _attack_table(m.get("attacks") or {})
+        per_class = [{"class": str(c.get("class")), "n": count(c.get("n")), "clean": pct(c.get("clean_accuracy")),
+                      "robust": pct(c.get("robust_accuracy"))} for c in m.get("per_class") or []]  # fmt: skip
+        if m.get("protocol") == "cascade":
+            facts.append(("Protocol", "cascade: each attack runs on the images still robust after the ones before "
+                          "it; an attack's robust accuracy is the running accuracy after it"))  # fmt: skip
     elif stage == "defend":
         recipe = result.get("recipe") or {}
         ev = result.get("evaluation") or {}
@@ -236,4 +244,4 @@ def stage_facts(result: dict[str, Any]) -> dict[str, Any]:
              f"{pct(after.get('clean_accuracy'))} / {pct(after.get('asr'))} / {pct(after.get('ra'))}" if after
              else "not retrained (--no-retrain)"),
         ]  # fmt: skip
-    return {"facts": facts, "attacks": attacks}
+    return {"facts": facts, "attacks": attacks, "per_class": per_class}

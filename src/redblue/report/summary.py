@@ -41,6 +41,7 @@ ATTACK_LABELS = {
     "square": "Square",
     "quick": "quick suite (FGSM + PGD)",
     "standard": "standard suite (APGD-CE + APGD-T)",
+    "autoattack": "AutoAttack (APGD-CE, APGD-T, FAB-T, Square)",
 }
 """How an attack (or suite) name reads in a table or a legend."""
 

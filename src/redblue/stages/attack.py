@@ -22,8 +22,10 @@ from redblue.errors import IntegrityError
 from redblue.evaluation import evaluate_robustness, sample_predictions
 from redblue.results import AttackStageResult
 from redblue.stages.common import cached_result, config_json, stage_cache, write_result
+from redblue.train import channels_last
 from redblue.utils import (
     atomic_write_bytes,
+    eval_mode,
     library_versions,
     resolve_device,
     sha256_bytes,
@@ -33,6 +35,11 @@ from redblue.utils import (
 from redblue.validate import check_name
 
 SAMPLES_FORMAT = "redblue.attack-samples/1"
+ADVERSARIAL_FORMAT = "redblue.adversarial-examples/1"
+ADVERSARIAL_KEYS = ("adversarial.x", "adversarial.y", "adversarial.pred", "adversarial.pred_clean")
+"""The tensors of ``--save-adversarial``: every image's worst-case adversarial example (float32
+in [0, 1], shaped like the test images), its label, the model's prediction on it and on the
+clean image."""
 
 
 def attack_key(cfg: AttackConfig, weights_sha256: str, data: Dataset, check_options: dict[str, int] | None) -> str:
@@ -46,7 +53,18 @@ def attack_key(cfg: AttackConfig, weights_sha256: str, data: Dataset, check_opti
 
 def _samples_ok(out: Path, result: AttackStageResult) -> bool:
     path = out / "metrics" / result.samples_file
-    return path.is_file() and sha256_file(path) == result.samples_sha256
+    if not (path.is_file() and sha256_file(path) == result.samples_sha256):
+        return False
+    adv = result.adversarial
+    if adv is None:
+        return True
+    images = out / "metrics" / adv["images_file"]
+    return images.is_file() and sha256_file(images) == str(adv["images_sha256"])
+
+
+def _predict(model: torch.nn.Module, x: torch.Tensor, batch_size: int) -> torch.Tensor:
+    with torch.no_grad(), eval_mode(model):
+        return torch.cat([model(channels_last(x[i : i + batch_size])).argmax(1) for i in range(0, x.shape[0], batch_size)])
 
 
 def attack_stage(
@@ -86,17 +104,30 @@ def attack_stage(
             net, x, y, attacks=cfg.attack, eps=cfg.eps, norm=cfg.norm, batch_size=cfg.batch_size,
             seed=cfg.seed, sweep=cfg.sweep, checks=cfg.checks, progress=progress,
             alpha=cfg.alpha, steps=cfg.steps, restarts=cfg.restarts, random_start=cfg.random_start,
-            n_targets=cfg.n_targets, check_options=check_options,
+            n_targets=cfg.n_targets, check_options=check_options, keep_adversarial=cfg.save_adversarial,
         )  # fmt: skip
         predictions = sample_predictions(net, result.samples)
         tensors = {k: v.detach().cpu().contiguous() for k, v in result.samples.items()}
         tensors.update({f"pred_{k}": v.detach().cpu().contiguous() for k, v in predictions.items()})
+        if result.adversarial is not None:
+            adv = {"x": result.adversarial, "y": y, "pred": _predict(net, result.adversarial, cfg.batch_size),
+                   "pred_clean": _predict(net, x.float().div(255.0) if x.dtype == torch.uint8 else x.float(),
+                                         cfg.batch_size)}  # fmt: skip
+            tensors.update({f"adversarial.{k}": v.detach().cpu().contiguous() for k, v in adv.items()})
         return tensors, {"metrics": result.to_json(), "warnings": result.warnings, "checks_n_examples": result.checks_n_examples}
 
     entry, _ = stage_cache(out).get_or_compute("attack", {"key": key}, compute)
-    payload = st_save(dict(sorted(entry.tensors.items())), metadata={"format": SAMPLES_FORMAT})
+    examples = {k: v for k, v in entry.tensors.items() if k not in ADVERSARIAL_KEYS}
+    payload = st_save(dict(sorted(examples.items())), metadata={"format": SAMPLES_FORMAT})
     samples_rel = f"{name}_examples.safetensors"
     atomic_write_bytes(out / "metrics" / samples_rel, payload)
+    adversarial: dict[str, Any] | None = None
+    if cfg.save_adversarial:
+        adv_payload = st_save({k: entry.tensors[k].contiguous() for k in ADVERSARIAL_KEYS},
+                              metadata={"format": ADVERSARIAL_FORMAT})  # fmt: skip
+        adversarial = {"images_file": f"{name}_adversarial.safetensors", "images_sha256": sha256_bytes(adv_payload),
+                       "n": int(entry.tensors["adversarial.y"].shape[0]), "format": ADVERSARIAL_FORMAT}  # fmt: skip
+        atomic_write_bytes(out / "metrics" / adversarial["images_file"], adv_payload)
     metrics = entry.metadata["metrics"]
     if cfg.checks:
         checks = {"ran": True, "n_examples": entry.metadata["checks_n_examples"], "note": None}
@@ -117,6 +148,7 @@ def attack_stage(
         samples_file=samples_rel,
         samples_sha256=sha256_bytes(payload),
         versions=library_versions(),
+        adversarial=adversarial,
     )
     write_result(out, name, result)
     return result
