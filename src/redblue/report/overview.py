@@ -13,21 +13,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from redblue.report.summary import attack_label, count, first, model_label
+from redblue.report.summary import attack_label, count, dig, first, model_label
 from redblue.utils import pct
 
 ASR_REMOVED = 0.10
 """A backdoor counts as removed when the attack success rate after the defence is at most this."""
 
 NORM_LABELS = {"linf": "L∞", "l2": "L2"}
-
-
-def _get(obj: Any, *keys: str) -> Any:
-    for key in keys:
-        if not isinstance(obj, dict):
-            return None
-        obj = obj.get(key)
-    return obj
 
 
 def _is_number(value: Any) -> bool:
@@ -68,33 +60,33 @@ def model_cards(results: Sequence[tuple[str, dict[str, Any]]]) -> list[dict[str,
     for name, r in results:
         stage, m = r.get("stage"), r.get("metrics") or {}
         if stage in ("baseline", "evaluate"):
-            card = _card(cards, str(_get(r, "model", "name") or name), "trained")
+            card = _card(cards, str(dig(r, "model", "name") or name), "trained")
             _clean(card, m.get("clean_accuracy"), m.get("n_test"))
         elif stage == "attack":
-            card = _card(cards, str(_get(r, "model", "name") or name))
-            spec = _get(r, "config", "attack", "attack") or ",".join(m.get("attacks") or {})
-            _evaluation(card, attack_label(spec), m, checked=bool(_get(r, "checks", "ran")))
+            card = _card(cards, str(dig(r, "model", "name") or name))
+            spec = dig(r, "config", "attack", "attack") or ",".join(m.get("attacks") or {})
+            _evaluation(card, attack_label(spec), m, checked=bool(dig(r, "checks", "ran")))
             card["warnings"] += [w for w in r.get("warnings") or [] if isinstance(w, dict)]
             _clean(card, m.get("clean_accuracy"), m.get("n_examples"))
         elif stage == "defend":
-            card = _card(cards, str(_get(r, "model", "name") or name),
-                         f"adversarially trained ({_get(r, 'recipe', 'recipe')}, eps {_get(r, 'recipe', 'eps')})")
+            card = _card(cards, str(dig(r, "model", "name") or name),
+                         f"adversarially trained ({dig(r, 'recipe', 'recipe')}, eps {dig(r, 'recipe', 'eps')})")
             _clean(card, m.get("clean_accuracy"), m.get("n_test"))
             ev = r.get("evaluation") or {}
             counted = [attack_label(a) for a in ev.get("attacks") or {} if a not in ev.get("robust_accuracy_excludes", [])]
             _evaluation(card, "worst case of " + ", ".join(counted), ev, checked=True)
             card["warnings"] += [w for w in r.get("warnings") or [] if isinstance(w, dict)]
         elif stage == "poison":
-            card = _card(cards, str(_get(r, "model", "name") or name), "poisoned (BadNets)")
+            card = _card(cards, str(dig(r, "model", "name") or name), "poisoned (BadNets)")
             _clean(card, m.get("clean_accuracy"), m.get("n_test"))
             card["asr"], card["ra"] = m.get("asr"), m.get("ra")
             card["backdoor"] = "planted"
         elif stage == "backdoor_defense" and isinstance(r.get("after"), dict):
             method = r.get("method")
-            card = _card(cards, str(_get(r, "retrained_model", "name") or f"retrained ({method})"),
+            card = _card(cards, str(dig(r, "retrained_model", "name") or f"retrained ({method})"),
                          f"poisoned model retrained without what {method} flagged")  # fmt: skip
             after = r["after"]
-            _clean(card, after.get("clean_accuracy"), _get(r, "dataset", "n_test"))
+            _clean(card, after.get("clean_accuracy"), dig(r, "dataset", "n_test"))
             card["asr"], card["ra"] = after.get("asr"), after.get("ra")
             card["backdoor"] = "defended"
     for card in cards.values():
@@ -126,8 +118,8 @@ def eps_curves(results: Sequence[tuple[str, dict[str, Any]]]) -> list[dict[str, 
     curve in the results (an attack stage's ``metrics.sweep``, a defence's ``eps_sweep``)."""
     curves = []
     for name, r in results:
-        model = str(_get(r, "model", "name") or name)
-        if r.get("stage") == "attack" and isinstance(_get(r, "metrics", "sweep"), dict):
+        model = str(dig(r, "model", "name") or name)
+        if r.get("stage") == "attack" and isinstance(dig(r, "metrics", "sweep"), dict):
             for attack, points in r["metrics"]["sweep"].items():
                 curves.append({"model": model, "attack": attack_label(attack), "norm": r["metrics"].get("norm", "linf"),
                                "eps": [p["eps"] for p in points],
@@ -183,12 +175,12 @@ def stage_facts(result: dict[str, Any]) -> dict[str, Any]:
         if _is_number(lat.get("median_batch_ms")):
             facts.append(("Inference latency", f"{lat['median_batch_ms']:.1f} ms per batch of {lat.get('batch_size')} "
                           f"({lat.get('per_image_us', 0):.0f} µs per image, {lat.get('device')}, {lat.get('precision')})"))  # fmt: skip
-        facts.append(("Training time", _seconds(_get(result, "training", "seconds"))))
+        facts.append(("Training time", _seconds(dig(result, "training", "seconds"))))
     elif stage == "attack":
         norm = NORM_LABELS.get(str(m.get("norm")), m.get("norm"))
         facts += [
             ("Threat model", f"{norm}, eps {m.get('eps')} (pixels in [0, 1])"),
-            ("Images", f"{first(m.get('n_examples'), _get(result, 'dataset', 'n_test'))} test images"),
+            ("Images", f"{first(m.get('n_examples'), dig(result, 'dataset', 'n_test'))} test images"),
             ("Clean accuracy", pct(m.get("clean_accuracy"))),
             ("Robust accuracy (worst case over the attacks)", pct(m.get("robust_accuracy"))),
             ("Attack success rate (of correctly classified)", pct(m.get("attack_success_rate"))),
@@ -212,7 +204,7 @@ def stage_facts(result: dict[str, Any]) -> dict[str, Any]:
             ("Robust accuracy (worst case)", f"{pct(m.get('robust_accuracy'))} of "
              f"{first(m.get('n_examples'), m.get('n_test'))} test images"),
             ("FGSM accuracy (not a robustness measure alone)", pct(m.get("fgsm_accuracy"))),
-            ("Training time", _seconds(_get(result, "training", "seconds"))),
+            ("Training time", _seconds(dig(result, "training", "seconds"))),
         ]  # fmt: skip
         attacks = _attack_table(ev.get("attacks") or {})
     elif stage == "poison":

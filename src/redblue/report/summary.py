@@ -61,7 +61,8 @@ def first(n: Any, total: Any) -> str:
     return f"all {count(n)}" if n == total and n is not None else f"first {count(n)}"
 
 
-def _get(obj: Any, *keys: str) -> Any:
+def dig(obj: Any, *keys: str) -> Any:
+    """``obj[k1][k2]...``, or None where a level is missing or not a dict."""
     for key in keys:
         if not isinstance(obj, dict):
             return None
@@ -105,18 +106,18 @@ def _warning_ids(result: dict[str, Any]) -> list[str]:
 def _attack_row(result: dict[str, Any]) -> dict[str, Any]:
     m = result.get("metrics", {})
     attacks = m.get("attacks") or {}
-    spec = _get(result, "config", "attack", "attack") or ",".join(attacks)
+    spec = dig(result, "config", "attack", "attack") or ",".join(attacks)
     parts = []
     for attack, a in attacks.items():
         s = a.get("settings", {})
         knobs = ", ".join(f"{k} {s[k]}" for k in ("alpha", "steps", "restarts") if s.get(k) is not None)
         parts.append(f"{attack}: {pct(a.get('robust_accuracy'))}" + (f" ({knobs})" if knobs else ""))
     warnings = _warning_ids(result)
-    model = _get(result, "model", "name")
+    model = dig(result, "model", "name")
     return {
         "scenario": f"{model_label(model)} + {attack_label(spec)}",
         "model": model,
-        "images": first(m.get("n_examples"), _get(result, "dataset", "n_test")),
+        "images": first(m.get("n_examples"), dig(result, "dataset", "n_test")),
         "clean_accuracy": m.get("clean_accuracy"),
         "robust_accuracy": m.get("robust_accuracy"),
         "eps": m.get("eps"),
@@ -131,15 +132,15 @@ def _attack_row(result: dict[str, Any]) -> dict[str, Any]:
 
 
 def _trained_row(name: str, result: dict[str, Any]) -> dict[str, Any]:
-    train = _get(result, "config", "train") or {}
-    model = _get(result, "model", "name") or name
+    train = dig(result, "config", "train") or {}
+    model = dig(result, "model", "name") or name
     evaluated = result.get("stage") == "evaluate"
     return {
         "scenario": ("Evaluated " if evaluated else "") + model_label(model),
         "model": model,
-        "images": f"{count(_get(result, 'metrics', 'n_test'))} test",
-        "clean_accuracy": _get(result, "metrics", "clean_accuracy"),
-        "n_test": _get(result, "metrics", "n_test"),
+        "images": f"{count(dig(result, 'metrics', 'n_test'))} test",
+        "clean_accuracy": dig(result, "metrics", "clean_accuracy"),
+        "n_test": dig(result, "metrics", "n_test"),
         "detail": f"{train.get('model_name')}, {train.get('epochs')} epochs, batch {train.get('batch_size')}, "
         f"seed {train.get('seed')}",
         "settings": {"train": train},
@@ -156,7 +157,7 @@ def _defend_row(name: str, adv: dict[str, Any]) -> dict[str, Any]:
     suffix = "" if name == "advtrain" else f", {name}"
     return {
         "scenario": f"Adv. trained ({recipe.get('recipe', '?')}{suffix})",
-        "model": _get(adv, "model", "name") or name,
+        "model": dig(adv, "model", "name") or name,
         "images": f"{count(m.get('n_test'))} clean / {first(m.get('n_examples'), m.get('n_test'))} attacked",
         "clean_accuracy": m.get("clean_accuracy"),
         "n_test": m.get("n_test"),
@@ -172,7 +173,7 @@ def _defend_row(name: str, adv: dict[str, Any]) -> dict[str, Any]:
         f"on {m.get('n_examples')} test images; robustness gap "
         f"{pct(gap)}" + (f"; warnings: {', '.join(warnings)}" if warnings else ""),
         "warnings": warnings,
-        "settings": {"recipe": recipe, "train": _get(adv, "config", "train")},
+        "settings": {"recipe": recipe, "train": dig(adv, "config", "train")},
     }
 
 
@@ -182,7 +183,7 @@ def _poison_row(poison: dict[str, Any]) -> dict[str, Any]:
     trigger = poison.get("trigger") or {}
     return {
         "scenario": "Poisoned (BadNets)",
-        "model": _get(poison, "model", "name"),
+        "model": dig(poison, "model", "name"),
         "images": f"{count(m.get('n_test'))} clean / {count(m.get('n_triggered'))} triggered",
         "clean_accuracy": m.get("clean_accuracy"),
         "n_test": m.get("n_test"),
@@ -198,10 +199,10 @@ def _backdoor_row(result: dict[str, Any]) -> dict[str, Any]:
     method = result.get("method")
     det = result.get("detection") or {}
     after = result.get("after") or {}
-    n_test = _get(result, "dataset", "n_test")
+    n_test = dig(result, "dataset", "n_test")
     return {
         "scenario": f"Backdoor removed ({method})",
-        "model": _get(result, "retrained_model", "name") or f"retrained ({method})",
+        "model": dig(result, "retrained_model", "name") or f"retrained ({method})",
         "images": f"{count(n_test)} test; {count(det.get('n'))} train screened",
         "clean_accuracy": after.get("clean_accuracy"),
         "asr": after.get("asr"),
@@ -211,7 +212,7 @@ def _backdoor_row(result: dict[str, Any]) -> dict[str, Any]:
         "detail": f"flagged {det.get('n_flagged')} of {det.get('n')}: precision {pct(det.get('precision'))}, "
         f"recall {pct(det.get('recall'))}; "
         + ("retrained without them" if result.get("after") else "not retrained (--no-retrain)"),
-        "settings": {"defense": _get(result, "config")},
+        "settings": {"defense": dig(result, "config")},
     }
 
 
@@ -224,7 +225,7 @@ def build_summary(
     notes: list[str] = []
     dataset = None
     results = stage_results(out) if results is None else results
-    poisoned = {_get(r, "model", "weights_sha256") for _, r in results if r.get("stage") == "poison"}
+    poisoned = {dig(r, "model", "weights_sha256") for _, r in results if r.get("stage") == "poison"}
     for name, result in results:
         stage = result.get("stage")
         if dataset is None and isinstance(result.get("dataset"), dict):
@@ -239,7 +240,7 @@ def build_summary(
             rows.append(_poison_row(result))
         elif stage == "backdoor_defense":
             # A defence of a poisoned model that a later poison run replaced is stale.
-            if poisoned and _get(result, "poisoned_model", "weights_sha256") not in poisoned:
+            if poisoned and dig(result, "poisoned_model", "weights_sha256") not in poisoned:
                 notes.append(f"{name}: defends a poisoned model that is no longer in this folder; not shown")
                 continue
             rows.append(_backdoor_row(result))
