@@ -206,7 +206,7 @@ def _cascade_step(
         resolved = resolve_settings(name, eps, settings)
         result = AttackResult(attack=name, settings={"eps": eps, "norm": norm, **resolved}, robust_accuracy=0.0,
                               attack_success_rate=0.0, n_fooled=0, perturbation={}, seconds=0.0,
-                              images_per_s=float("nan"), n_attacked=0, own_robust_accuracy=None)  # fmt: skip
+                              images_per_s=None, n_attacked=0, own_robust_accuracy=None)  # fmt: skip
         return result, mask, sample
     ones = torch.ones(int(index.numel()), dtype=torch.bool, device=x.device)
     buffer = adversarial[index] if adversarial is not None else None

@@ -41,7 +41,7 @@ class AttackResult:
     n_fooled: int
     perturbation: dict[str, float]
     seconds: float
-    images_per_s: float
+    images_per_s: float | None  # None when nothing was timed (a cascade step with no image left)
     # In a cascade: the images this attack ran on (those still robust before it), and the
     # share of them it left robust; ``robust_accuracy`` is then the cascade's running accuracy.
     n_attacked: int | None = None
@@ -191,7 +191,7 @@ def run_attack(
             "l2_max": float(l2.max()) if n else 0.0,
         },
         seconds=seconds,
-        images_per_s=n / seconds if seconds > 0 else float("nan"),
+        images_per_s=n / seconds if seconds > 0 else None,
     )
     sample = torch.cat(samples) if samples else x[:0].float()
     return result, robust, correct, sample

@@ -68,9 +68,10 @@ def adversarial_grid(samples: Mapping[str, torch.Tensor], attack: str, title: st
 
 
 def perturbation_heatmap(samples: Mapping[str, torch.Tensor], attack: str, eps: float, title: str, path: Path) -> Path:
-    """The perturbation ``x_adv − x`` of each example (summed over colour channels), blue
+    """The perturbation ``x_adv − x`` of each example (averaged over colour channels), blue
     (darker) to red (brighter), each labelled with its L∞ size; an unchanged image says why."""
-    delta = (samples[attack].float() - samples["clean"].float()).sum(1)
+    full = samples[attack].float() - samples["clean"].float()
+    delta = full.mean(1)  # one map per image; its label gives the L∞ size over all channels
     n = int(delta.shape[0])
     bound = max(float(delta.abs().max()), eps, 1e-6)
     fig, axes = plt.subplots(1, max(n, 1), figsize=(1.3 * max(n, 1) + 0.8, 2.3), squeeze=False)
@@ -79,7 +80,7 @@ def perturbation_heatmap(samples: Mapping[str, torch.Tensor], attack: str, eps: 
     for i in range(n):
         ax = axes[0][i]
         image = ax.imshow(delta[i].numpy(), cmap="seismic", vmin=-bound, vmax=bound)
-        size = float(delta[i].abs().max())
+        size = float(full[i].abs().max())
         if size == 0.0:
             reason = "already wrong:\nnot attacked" if bool(wrong[i]) else "unchanged"
             ax.text(0.5, 0.5, reason, transform=ax.transAxes, ha="center", va="center", fontsize=LABEL_PT - 1)
@@ -180,4 +181,9 @@ def render_attack_plots(out: Path, name: str, result: Mapping[str, Any]) -> list
                 metrics["sweep"], metrics["norm"], f"{name}: accuracy vs eps", images / f"{name}_accuracy_vs_eps.png"
             )
         )
+    # A plot of data this result no longer has (an earlier run of the stage had --sweep or
+    # --save-adversarial) would otherwise sit in the report beside the new numbers.
+    for kind, present in (("accuracy_vs_eps", metrics.get("sweep")), ("adversarial_by_class", adversarial)):
+        if not present:
+            (images / f"{name}_{kind}.png").unlink(missing_ok=True)
     return paths

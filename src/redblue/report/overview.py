@@ -57,13 +57,20 @@ def _clean(card: dict[str, Any], value: Any, n: Any) -> None:
 def model_cards(results: Sequence[tuple[str, dict[str, Any]]]) -> list[dict[str, Any]]:
     """One card per model that the results measure, in the order the results name them."""
     cards: dict[str, dict[str, Any]] = {}
+    # The weights each model's own stage saved: an attack on other weights of the same name
+    # (from before a retraining) does not describe this model.
+    weights = {str(dig(r, "model", "name")): dig(r, "model", "weights_sha256") for _, r in results
+               if r.get("stage") in ("baseline", "defend", "poison") and dig(r, "model", "weights_sha256")}  # fmt: skip
     for name, r in results:
         stage, m = r.get("stage"), r.get("metrics") or {}
         if stage in ("baseline", "evaluate"):
             card = _card(cards, str(dig(r, "model", "name") or name), "trained")
             _clean(card, m.get("clean_accuracy"), m.get("n_test"))
         elif stage == "attack":
-            card = _card(cards, str(dig(r, "model", "name") or name))
+            model = str(dig(r, "model", "name") or name)
+            if weights.get(model, dig(r, "model", "weights_sha256")) != dig(r, "model", "weights_sha256"):
+                continue
+            card = _card(cards, model)
             spec = dig(r, "config", "attack", "attack") or ",".join(m.get("attacks") or {})
             _evaluation(card, attack_label(spec), m, checked=bool(dig(r, "checks", "ran")))
             card["warnings"] += [w for w in r.get("warnings") or [] if isinstance(w, dict)]
@@ -113,24 +120,35 @@ def _status(card: dict[str, Any]) -> tuple[str, str]:
     return "info", "not attacked"
 
 
+def _curve(model: str, attack: str, norm: Any, eps: Any, accuracy: Any) -> dict[str, Any] | None:
+    """One curve, or None when its points are not two equal-length lists of numbers."""
+    if not (isinstance(eps, list) and isinstance(accuracy, list) and len(eps) == len(accuracy) and eps):
+        return None
+    if not all(_is_number(v) for v in [*eps, *accuracy]):
+        return None
+    return {"model": model, "attack": attack, "norm": str(norm), "eps": eps, "accuracy": accuracy}
+
+
 def eps_curves(results: Sequence[tuple[str, dict[str, Any]]]) -> list[dict[str, Any]]:
     """``[{"model", "attack", "norm", "eps": [...], "accuracy": [...]}]``: every accuracy-vs-eps
-    curve in the results (an attack stage's ``metrics.sweep``, a defence's ``eps_sweep``)."""
-    curves = []
+    curve in the results (an attack stage's ``metrics.sweep``, a defence's ``eps_sweep``);
+    a malformed one is left out."""
+    curves: list[dict[str, Any] | None] = []
     for name, r in results:
         model = str(dig(r, "model", "name") or name)
-        if r.get("stage") == "attack" and isinstance(dig(r, "metrics", "sweep"), dict):
-            for attack, points in r["metrics"]["sweep"].items():
-                curves.append({"model": model, "attack": attack_label(attack), "norm": r["metrics"].get("norm", "linf"),
-                               "eps": [p["eps"] for p in points],
-                               "accuracy": [p["robust_accuracy"] for p in points]})  # fmt: skip
-        elif r.get("stage") == "defend" and isinstance(r.get("eps_sweep"), dict):
-            sweep = r["eps_sweep"]
-            for attack, values in sweep.items():
-                if attack != "eps":
-                    curves.append({"model": model, "attack": attack_label(attack), "norm": "linf",
-                                   "eps": list(sweep["eps"]), "accuracy": list(values)})  # fmt: skip
-    return curves
+        sweep = dig(r, "metrics", "sweep") if r.get("stage") == "attack" else r.get("eps_sweep")
+        if not isinstance(sweep, dict):
+            continue
+        if r.get("stage") == "attack":
+            norm = dig(r, "metrics", "norm") or "linf"
+            for attack, points in sweep.items():
+                ok = isinstance(points, list) and all(isinstance(p, dict) for p in points)
+                curves.append(_curve(model, attack_label(attack), norm,
+                                     [p.get("eps") for p in points] if ok else None,
+                                     [p.get("robust_accuracy") for p in points] if ok else None))  # fmt: skip
+        elif r.get("stage") == "defend":
+            curves += [_curve(model, attack_label(a), "linf", sweep.get("eps"), v) for a, v in sweep.items() if a != "eps"]
+    return [c for c in curves if c is not None]
 
 
 def _attack_table(attacks: dict[str, Any]) -> list[dict[str, str]]:
@@ -184,7 +202,8 @@ def stage_facts(result: dict[str, Any]) -> dict[str, Any]:
             ("Clean accuracy", pct(m.get("clean_accuracy"))),
             ("Robust accuracy (worst case over the attacks)", pct(m.get("robust_accuracy"))),
             ("Attack success rate (of correctly classified)", pct(m.get("attack_success_rate"))),
-            ("Time", f"{_seconds(m.get('seconds'))} ({m.get('images_per_s', 0):.0f} images/s, {m.get('device')})"),
+            ("Time", f"{_seconds(m.get('seconds'))}" + (f" ({m['images_per_s']:.0f} images/s, {m.get('device')})"
+                                                          if _is_number(m.get("images_per_s")) else "")),
         ]
         checks = result.get("checks") or {}
         facts.append(("Sanity checks", f"ran on {count(checks.get('n_examples'))} images" if checks.get("ran")

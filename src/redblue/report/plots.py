@@ -78,8 +78,9 @@ def models_accuracy_vs_eps(curves: Sequence[dict[str, Any]], path: Path) -> Path
     fig, ax = plt.subplots(figsize=(7.5, 4.2))
     for c in curves:
         i, j = models.index(c["model"]), attacks.index(c["attack"])
+        label = f"{c['model']}: {c['attack']}" + (f" ({c['norm']})" if len(norms) > 1 else "")
         ax.plot(c["eps"], [100 * a for a in c["accuracy"]], linestyle=styles[j % len(styles)],
-                marker=markers[j % len(markers)], color=f"C{i % 10}", label=f"{c['model']}: {c['attack']}")  # fmt: skip
+                marker=markers[j % len(markers)], color=f"C{i % 10}", label=label.replace("$", r"\$"))  # fmt: skip
     unit = " / ".join({"linf": "L∞", "l2": "L2"}.get(n, n) for n in norms)
     ax.set(xlabel=f"eps ({unit}, pixels in [0, 1])", ylabel="robust accuracy (%)", ylim=(-2, 102),
            title="Robust accuracy against the perturbation budget, every evaluated model")  # fmt: skip

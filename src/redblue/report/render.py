@@ -222,6 +222,8 @@ def build_context(out: Path) -> dict[str, Any]:
     curves = eps_curves(staged)
     if curves:
         models_accuracy_vs_eps(curves, out / "images" / OVERVIEW_PLOT)
+    else:  # an earlier render's chart would show sweeps that are no longer in the results
+        (out / "images" / OVERVIEW_PLOT).unlink(missing_ok=True)
     images = _images(out)
     overview = images.pop(OVERVIEW_PLOT.removesuffix(".png"), None)
     docs = check_docs()
@@ -281,6 +283,12 @@ def build_context(out: Path) -> dict[str, Any]:
     }
 
 
+def _md_cell(value: Any) -> str:
+    """A value as Markdown text that cannot break a table or carry HTML: ``|`` escaped, ``<``
+    as an entity, newlines as spaces."""
+    return " ".join(str(value).split()).replace("|", "\\|").replace("<", "&lt;")
+
+
 def _env() -> jinja2.Environment:
     return jinja2.Environment(
         loader=jinja2.FileSystemLoader(str(TEMPLATES)),
@@ -298,6 +306,7 @@ def render_report(out: Path) -> tuple[Path, Path]:
     html = env.get_template("report.html.j2").render(**context)
     md_env = _env()
     md_env.autoescape = False
+    md_env.filters["md"] = _md_cell
     markdown = md_env.get_template("report.md.j2").render(**context)
     html_path, md_path = out / "report.html", out / "report.md"
     atomic_write_bytes(html_path, html.encode("utf-8"))

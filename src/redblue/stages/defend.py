@@ -19,6 +19,7 @@ from redblue.config import DataConfig, DefendConfig, TrainConfig
 from redblue.data import Dataset, to_float
 from redblue.defenses.adversarial import train_defended
 from redblue.evaluation import DEFAULT_SWEEP, SQUARE_QUERIES, eps_sweep, evaluate_robustness, run_checks
+from redblue.evaluation.robustness import per_class_accuracy
 from redblue.results import DefendResult
 from redblue.stages.baseline import clean_metrics
 from redblue.stages.common import (
@@ -86,6 +87,10 @@ def robustness_metrics(
             worst = worst & mask
     n = int(y.shape[0])
     result.robust_accuracy = int(worst.sum()) / n
+    n_correct = int(result.clean_correct.sum()) if result.clean_correct is not None else n
+    result.attack_success_rate = (n_correct - int(worst.sum())) / n_correct if n_correct else 0.0
+    if result.clean_correct is not None:
+        result.per_class = per_class_accuracy(y, result.clean_correct, worst)
     result.seconds += with_pgd.seconds + with_square.seconds
     m = min(sweep_n, int(x.shape[0]))
     points = {
