@@ -28,7 +28,6 @@ from redblue.results import validate_result
 from redblue.utils import atomic_write_bytes, pct, read_json, read_regular_file
 
 TEMPLATES = Path(__file__).resolve().parent / "templates"
-STAGE_ORDER = ["baseline", "fgsm", "pgd", "standard", "attack", "advtrain", "poison", "backdoor"]
 
 
 def _warnings(obj: Any, where: str, found: list[dict[str, Any]]) -> list[dict[str, Any]]:

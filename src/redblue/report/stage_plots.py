@@ -7,16 +7,13 @@ an output folder, so plots can be rebuilt without re-running anything.
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from redblue.errors import IntegrityError
 from redblue.report import advtrain_plots, backdoor_plots, plots
 from redblue.report.attack_plots import render_attack_plots
-from redblue.results import SCHEMAS, validate_result
-from redblue.utils import read_json
+from redblue.report.summary import stage_results
 
 
 def render_training_plots(out: Path, name: str, result: Mapping[str, Any]) -> list[Path]:
@@ -94,23 +91,10 @@ def render_stage_plots(out: Path, result: Any) -> list[Path]:
 
 
 def render_all_plots(out: Path) -> list[Path]:
-    """The plots of every stage result under ``out/metrics``."""
+    """The plots of every valid stage result under ``out/metrics`` (the others are skipped
+    with a notice by :func:`redblue.report.summary.stage_results`)."""
     paths: list[Path] = []
-    for path in sorted((out / "metrics").glob("*_metrics.json")):
-        try:
-            data = read_json(path)
-        except IntegrityError as exc:
-            print(f"notice: no plots for {path.name}: {exc}", file=sys.stderr)
-            continue
-        schema = data.get("schema") if isinstance(data, dict) else None
-        name = schema.get("name", "") if isinstance(schema, dict) else ""
-        try:
-            if not name.startswith("redblue.") or name.removeprefix("redblue.") not in SCHEMAS:
-                raise IntegrityError(f"{path}: no redblue result schema tag")
-            validate_result(data, name.removeprefix("redblue."))
-        except IntegrityError as exc:
-            print(f"notice: no plots for {path.name}: {exc}", file=sys.stderr)
-            continue
+    for _, data in stage_results(out):
         paths += render_stage_plots(out, data)
     return paths
 
