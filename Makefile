@@ -21,7 +21,7 @@ run: $(STAMP)
 	$(BIN)/redblue run --out $(OUT) $(ARGS)
 
 lint: $(STAMP)
-	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff check src tests benchmarks examples
 	$(BIN)/mypy
 	$(BIN)/bandit --quiet --recursive src --severity-level medium
 

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from redblue.attacks import expand
-from redblue.data import DATASET_NAMES
+from redblue.data import DATASET_NAMES, is_dataset_path
 from redblue.errors import ConfigError, IntegrityError
 from redblue.models import MODELS
 from redblue.poison.trigger import Trigger
@@ -37,7 +37,10 @@ class DataConfig:
     cache_dir: str | None = None
 
     def __post_init__(self) -> None:
-        check_choice("dataset", self.dataset, DATASET_NAMES)
+        if not is_dataset_path(self.dataset) and self.dataset not in DATASET_NAMES:
+            raise ConfigError(
+                f"--dataset {self.dataset!r}: expected one of {', '.join(DATASET_NAMES)}, an .npz file or an image folder"
+            )
 
 
 @dataclass(frozen=True)
@@ -413,9 +416,10 @@ class AttackConfig:
     def __post_init__(self) -> None:
         expand(self.attack)
         check_choice("norm", self.norm, ("linf", "l2"))
-        check_float("eps", self.eps, 0.0, 1.0 if self.norm == "linf" else 28.0)
+        # L2: the image size bounds eps (sqrt(C*H*W), 28 for MNIST), checked where the images are known
+        check_float("eps", self.eps, 0.0, 1.0 if self.norm == "linf" else None)
         if self.alpha is not None:
-            check_float("alpha", self.alpha, 0.0, 1.0 if self.norm == "linf" else 28.0, low_open=True)
+            check_float("alpha", self.alpha, 0.0, 1.0 if self.norm == "linf" else None, low_open=True)
         if self.steps is not None:
             check_int("steps", self.steps, 1, 100_000)
         if self.restarts is not None:

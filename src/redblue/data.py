@@ -24,12 +24,14 @@ import contextlib
 import dataclasses
 import hashlib
 import importlib.util
+import io
 import os
 import struct
 import sys
 import tempfile
 import urllib.error
 import urllib.request
+import zipfile
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -105,7 +107,9 @@ DOWNLOAD_TIMEOUT_S = 15.0
 
 @dataclass(frozen=True)
 class Dataset:
-    """Images as uint8 tensors (N, 1, 28, 28) and int64 labels, on one device.
+    """Images (N, C, H, W) as uint8 tensors (or float32 in [0, 1] when a user's ``.npz``
+    holds floats) and int64 labels, on one device. A user's data may have no training split
+    (``x_train`` with 0 images).
 
     Scale to float [0, 1] per batch with :func:`to_float`; never hold a float copy.
     """
@@ -119,10 +123,11 @@ class Dataset:
     files: dict[str, str] = field(default_factory=dict)  # file name -> SHA-256 (decompressed)
     notice: str | None = None
     num_classes: int = 10
+    class_names: tuple[str, ...] | None = None
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
-        c, h, w = self.x_train.shape[1:]
+        c, h, w = self.x_test.shape[1:]
         return (int(c), int(h), int(w))
 
     def replace(self, **changes: Any) -> Dataset:
@@ -155,18 +160,25 @@ class Dataset:
         }
 
     def describe(self) -> dict[str, object]:
-        """What every result records about its data: name, source, sizes and file hashes."""
-        return {
+        """What every result records about its data: name, source, sizes and file hashes (and
+        the class names of an image folder)."""
+        described: dict[str, object] = {
             "name": self.name,
             "source": self.source,
             "n_train": int(self.x_train.shape[0]),
             "n_test": int(self.x_test.shape[0]),
             "files": dict(self.files),
         }
+        if self.class_names is not None:
+            described["class_names"] = list(self.class_names)
+        return described
 
 
 def to_float(x_uint8: torch.Tensor) -> torch.Tensor:
-    """uint8 pixels -> float32 in [0, 1] (one batch at a time)."""
+    """uint8 pixels -> float32 in [0, 1] (one batch at a time); float images are returned as
+    float32 (they are already in [0, 1])."""
+    if x_uint8.is_floating_point():
+        return x_uint8.to(torch.float32)
     return x_uint8.to(torch.float32).div_(255.0)
 
 
@@ -451,7 +463,12 @@ def load_dataset(
     but fails verification is always an error, never silently replaced.
     """
     if name not in DATASET_NAMES:
-        raise ConfigError(f"--dataset {name!r}: unknown dataset, expected one of {', '.join(DATASET_NAMES)}")
+        if is_dataset_path(name):
+            return load_user_dataset(Path(name)).to(device)
+        raise ConfigError(
+            f"--dataset {name!r}: unknown dataset, expected one of {', '.join(DATASET_NAMES)}, "
+            "an .npz file or an image folder"
+        )
     directory = resolve_data_dir(data_dir)
     if download is None:
         download = os.environ.get("REDBLUE_OFFLINE", "") in ("", "0")
@@ -472,3 +489,199 @@ def load_dataset(
         print(notice, file=sys.stderr)
         return mini.replace(notice=notice).to(device)
     raise DataError(f"{name}: not found ({'; '.join(tried)})")
+
+
+# --- the user's own data: .npz files and image folders ---------------------------------------
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+MAX_CLASSES = 100_000
+
+
+def is_dataset_path(name: str) -> bool:
+    """Whether ``--dataset`` names a user's file or folder rather than a built-in dataset."""
+    return name.endswith(".npz") or Path(name).is_dir() or "/" in name or os.sep in name
+
+
+def _images_nchw(array: np.ndarray, where: str) -> torch.Tensor:
+    """uint8 / integer 0..255 / float [0, 1] images, (N, H, W), NCHW or NHWC -> (N, C, H, W) tensor."""
+    if array.ndim == 3:
+        array = array[:, None]
+    if array.ndim != 4:
+        raise DataError(f"{where}: images of shape {array.shape}, expected (N, C, H, W), (N, H, W, C) or (N, H, W)")
+    if array.shape[1] not in (1, 3) and array.shape[3] in (1, 3):
+        array = array.transpose(0, 3, 1, 2)
+    elif array.shape[1] not in (1, 3):
+        raise DataError(f"{where}: images of shape {array.shape}: expected 1 or 3 channels first (NCHW) or last (NHWC)")
+    if array.dtype == np.uint8:
+        return torch.from_numpy(np.ascontiguousarray(array))
+    if np.issubdtype(array.dtype, np.integer):
+        if array.size and (array.min() < 0 or array.max() > 255):
+            raise DataError(f"{where}: integer pixels in [{array.min()}, {array.max()}], expected 0..255")
+        return torch.from_numpy(np.ascontiguousarray(array.astype(np.uint8)))
+    if np.issubdtype(array.dtype, np.floating):
+        if array.size and not (np.isfinite(array).all() and array.min() >= 0.0 and array.max() <= 1.0):
+            raise DataError(f"{where}: float pixels outside [0, 1] (or not finite); scale them to [0, 1] or save uint8")
+        return torch.from_numpy(np.ascontiguousarray(array.astype(np.float32)))
+    raise DataError(f"{where}: images of dtype {array.dtype}, expected uint8, integers 0..255 or floats in [0, 1]")
+
+
+def _labels(array: np.ndarray, n: int, where: str) -> torch.Tensor:
+    if array.ndim != 1 or array.shape[0] != n or not np.issubdtype(array.dtype, np.integer):
+        raise DataError(f"{where}: labels of shape {array.shape} and dtype {array.dtype}, expected {n} integers")
+    if array.size and (array.min() < 0 or array.max() >= MAX_CLASSES):
+        raise DataError(f"{where}: labels in [{array.min()}, {array.max()}], expected class indices 0..{MAX_CLASSES - 1}")
+    return torch.from_numpy(array.astype(np.int64))
+
+
+def _num_classes(*labels: torch.Tensor) -> int:
+    top = max((int(y.max()) for y in labels if y.numel()), default=0)
+    return max(2, top + 1)
+
+
+def load_npz(path: Path) -> Dataset:
+    """A user's ``.npz``: ``x_test``, ``y_test`` and optionally ``x_train``, ``y_train``.
+
+    Images uint8 (or integers 0..255) or float in [0, 1]; NCHW, NHWC or (N, H, W). Read with
+    ``allow_pickle=False``: an object array is refused, never unpickled.
+    """
+    try:
+        payload = read_regular_file(path)
+    except FileNotFoundError:
+        raise DataError(f"--dataset {path}: file not found") from None
+    except OSError as exc:
+        raise DataError(f"--dataset {path}: cannot read ({exc.strerror or exc})") from None
+    arrays: dict[str, np.ndarray] = {}
+    try:
+        with np.load(io.BytesIO(payload), allow_pickle=False) as npz:
+            for key in ("x_train", "y_train", "x_test", "y_test"):
+                if key in npz.files:
+                    arrays[key] = npz[key]
+    except ValueError as exc:
+        if "pickle" in str(exc).lower():
+            raise DataError(f"{path}: holds object arrays (pickled Python objects), refused; save plain numeric arrays") from None
+        raise DataError(f"{path}: not a valid .npz file ({exc})") from None
+    except (OSError, zipfile.BadZipFile, EOFError) as exc:
+        raise DataError(f"{path}: not a valid .npz file ({exc})") from None
+    for key in ("x_test", "y_test"):
+        if key not in arrays:
+            raise DataError(f"{path}: no {key!r} array; expected x_test, y_test (and optionally x_train, y_train)")
+    if ("x_train" in arrays) != ("y_train" in arrays):
+        raise DataError(f"{path}: has one of x_train / y_train without the other")
+    x_test = _images_nchw(arrays["x_test"], f"{path}: x_test")
+    y_test = _labels(arrays["y_test"], x_test.shape[0], f"{path}: y_test")
+    if "x_train" in arrays:
+        x_train = _images_nchw(arrays["x_train"], f"{path}: x_train")
+        y_train = _labels(arrays["y_train"], x_train.shape[0], f"{path}: y_train")
+        if x_train.shape[1:] != x_test.shape[1:]:
+            raise DataError(f"{path}: x_train images are {tuple(x_train.shape[1:])}, x_test {tuple(x_test.shape[1:])}")
+        if x_train.dtype != x_test.dtype:
+            x_train, x_test = to_float(x_train), to_float(x_test)
+    else:
+        x_train, y_train = x_test[:0], y_test[:0]
+    if x_test.shape[0] == 0:
+        raise DataError(f"{path}: x_test holds no image")
+    return Dataset(
+        name=_dataset_name(path), x_train=x_train, y_train=y_train, x_test=x_test, y_test=y_test,
+        source=f"npz: {path}", files={path.name: hashlib.sha256(payload).hexdigest()},
+        num_classes=_num_classes(y_train, y_test),
+    )  # fmt: skip
+
+
+def _dataset_name(path: Path) -> str:
+    stem = path.stem if path.suffix == ".npz" else path.name
+    cleaned = "".join(c if c.isalnum() or c in "._+-" else "_" for c in stem).lstrip("._+-")
+    return cleaned[:100] or "data"
+
+
+def _read_image(path: Path, rel: str) -> tuple[np.ndarray, str]:
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        payload = read_regular_file(path, 64 << 20)
+        with Image.open(io.BytesIO(payload)) as image:
+            image.load()
+            gray = image.mode in ("1", "L", "LA", "I", "I;16", "F")
+            pixels = np.asarray(image.convert("L" if gray else "RGB"))
+    except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as exc:
+        raise DataError(f"{path}: not a readable PNG/JPEG image ({exc})") from None
+    return pixels, hashlib.sha256(rel.encode() + b"\0" + payload).hexdigest()
+
+
+def _read_class_folders(root: Path, classes: list[str] | None) -> tuple[list[np.ndarray], list[int], list[str], list[str]]:
+    """Images and labels of ``root/<class>/*.png|jpg``; classes sorted by folder name."""
+    found = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if classes is None:
+        classes = found
+    elif found != classes and not set(found) <= set(classes):
+        raise DataError(f"{root}: class folders {found} differ from the training split's {classes}")
+    images: list[np.ndarray] = []
+    labels: list[int] = []
+    digests: list[str] = []
+    for label, name in enumerate(classes):
+        folder = root / name
+        if not folder.is_dir():
+            continue
+        for file in sorted(folder.iterdir()):
+            if file.suffix.lower() in IMAGE_SUFFIXES and not file.name.startswith("."):
+                pixels, digest = _read_image(file, f"{name}/{file.name}")
+                images.append(pixels)
+                labels.append(label)
+                digests.append(digest)
+    return images, labels, classes, digests
+
+
+def _stack(images: list[np.ndarray], root: Path, rgb: bool) -> torch.Tensor:
+    size = images[0].shape[:2]
+    for i, image in enumerate(images):
+        if image.shape[:2] != size:
+            raise DataError(
+                f"{root}: images of mixed sizes ({size[1]}x{size[0]} and {image.shape[1]}x{image.shape[0]}, "
+                f"image {i + 1} in folder order); expected one size"
+            )
+    if rgb:
+        images = [np.repeat(im[..., None], 3, axis=2) if im.ndim == 2 else im for im in images]
+        return torch.from_numpy(np.stack(images).transpose(0, 3, 1, 2).copy())
+    return torch.from_numpy(np.stack(images)[:, None].copy())
+
+
+def load_image_folder(root: Path) -> Dataset:
+    """Images in class folders: ``root/<class>/*.png`` (a test set), or ``root/train/<class>/``
+    and ``root/test/<class>/``. Classes are the folder names, sorted; images are read with
+    Pillow (grayscale stays one channel; any colour image makes the set RGB) and must share
+    one size."""
+    split = (root / "test").is_dir()
+    test_root = root / "test" if split else root
+    x_test_list, y_test, classes, digests = _read_class_folders(test_root, None)
+    x_train_list: list[np.ndarray] = []
+    y_train: list[int] = []
+    if split and (root / "train").is_dir():
+        x_train_list, y_train, classes_train, train_digests = _read_class_folders(root / "train", None)
+        if classes_train != classes:
+            x_test_list, y_test, _, digests = _read_class_folders(test_root, classes_train)
+            classes = classes_train
+        digests = train_digests + digests
+    if len(classes) < 2:
+        raise DataError(f"{test_root}: {len(classes)} class folder(s); expected one sub-folder per class (at least 2)")
+    if not x_test_list:
+        raise DataError(f"{test_root}: no PNG/JPEG image in its class folders")
+    rgb = any(im.ndim == 3 for im in x_test_list + x_train_list)
+    x_test = _stack(x_test_list, test_root, rgb)
+    x_train = _stack(x_train_list, root / "train", rgb) if x_train_list else x_test[:0]
+    if x_train.shape[1:] != x_test.shape[1:]:
+        raise DataError(f"{root}: training images are {tuple(x_train.shape[1:])}, test images {tuple(x_test.shape[1:])}")
+    combined = hashlib.sha256("\n".join(digests).encode()).hexdigest()
+    return Dataset(
+        name=_dataset_name(root), x_train=x_train, y_train=torch.tensor(y_train, dtype=torch.int64),
+        x_test=x_test, y_test=torch.tensor(y_test, dtype=torch.int64), source=f"image folder: {root}",
+        files={f"{root.name}/ ({len(digests)} images)": combined}, num_classes=len(classes),
+        class_names=tuple(classes),
+    )  # fmt: skip
+
+
+def load_user_dataset(path: Path) -> Dataset:
+    """``--dataset PATH``: an ``.npz`` file or an image folder."""
+    if path.suffix == ".npz":
+        return load_npz(path)
+    if path.is_dir():
+        return load_image_folder(path)
+    raise DataError(f"--dataset {path}: not found; expected one of {', '.join(DATASET_NAMES)}, an .npz file or an image folder")

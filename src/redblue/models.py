@@ -5,7 +5,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
@@ -22,10 +22,13 @@ class Normalize(nn.Module):
     mean: torch.Tensor
     std: torch.Tensor
 
-    def __init__(self, mean: float = MNIST_MEAN, std: float = MNIST_STD) -> None:
+    def __init__(
+        self, mean: float | Sequence[float] = MNIST_MEAN, std: float | Sequence[float] = MNIST_STD
+    ) -> None:
+        """``mean``/``std``: one value for every channel, or one per channel."""
         super().__init__()
-        self.register_buffer("mean", torch.tensor(mean).view(1, 1, 1, 1))
-        self.register_buffer("std", torch.tensor(std).view(1, 1, 1, 1))
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).reshape(1, -1, 1, 1))
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).reshape(1, -1, 1, 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return (x - self.mean) / self.std

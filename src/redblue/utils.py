@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import itertools
 import json
 import os
 import platform
@@ -273,3 +274,11 @@ def remove_leftovers(out: Path) -> list[Path]:
                 path.unlink()
                 removed.append(path)
     return removed
+
+
+def model_device(model: torch.nn.Module) -> torch.device:
+    """The device of a model's first parameter or buffer (an ONNX graph has buffers only); CPU
+    for a model with neither."""
+    for tensor in itertools.chain(model.parameters(), model.buffers()):
+        return tensor.device
+    return torch.device("cpu")

@@ -15,9 +15,11 @@ from redblue.attacks.projection import (
     check_settings,
     input_gradient,
     per_example_norm,
+    pixels,
     project,
     steepest_ascent,
 )
+from redblue.errors import ConfigError
 from redblue.utils import eval_mode
 from redblue.validate import check_int
 
@@ -155,7 +157,7 @@ def apgd_run(
     early_stop: bool = True,
 ) -> AttackOutput:
     """APGD-CE (``loss="ce"``) or APGD-T (``loss="dlr-targeted"``), with the clean logits."""
-    check_settings(eps=eps, norm=norm, steps=steps, restarts=restarts)
+    check_settings(eps=eps, norm=norm, steps=steps, restarts=restarts, dim=pixels(x))
     check_inputs(x, y)
     if loss not in ("ce", "dlr-targeted"):
         raise ValueError(f"apgd loss {loss!r}: expected 'ce' or 'dlr-targeted'")
@@ -165,10 +167,13 @@ def apgd_run(
     num_classes = clean_logits.shape[1]
     targets = 1
     if loss == "dlr-targeted":
-        check_int("n_targets", n_targets, 1, num_classes - 1)
+        check_int("n_targets", n_targets, 1)
         if num_classes < 4:
-            raise ValueError("APGD-T's DLR loss needs at least 4 classes")
-        targets = n_targets
+            raise ConfigError(
+                f"--attack apgd-t: its targeted DLR loss needs at least 4 classes, the model has {num_classes}; "
+                "use apgd-ce, pgd, fab-t or square"
+            )
+        targets = min(n_targets, num_classes - 1)  # "up to n_targets": every other class when there are fewer
     best = x.clone()
     best_loss = torch.full((x.shape[0],), -torch.inf, device=x.device)
     robust = clean_logits.argmax(1) == y

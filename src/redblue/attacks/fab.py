@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from redblue.attacks.projection import AttackOutput, check_inputs, check_settings, per_example_norm, project
+from redblue.attacks.projection import AttackOutput, check_inputs, check_settings, per_example_norm, pixels, project
 from redblue.errors import ConfigError
 from redblue.utils import eval_mode
 from redblue.validate import check_float, check_int
@@ -142,7 +142,7 @@ def fab_run(
 ) -> AttackOutput:
     """:func:`fab_t`, also returning the clean logits of its first forward pass."""
     check_inputs(x, y)
-    check_settings(eps=eps, norm=norm, steps=steps, restarts=restarts)
+    check_settings(eps=eps, norm=norm, steps=steps, restarts=restarts, dim=pixels(x))
     check_float("alpha_max", alpha_max, 0.0, 1.0)
     check_float("eta", eta, 1.0, 10.0)
     check_float("beta", beta, 0.0, 1.0)
@@ -152,7 +152,8 @@ def fab_run(
     num_classes = clean_logits.shape[1]
     if num_classes < 2:
         raise ConfigError(f"fab-t: the model has {num_classes} output, expected at least 2 classes")
-    check_int("n_targets", n_targets, 1, num_classes - 1)
+    check_int("n_targets", n_targets, 1)
+    n_targets = min(n_targets, num_classes - 1)  # "up to n_targets": every other class when there are fewer
     generator = torch.Generator(device=x.device).manual_seed(seed)
     x_adv = x.clone()
     robust = clean_logits.argmax(1) == y

@@ -10,6 +10,7 @@ from redblue.attacks.projection import (
     check_inputs,
     check_settings,
     input_gradient,
+    pixels,
     project,
     steepest_ascent,
 )
@@ -67,7 +68,7 @@ def fgsm_run(
     targeted: bool = False,
 ) -> AttackOutput:
     """:func:`fgsm`, also returning the logits of its forward pass on the clean images."""
-    check_settings(eps=eps, norm=norm)
+    check_settings(eps=eps, norm=norm, dim=pixels(x))
     check_inputs(x, y)
     x = x.detach().float()
     with eval_mode(model):

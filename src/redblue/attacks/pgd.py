@@ -13,6 +13,7 @@ from redblue.attacks.projection import (
     check_settings,
     input_gradient,
     misclassified,
+    pixels,
     project,
     random_start,
     steepest_ascent,
@@ -105,7 +106,7 @@ def pgd_run(
     loss_fn: LossFn = ce_loss,
 ) -> AttackOutput:
     """:func:`pgd`, also returning the clean logits when its first forward pass saw ``x``."""
-    check_settings(eps=eps, norm=norm, alpha=alpha, steps=steps, restarts=restarts)
+    check_settings(eps=eps, norm=norm, alpha=alpha, steps=steps, restarts=restarts, dim=pixels(x))
     check_inputs(x, y)
     x = x.detach().float()
     n = x.shape[0]

@@ -6,6 +6,7 @@ device, in fp32, and never touch numpy. Pixels live in [0, 1].
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -181,6 +182,11 @@ def check_inputs(x: torch.Tensor, y: torch.Tensor) -> None:
         )
 
 
+def pixels(x: torch.Tensor) -> int:
+    """Values per image (C*H*W) of a batch ``x``, also when it is empty."""
+    return math.prod(x.shape[1:])
+
+
 def check_settings(
     *,
     eps: float,
@@ -188,9 +194,13 @@ def check_settings(
     alpha: float | None = None,
     steps: int | None = None,
     restarts: int | None = None,
+    dim: int | None = None,
 ) -> None:
-    """ConfigError naming the option when a setting is out of range."""
-    check_float("eps", eps, 0.0, 1.0 if norm == "linf" else 28.0)
+    """ConfigError naming the option when a setting is out of range.
+
+    ``dim``: pixels per image (C*H*W); an L2 eps above ``sqrt(dim)``, the diameter of
+    [0, 1]^dim, is out of range (28.0 for MNIST's 784 pixels)."""
+    check_float("eps", eps, 0.0, 1.0 if norm == "linf" else (None if dim is None else math.sqrt(dim)))
     check_norm(norm)
     if alpha is not None:
         check_float("alpha", alpha, 0.0, None, low_open=True)

@@ -7,7 +7,7 @@ import math
 import torch
 from torch import nn
 
-from redblue.attacks.projection import AttackOutput, check_inputs, check_settings
+from redblue.attacks.projection import AttackOutput, check_inputs, check_settings, pixels
 from redblue.errors import ConfigError
 from redblue.utils import eval_mode
 from redblue.validate import check_float
@@ -91,7 +91,7 @@ def square_run(
     p_init: float = 0.8,
 ) -> AttackOutput:
     """:func:`square`, also returning the clean logits."""
-    check_settings(eps=eps, norm=norm, steps=steps, restarts=restarts)
+    check_settings(eps=eps, norm=norm, steps=steps, restarts=restarts, dim=pixels(x))
     if norm != "linf":
         raise ConfigError(f"--norm {norm}: the Square attack is implemented for linf only")
     check_float("p_init", p_init, 0.0, 1.0, low_open=True)

@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import click
 
-from redblue.artifacts import load_model
-from redblue.cli.common import check_output_dir, data_options, save_effective_config
+from redblue.cli.common import (
+    check_gate,
+    check_output_dir,
+    data_options,
+    gate_failures,
+    gate_options,
+    load_model_for,
+    model_options,
+    pop_model_options,
+    save_effective_config,
+)
 from redblue.config import AttackConfig, DataConfig, build, load_toml
 from redblue.report.stage_plots import render_stage_plots
 from redblue.stages import attack_stage, load_data
@@ -17,7 +25,7 @@ from redblue.validate import check_name
 
 
 @click.command()
-@click.option("--model", "model_path", required=True, help="A model's .safetensors or .json file (hash-verified).")
+@model_options
 @click.option(
     "--attack",
     default=None,
@@ -49,7 +57,11 @@ from redblue.validate import check_name
 @click.option("--out", default="secure_ai_outputs", show_default=True, help="Output folder.")
 @click.option("--config", "config_file", default=None, help="TOML config file ([attack], [data]); options override it.")
 @click.option("--name", default=None, help="Name of the results. [default: <model name>_<attack>]")
-def attack(model_path: str, out: str, config_file: str | None, name: str | None, **options: Any) -> None:
+@gate_options
+def attack(
+    model_path: str, out: str, config_file: str | None, name: str | None, fail_under: float | None,
+    fail_on_warning: bool, **options: Any,
+) -> None:
     """Attack a saved model and measure clean and robust accuracy.
 
     Writes metrics/NAME_metrics.json (clean and robust accuracy per attack and worst case,
@@ -57,16 +69,22 @@ def attack(model_path: str, out: str, config_file: str | None, name: str | None,
     weights hash and dataset hashes), metrics/NAME_examples.safetensors, and
     images/NAME_examples.png, images/NAME_perturbation.png (and with --sweep
     images/NAME_accuracy_vs_eps.png).
+
+    --model takes any model (see "Audit your own model" in the README). Exit codes: 0 done
+    (and the gate passed), 1 the gate failed (--fail-under, --fail-on-warning; the results
+    are written), 2 bad input (nothing written).
     """
+    check_gate(fail_under)
+    model_opts = pop_model_options(options)
     file = load_toml(config_file, ("attack", "data"))
     attack_cfg = build(AttackConfig, file, options, "attack")
     data_cfg = build(DataConfig, file, options, "data")
     if name is not None:
         check_name("name", name)
     device = resolve_device(attack_cfg.device)
-    loaded = load_model(Path(model_path), device=device)
     out_dir = check_output_dir(out)
     data = load_data(data_cfg, device=str(device))
+    loaded = load_model_for(model_path, model_opts, data, device)
     with output_lock(out_dir):
         result = attack_stage(out_dir, loaded, data, attack_cfg, name=name, data_cfg=data_cfg)
         render_stage_plots(out_dir, result)
@@ -80,3 +98,8 @@ def attack(model_path: str, out: str, config_file: str | None, name: str | None,
     )
     for warning in result["warnings"]:
         click.echo(f"warning [{warning['id']}]: {warning['message']} (see {warning['doc']})", err=True)
+    failures = gate_failures(fail_under, fail_on_warning, metrics["robust_accuracy"], result["warnings"], result["name"])
+    for failure in failures:
+        click.echo(f"gate failed: {failure}", err=True)
+    if failures:
+        raise click.exceptions.Exit(1)

@@ -9,10 +9,13 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import click
+import torch
 
+from redblue.artifacts import LoadedModel
 from redblue.config import LR_SCHEDULES, PRECISIONS, ConfigFile, DataConfig, TrainConfig, build, load_toml
-from redblue.data import DATASET_NAMES
+from redblue.data import Dataset, to_float
 from redblue.errors import ConfigError
+from redblue.model_sources import PROBE_IMAGES, ModelOptions, load_any_model, parse_floats, parse_ints, parse_names
 from redblue.models import MODELS
 from redblue.utils import atomic_write_json
 
@@ -27,10 +30,10 @@ def data_options(func: F) -> F:
         [
             click.option(
                 "--dataset",
-                type=click.Choice(DATASET_NAMES),
                 default=None,
                 help="auto (full MNIST if found or downloadable, else mnist-mini), mnist, "
-                "fashion-mnist or mnist-mini. [default: auto]",
+                "fashion-mnist, mnist-mini, an .npz file (x_test, y_test, optionally x_train, y_train) "
+                "or an image folder (one sub-folder per class; or train/ and test/ holding them). [default: auto]",
             ),
             click.option(
                 "--data-dir",
@@ -146,3 +149,97 @@ def save_effective_config(out: Path, command: str, configs: dict[str, Any]) -> N
         out / "metrics" / f"{command}_config.json",
         {k: asdict(v) if hasattr(v, "__dataclass_fields__") else v for k, v in configs.items()},
     )
+
+
+def model_options(func: F) -> F:
+    """--model and what a model redblue did not train needs: --weights, --input-shape,
+    --num-classes, --mean, --std, --class-names."""
+    for option in reversed(
+        [
+            click.option(
+                "--model", "model_path", required=True,
+                help="A redblue record (.json/.safetensors, hash-verified), FILE.py:FUNCTION (with --weights), "
+                "a TorchScript archive (scanned first) or an .onnx file.",
+            ),
+            click.option(
+                "--weights", default=None,
+                help="Weights of --model FILE.py:FUNCTION: a .safetensors state dict, or a torch.save state dict "
+                "that `redblue scan` finds clean (read with weights_only=True).",
+            ),
+            click.option("--input-shape", default=None, help="C,H,W the model expects. [default: the data's]"),
+            click.option("--num-classes", type=int, default=None, help="Classes the model outputs (checked at load)."),
+            click.option("--mean", default=None, help="Per-channel mean, prepended to the model as its first layer "
+                         "(so eps stays in pixel units of [0, 1]), e.g. 0.485,0.456,0.406."),
+            click.option("--std", default=None, help="Per-channel std, with --mean."),
+            click.option("--class-names", default=None, help="Comma-separated class names, in label order."),
+        ]
+    ):  # fmt: skip
+        func = option(func)
+    return func
+
+
+def gate_options(func: F) -> F:
+    """--fail-under, --fail-on-warning: a CI gate (exit 1 when breached)."""
+    for option in reversed(
+        [
+            click.option(
+                "--fail-under", type=float, default=None,
+                help="Exit 1 when the worst-case robust accuracy is below this (a fraction in [0, 1], or a "
+                "percentage above 1, e.g. 0.8 or 80).",
+            ),
+            click.option("--fail-on-warning", is_flag=True, default=False,
+                         help="Exit 1 when a sanity check raises a warning."),
+        ]
+    ):  # fmt: skip
+        func = option(func)
+    return func
+
+
+def pop_model_options(options: dict[str, Any]) -> ModelOptions:
+    """The :class:`ModelOptions` of a command's options (removed from ``options``)."""
+    return ModelOptions(
+        weights=options.pop("weights", None),
+        input_shape=parse_ints("--input-shape", options.pop("input_shape", None)),  # type: ignore[arg-type]
+        num_classes=options.pop("num_classes", None),
+        mean=parse_floats("--mean", options.pop("mean", None)),
+        std=parse_floats("--std", options.pop("std", None)),
+        class_names=parse_names("--class-names", options.pop("class_names", None)),
+    )
+
+
+def load_model_for(model_path: str, model_opts: ModelOptions, data: Dataset, device: torch.device) -> LoadedModel:
+    """The model ``model_path`` names, checked on the first test images of ``data``: it must
+    accept them, and output a score for every class the labels use."""
+    probe = to_float(data.x_test[:PROBE_IMAGES])
+    loaded = load_any_model(model_path, model_opts, device=device, probe=probe)
+    with torch.no_grad():
+        outputs = loaded.model(probe.to(device))
+    classes = int(outputs.shape[1]) if outputs.dim() == 2 else 0
+    top = max(int(data.y_test.max()), int(data.y_train.max()) if data.y_train.numel() else 0)
+    if top >= classes:
+        raise ConfigError(
+            f"--dataset {data.name}: labels go up to {top}, the model outputs {classes} scores "
+            f"(labels out of range; expected 0..{classes - 1})"
+        )
+    return loaded
+
+
+def gate_failures(fail_under: float | None, fail_on_warning: bool, robust_accuracy: float,
+                  warnings: list[dict[str, Any]], what: str) -> list[str]:  # fmt: skip
+    """Why the CI gate fails (empty: it passes)."""
+    failures: list[str] = []
+    if fail_under is not None:
+        threshold = fail_under / 100 if fail_under > 1 else fail_under
+        if robust_accuracy < threshold:
+            failures.append(
+                f"{what}: worst-case robust accuracy {100 * robust_accuracy:.2f}% is below --fail-under {100 * threshold:.2f}%"
+            )
+    if fail_on_warning and warnings:
+        ids = ", ".join(sorted({str(w.get("id")) for w in warnings}))
+        failures.append(f"{what}: {len(warnings)} sanity-check warning(s) ({ids}) with --fail-on-warning")
+    return failures
+
+
+def check_gate(fail_under: float | None) -> None:
+    if fail_under is not None and not (0.0 <= fail_under <= 100.0):
+        raise ConfigError(f"--fail-under {fail_under:g}: must be in [0, 1] (a fraction) or (1, 100] (a percentage)")

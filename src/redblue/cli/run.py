@@ -7,10 +7,25 @@ from typing import Any
 
 import click
 
-from redblue.cli.common import check_output_dir, data_options, load_configs, output_options, train_options
+from redblue.cli.common import (
+    check_gate,
+    check_output_dir,
+    data_options,
+    gate_failures,
+    gate_options,
+    load_configs,
+    output_options,
+    train_options,
+)
 from redblue.config import RECIPES, RUN_STAGES, BackdoorDefenseConfig, DefendConfig, PoisonConfig, RunConfig, build
+from redblue.errors import IntegrityError
 from redblue.pipeline import Workflow, run_workflow
 from redblue.report.summary import console_table
+from redblue.utils import read_json
+
+RED_TEAM_RESULTS = ("fgsm", "pgd", "standard")
+"""The red team's attack results on the baseline (``metrics/<name>_metrics.json``)."""
+DEFEND_RESULT = "advtrain"
 
 
 def _stages(value: str | None) -> tuple[str, ...] | None:
@@ -55,6 +70,7 @@ def _stages(value: str | None) -> tuple[str, ...] | None:
     help="Test images attacked by PGD, the standard suite and the blue team's evaluation. [default: 1000]",
 )
 @click.option("--size", type=int, default=None, help="Trigger patch size in pixels. [default: 4]")
+@gate_options
 def run(
     config_file: str | None,
     out: str,
@@ -68,6 +84,8 @@ def run(
     target: int | None,
     size: int | None,
     n_examples: int | None,
+    fail_under: float | None,
+    fail_on_warning: bool,
     **options: Any,
 ) -> None:
     """Run the whole workflow: baseline, red team, blue team, poisoning, report.
@@ -77,7 +95,13 @@ def run(
     (one JSON per stage and metrics_summary.json), OUT/images, OUT/models and
     OUT/report.html + OUT/report.md. Config file sections: [data], [train], [run],
     [defend], [poison], [backdoor].
+
+    CI gate: --fail-under applies to the blue team's defended model (its worst case over the
+    whole evaluation), or to the red team's worst case on the baseline when the blue team is
+    not among the stages; --fail-on-warning to every warning of those results. Exit 1 when
+    the gate fails (the results and the report are written), 2 on bad input.
     """
+    check_gate(fail_under)
     file, data_cfg, train_cfg = load_configs(config_file, options, ("run", "defend", "poison", "backdoor"))
     run_cfg = build(RunConfig, file, {"stages": _stages(stages), "quick": quick, "eps": eps, "n_examples": n_examples},
                     "run")
@@ -104,3 +128,31 @@ def run(
     click.echo(console_table(summary))
     if "report" in run_cfg.stages:
         click.echo(f"report: {out_dir / 'report.html'}")
+    if fail_under is not None or fail_on_warning:
+        failures = _gate(Path(out_dir), run_cfg.stages, fail_under, fail_on_warning)
+        for failure in failures:
+            click.echo(f"gate failed: {failure}", err=True)
+        if failures:
+            raise click.exceptions.Exit(1)
+
+
+def _gate(out: Path, stages: tuple[str, ...], fail_under: float | None, fail_on_warning: bool) -> list[str]:
+    """Why the run's gate fails: the defended model's worst case (or the red team's), and the
+    warnings of the results this run wrote."""
+    if "blueteam" in stages:
+        names = [DEFEND_RESULT]
+    elif "redteam" in stages:
+        names = list(RED_TEAM_RESULTS)
+    else:
+        raise IntegrityError("--fail-under/--fail-on-warning: the run has no red- or blue-team stage to gate on")
+    robust: list[tuple[float, str]] = []
+    warnings: list[dict[str, Any]] = []
+    for name in names:
+        result = read_json(out / "metrics" / f"{name}_metrics.json")
+        metrics = result["evaluation"] if result.get("stage") == "defend" else result["metrics"]
+        robust.append((float(metrics["robust_accuracy"]), name))
+        warnings += list(result.get("warnings") or [])
+    worst, worst_name = min(robust)
+    failures = gate_failures(fail_under, False, worst, [], worst_name)
+    failures += gate_failures(None, fail_on_warning, 1.0, warnings, ", ".join(names))
+    return failures

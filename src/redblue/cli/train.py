@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import click
 
-from redblue.artifacts import load_model
 from redblue.cli.common import (
     check_output_dir,
     data_options,
     load_configs,
+    load_model_for,
+    model_options,
     output_options,
+    pop_model_options,
     save_effective_config,
     train_options,
 )
@@ -51,18 +52,20 @@ def train(config_file: str | None, out: str, force_retrain: bool, name: str, **o
 
 
 @click.command()
-@click.option("--model", "model_path", required=True, help="A model's .safetensors or .json file.")
+@model_options
 @data_options
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
 @click.option("--out", default="secure_ai_outputs", show_default=True, help="Output folder.")
 @click.option("--config", "config_file", default=None, help="TOML config file ([data]); options override it.")
 def evaluate(model_path: str, out: str, device: str, config_file: str | None, **options: Any) -> None:
-    """Evaluate a saved model on the test set (hash-verified before loading)."""
+    """Evaluate a model on the test set: a redblue record (hash-verified before loading) or any
+    model --model takes (see "Audit your own model" in the README)."""
+    model_opts = pop_model_options(options)
     data_cfg = build(DataConfig, load_toml(config_file, ("data",)), options, "data")
     dev = resolve_device(device)
-    loaded = load_model(Path(model_path), device=dev)
-    data = load_data(data_cfg, device=str(dev))
     out_dir = check_output_dir(out)
+    data = load_data(data_cfg, device=str(dev))
+    loaded = load_model_for(model_path, model_opts, data, dev)
     with output_lock(out_dir):
         result = evaluate_stage(out_dir, loaded, data)
         render_stage_plots(out_dir, result)

@@ -34,6 +34,7 @@ ZERO_GRADIENT_SHARE = 0.01
 
 CHECKS = {
     "outputs-not-logits": "the model outputs probabilities, not logits",
+    "outputs-log-probabilities": "the model outputs log-probabilities (a log_softmax last layer)",
     "zero-gradients": "input gradients are exactly zero for many examples",
     "eps-zero-changes-accuracy": "an attack at eps = 0 changes accuracy",
     "pgd-weaker-than-fgsm": "PGD accuracy is above FGSM accuracy",
@@ -57,7 +58,8 @@ def warning(check_id: str, message: str) -> dict[str, str]:
 
 
 def check_logits(outputs: torch.Tensor) -> dict[str, str] | None:
-    """Outputs in [0, 1] whose rows sum to 1 are probabilities (a softmax last layer)."""
+    """Outputs in [0, 1] whose rows sum to 1 are probabilities (a softmax last layer);
+    non-positive outputs whose rows' logsumexp is 0 are log-probabilities (a log_softmax)."""
     out = outputs.float()
     in_unit = out.numel() > 0 and bool((out >= 0).all() and (out <= 1).all())
     if in_unit and bool(((out.sum(dim=1) - 1.0).abs() < 1e-3).all()):
@@ -65,6 +67,13 @@ def check_logits(outputs: torch.Tensor) -> dict[str, str] | None:
             "outputs-not-logits",
             "model outputs are probabilities (non-negative, rows sum to 1): the softmax saturates "
             "and hides gradients; evaluate the logits",
+        )
+    if out.numel() > 0 and bool((out <= 0).all()) and bool((torch.logsumexp(out, dim=1).abs() < 1e-3).all()):
+        return warning(
+            "outputs-log-probabilities",
+            "model outputs are log-probabilities (non-positive, each row's logsumexp is 0: a log_softmax "
+            "last layer); the attacks' losses are unchanged by it, so the numbers stand, but say so when you "
+            "compare them",
         )
     return None
 

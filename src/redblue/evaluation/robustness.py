@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from redblue.attacks import expand, is_cascade, resolve_settings
-from redblue.attacks.projection import check_settings
+from redblue.attacks.projection import check_settings, pixels
 from redblue.errors import ConfigError
 from redblue.evaluation.checks import run_checks
 from redblue.evaluation.runner import (
@@ -84,7 +84,7 @@ def evaluate_robustness(
     """
     names = expand(attacks)
     cascade = is_cascade(attacks)
-    check_settings(eps=eps, norm=norm)
+    check_settings(eps=eps, norm=norm, dim=pixels(x))
     _check_settings(settings)
     if norm == "l2" and "square" in names:
         raise ConfigError("--attack square: implemented for --norm linf only")

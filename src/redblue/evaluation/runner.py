@@ -21,7 +21,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from redblue.attacks import RUNNERS, SETTINGS, resolve_settings
-from redblue.attacks.projection import check_settings, per_example_norm, threat_model_violation
+from redblue.attacks.projection import check_settings, per_example_norm, pixels, threat_model_violation
 from redblue.errors import ConfigError, ThreatModelError
 from redblue.train import channels_last, prepare_model
 from redblue.utils import atomic_write_bytes, eval_mode, sha256_bytes
@@ -136,7 +136,7 @@ def run_attack(
     the attack's own clean forward pass, or a separate one when the attack had none. Every
     adversarial image is also written into ``adversarial`` (float, shaped like ``x``) when given.
     """
-    check_settings(eps=eps, norm=norm)
+    check_settings(eps=eps, norm=norm, dim=pixels(x))
     resolved = resolve_settings(attack, eps, settings or {})
     extra: dict[str, Any] = {"early_stop": True} if attack in ("pgd", "apgd-ce", "apgd-t") else {}
     runner = RUNNERS[attack]

@@ -46,7 +46,24 @@ LABEL_PT = 11
 report shows the grid at 60% of its size (a 700 px wide window)."""
 
 
-def adversarial_grid(samples: Mapping[str, torch.Tensor], attack: str, title: str, path: Path) -> Path:
+def class_label(index: int, names: Sequence[str] | None) -> str:
+    """A class as the plots name it: its name when the model or data has class names, else its index."""
+    return str(names[index]) if names is not None and 0 <= index < len(names) else str(index)
+
+
+def class_names_of(result: Mapping[str, Any]) -> list[str] | None:
+    """The class names a result records (the model's ``--class-names``, else the data's folders)."""
+    for where in ("model", "dataset"):
+        entry = result.get(where)
+        names = entry.get("class_names") if isinstance(entry, Mapping) else None
+        if isinstance(names, list) and all(isinstance(n, str) for n in names):
+            return names
+    return None
+
+
+def adversarial_grid(
+    samples: Mapping[str, torch.Tensor], attack: str, title: str, path: Path, names: Sequence[str] | None = None
+) -> Path:
     """Clean images (top row) over adversarial ones (bottom row), each with its prediction
     (red when wrong); grey or RGB by the images' channels."""
     clean, adv, y = samples["clean"], samples[attack], samples["y"]
@@ -59,10 +76,10 @@ def adversarial_grid(samples: Mapping[str, torch.Tensor], attack: str, title: st
             pixels, style = as_image(images[i])
             ax.imshow(pixels, **style)
             ok = int(pred[i]) == int(y[i])
-            ax.set_title(f"{label}: {int(pred[i])}", fontsize=LABEL_PT, color="black" if ok else "red")
+            ax.set_title(f"{label}: {class_label(int(pred[i]), names)}", fontsize=LABEL_PT, color="black" if ok else "red")
             ax.set_xticks([])
             ax.set_yticks([])
-        axes[0][i].set_xlabel(f"true {int(y[i])}", fontsize=LABEL_PT)
+        axes[0][i].set_xlabel(f"true {class_label(int(y[i]), names)}", fontsize=LABEL_PT)
     fig.suptitle(title, fontsize=LABEL_PT + 1)
     return save_figure(fig, path)
 
@@ -93,7 +110,9 @@ def perturbation_heatmap(samples: Mapping[str, torch.Tensor], attack: str, eps: 
     return save_figure(fig, path)
 
 
-def adversarial_by_class(tensors: Mapping[str, torch.Tensor], title: str, path: Path, per_class: int = 8) -> Path:
+def adversarial_by_class(
+    tensors: Mapping[str, torch.Tensor], title: str, path: Path, per_class: int = 8, names: Sequence[str] | None = None
+) -> Path:
     """One row per class: the worst-case adversarial examples of its first ``per_class`` test
     images, each titled with the model's prediction (red when the attack fooled it)."""
     x, y, pred = tensors["adversarial.x"], tensors["adversarial.y"], tensors["adversarial.pred"]
@@ -112,8 +131,8 @@ def adversarial_by_class(tensors: Mapping[str, torch.Tensor], title: str, path: 
             pixels, style = as_image(x[index[col]])
             ax.imshow(pixels, **style)
             guess = int(pred[index[col]])
-            ax.set_title(f"→ {guess}", fontsize=LABEL_PT, color="red" if guess != label else "black")
-        axes[row][0].set_ylabel(f"class {label}", fontsize=LABEL_PT)
+            ax.set_title(f"→ {class_label(guess, names)}", fontsize=LABEL_PT, color="red" if guess != label else "black")
+        axes[row][0].set_ylabel(f"class {class_label(label, names)}", fontsize=LABEL_PT)
     fig.suptitle(title, fontsize=LABEL_PT + 1)
     return save_figure(fig, path)
 
@@ -148,7 +167,7 @@ def render_attack_plots(out: Path, name: str, result: Mapping[str, Any]) -> list
             adversarial_grid(
                 samples, attack,
                 f"{name}: clean vs {attack} (eps {metrics['eps']:g}, {metrics['norm']}); red = wrong",
-                images / f"{name}_examples.png",
+                images / f"{name}_examples.png", class_names_of(result),
             )
         )  # fmt: skip
         paths.append(
@@ -172,7 +191,7 @@ def render_attack_plots(out: Path, name: str, result: Mapping[str, Any]) -> list
                     load_samples(adv_path),
                     f"{name}: worst-case adversarial examples (eps {metrics['eps']:g}, {metrics['norm']}), first "
                     "images of each class; red = fooled",
-                    images / f"{name}_adversarial_by_class.png",
+                    images / f"{name}_adversarial_by_class.png", names=class_names_of(result),
                 )
             )
     if metrics.get("sweep"):

@@ -21,7 +21,7 @@ from redblue.data import Dataset
 from redblue.errors import IntegrityError
 from redblue.evaluation import evaluate_robustness, sample_predictions
 from redblue.results import AttackStageResult
-from redblue.stages.common import cached_result, config_json, stage_cache, write_result
+from redblue.stages.common import cached_result, config_json, model_json, stage_cache, write_result
 from redblue.train import channels_last
 from redblue.utils import (
     atomic_write_bytes,
@@ -137,7 +137,7 @@ def attack_stage(
         stage="attack",
         name=name,
         cache_key=key,
-        model={"name": model_name, "path": str(loaded.weights_path), "weights_sha256": weights_sha},
+        model=model_json(loaded, model_name),
         config=config_json(attack=cfg, data=data_cfg),
         dataset=data.describe(),
         dataset_notice=data.notice,

@@ -16,12 +16,13 @@ from redblue.results import BaselineResult, EvaluateResult
 from redblue.stages.common import (
     cached_result,
     config_json,
+    model_json,
     train_or_reuse,
     training_cache_key,
     write_result,
 )
 from redblue.train import evaluate, fit
-from redblue.utils import library_versions, resolve_device, sha256_json
+from redblue.utils import library_versions, model_device, resolve_device, sha256_json
 from redblue.validate import check_name
 
 
@@ -93,12 +94,12 @@ def evaluate_stage(out: Path, loaded: LoadedModel, data: Dataset) -> EvaluateRes
     key = sha256_json({"stage": "evaluate", "weights": loaded.record["weights_sha256"], "data": data.identity()})
     if (cached := cached_result(out, f"{name}_evaluate", key, EvaluateResult)) is not None:
         return cached
-    device = next(loaded.model.parameters()).device
+    device = model_device(loaded.model)
     result = EvaluateResult(
         stage="evaluate",
         name=name,
         cache_key=key,
-        model={"name": name, "path": str(loaded.weights_path), "weights_sha256": loaded.record["weights_sha256"]},
+        model=model_json(loaded, name),
         dataset=data.describe(),
         metrics=clean_metrics(loaded.model, data.to(device)),
         versions=library_versions(),

@@ -25,7 +25,7 @@ from typing import Any, TypeVar
 
 from torch import nn
 
-from redblue.artifacts import find_reusable, save_model
+from redblue.artifacts import LoadedModel, find_reusable, save_model
 from redblue.cache import Cache
 from redblue.config import DataConfig, TrainConfig
 from redblue.data import Dataset, load_dataset
@@ -54,6 +54,20 @@ def training_cache_key(stage: str, train_cfg: TrainConfig, data: Dataset, extra:
     train = asdict(train_cfg)
     train.pop("device", None)
     return sha256_json({"stage": stage, "train": train, "data": data.identity(), "extra": extra or {}})
+
+
+USER_MODEL_KEYS = ("source", "files", "factory", "input_shape", "num_classes", "mean", "std", "class_names",
+                   "onnx_parity_max_abs_diff")  # fmt: skip
+"""What a result records about a model redblue did not train (:mod:`redblue.model_sources`)."""
+
+
+def model_json(loaded: LoadedModel, name: str) -> dict[str, Any]:
+    """The ``model`` entry of a result: name, path, weights hash; for a user's model also the
+    SHA-256 of every file that defined it and what it expects."""
+    entry: dict[str, Any] = {"name": name, "path": str(loaded.weights_path),
+                             "weights_sha256": str(loaded.record.get("weights_sha256"))}  # fmt: skip
+    entry.update({k: loaded.record[k] for k in USER_MODEL_KEYS if k in loaded.record})
+    return entry
 
 
 @dataclass(frozen=True)
