@@ -100,10 +100,10 @@ def test_readme_routes_agree_and_record_their_files(readme_run: Path) -> None:
 
 
 def test_readme_image_folder_and_rgb(readme_run: Path) -> None:
-    folder = json.loads((readme_run / "secure_ai_outputs" / "metrics" / "net_evaluate_metrics.json").read_text())
-    npz_clean = _metrics(readme_run, "net-module")["metrics"]["clean_accuracy"]
-    # the PNGs hold the same 397 test digits as the .npz (uint8, lossless)
-    assert folder["metrics"]["n_test"] == 397
+    folder = _metrics(readme_run, "net-png")
+    npz_clean = _metrics(readme_run, "net-onnx")["metrics"]["clean_accuracy"]
+    # the PNGs hold the same 397 test digits as the .npz (uint8, lossless): same clean accuracy
+    assert folder["metrics"]["n_examples"] == 397
     assert abs(folder["metrics"]["clean_accuracy"] - npz_clean) < 1e-9
     assert folder["dataset"]["class_names"] == [str(c) for c in range(10)]
     rgb = _metrics(readme_run, "rgb")
@@ -113,7 +113,7 @@ def test_readme_image_folder_and_rgb(readme_run: Path) -> None:
     assert rgb["metrics"]["clean_accuracy"] >= 0.9  # the normalisation layer is applied
     assert set(rgb["metrics"]["attacks"]) == {"apgd-ce"}
     report = (readme_run / "secure_ai_outputs" / "report.html").read_text(encoding="utf-8")
-    for name in ("net-onnx", "rgb", "net-torchscript"):
+    for name in ("net-onnx", "rgb", "net-torchscript", "net-png"):
         assert name in report
     assert (readme_run / "secure_ai_outputs" / "images" / "rgb_examples.png").is_file()
 
@@ -354,3 +354,34 @@ def test_onnx_graph_ops_match_torch() -> None:
     assert shape == [4, 3, 12, 12]
     with torch.no_grad():
         assert torch.allclose(module(x), net(x), atol=1e-5)
+
+
+def test_defend_fine_tunes_the_users_module(in_example: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Adversarial fine-tuning of a user's module on the user's training data: the weights are
+    saved as the module's own state dict, and PGD accuracy on the same images goes up."""
+    from redblue.attacks import pgd
+
+    code = main(["defend", "--model", "net.py:build", "--weights", "net.safetensors", "--dataset", "digits.npz",
+                 "--recipe", "fgsm-rs", "--eps", "0.1", "--epochs", "10", "--guard-size", "100", "--n-examples", "100",
+                 "--device", "cpu", "--out", "tuned", "--name", "net-ft"])  # fmt: skip
+    assert code == 0, capsys.readouterr().err
+    result = json.loads((in_example / "tuned" / "metrics" / "net-ft_metrics.json").read_text())
+    assert result["model"]["model_name"] == "user-module"
+    assert result["model"]["base"]["files"] == {"net.py": _sha256(in_example / "net.py"),
+                                                "net.safetensors": _sha256(in_example / "net.safetensors")}  # fmt: skip
+    assert result["training"]["fine_tuned_from"]["factory"] == "build"
+    data = load_user_dataset(in_example / "digits.npz")
+    x, y = data.x_test[:200].float() / 255, data.y_test[:200]
+    base = load_any_model("net.py:build", ModelOptions(weights="net.safetensors"), probe=x)
+    tuned = load_any_model("net.py:build", ModelOptions(weights="tuned/models/net-ft.safetensors"), probe=x)
+    accuracy = {}
+    for name, loaded in (("base", base), ("tuned", tuned)):
+        x_adv = pgd(loaded.model, x, y, eps=0.1, alpha=0.025, steps=10)
+        with torch.no_grad():
+            accuracy[name] = float((loaded.model(x_adv).argmax(1) == y).float().mean())
+    assert accuracy["tuned"] >= accuracy["base"] + 0.05, accuracy
+    # the record says how to load the weights, and refuses to be loaded as a redblue model
+    _fails(capsys, ["attack", "--model", "tuned/models/net-ft.json", "--dataset", "digits.npz"],
+           "--model net.py:build --weights")  # fmt: skip
+    _fails(capsys, ["defend", "--model", "net.onnx", "--dataset", "digits.npz", "--epochs", "1"], "cannot be fine-tuned")
+    _fails(capsys, ["defend", "--model", "net.onnx", "--dataset", "rgb.npz"], "rejects inputs")

@@ -168,3 +168,18 @@ def test_a_second_identical_run_trains_and_attacks_nothing(
                  "backdoor_defense_spectral"):
         assert f"reusing {out / 'metrics' / stem}_metrics.json" in again.stderr, stem
     assert "epoch" not in again.stderr.lower()
+
+
+def test_run_gate_exit_codes_on_the_defended_model(quick_run: tuple[Path, CompletedProcess[str]], cli: Cli) -> None:
+    """``run --fail-under``: the blue team's defended model is gated (exit 1 below the bar,
+    0 at or above it); the rerun is cached, so the gate reads the results it just reused."""
+    out, _ = quick_run
+    defended = json.loads((out / "metrics" / "advtrain_metrics.json").read_text())["evaluation"]["robust_accuracy"]
+    failed = cli("run", "--quick", "--out", str(out), "--device", "cpu", "--fail-under", f"{defended + 0.001:.4f}")
+    assert failed.returncode == 1, failed.stderr[-2000:]
+    gate_lines = [line for line in failed.stderr.splitlines() if line.startswith("gate failed")]
+    assert len(gate_lines) == 1 and f"advtrain: worst-case robust accuracy {100 * defended:.2f}%" in gate_lines[0]
+    assert (out / "report.html").is_file()  # the results and the report are written before the gate
+    passed = cli("run", "--quick", "--out", str(out), "--device", "cpu", "--fail-under", f"{max(defended - 1e-7, 0.0):.7f}")
+    assert passed.returncode == 0, passed.stderr[-2000:]
+    assert "gate failed" not in passed.stderr

@@ -42,6 +42,9 @@ class LoadedModel:
     record: dict[str, Any]
     json_path: Path
     weights_path: Path
+    definition: nn.Module | None = None
+    """A user's own module (``FILE.py:FUNCTION``) without the normalisation layer redblue may
+    have put before it: the module whose state dict its weights file holds."""
 
 
 def model_paths(out: Path, name: str) -> tuple[Path, Path]:
@@ -168,6 +171,12 @@ def load_model(path: str | Path, device: torch.device | str = "cpu") -> LoadedMo
     """Load a model saved by :func:`save_model`, verifying the weights' SHA-256 first."""
     json_path, _ = _resolve(Path(path))
     record, weights_path, state = _read_pair(json_path)
+    if record.get("source") == "module":
+        files = [f for f in record.get("base_files", {}) if str(f).endswith(".py")] or ["FILE.py"]
+        raise IntegrityError(
+            f"{json_path}: weights fine-tuned from your own module; load them as you loaded the original: "
+            f"--model {files[0]}:{record.get('factory')} --weights {weights_path}"
+        )
     model = build_model(str(record.get("model_name", "cnn")))
     try:
         model.load_state_dict(state, strict=True)

@@ -377,4 +377,5 @@ def load_any_model(
         "onnx_parity_max_abs_diff": parity,
     }
     net.to(torch.device(device)).eval()
-    return LoadedModel(model=net, record=record, json_path=main_path, weights_path=weights_path)
+    return LoadedModel(model=net, record=record, json_path=main_path, weights_path=weights_path,
+                       definition=inner if kind == "module" else None)  # fmt: skip

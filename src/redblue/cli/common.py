@@ -151,16 +151,16 @@ def save_effective_config(out: Path, command: str, configs: dict[str, Any]) -> N
     )
 
 
-def model_options(func: F) -> F:
+MODEL_HELP = ("A redblue record (.json/.safetensors, hash-verified), FILE.py:FUNCTION (with --weights), "
+              "a TorchScript archive (scanned first) or an .onnx file.")  # fmt: skip
+
+
+def model_options(func: F, *, model_help: str = MODEL_HELP, required: bool = True) -> F:
     """--model and what a model redblue did not train needs: --weights, --input-shape,
     --num-classes, --mean, --std, --class-names."""
     for option in reversed(
         [
-            click.option(
-                "--model", "model_path", required=True,
-                help="A redblue record (.json/.safetensors, hash-verified), FILE.py:FUNCTION (with --weights), "
-                "a TorchScript archive (scanned first) or an .onnx file.",
-            ),
+            click.option("--model", "model_path", required=required, default=None, help=model_help),
             click.option(
                 "--weights", default=None,
                 help="Weights of --model FILE.py:FUNCTION: a .safetensors state dict, or a torch.save state dict "
@@ -176,6 +176,15 @@ def model_options(func: F) -> F:
     ):  # fmt: skip
         func = option(func)
     return func
+
+
+def optional_model_options(model_help: str) -> Callable[[F], F]:
+    """:func:`model_options` with an optional ``--model`` described by ``model_help``."""
+
+    def decorate(func: F) -> F:
+        return model_options(func, model_help=model_help, required=False)
+
+    return decorate
 
 
 def gate_options(func: F) -> F:

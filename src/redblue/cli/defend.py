@@ -10,13 +10,17 @@ from redblue.cli.common import (
     check_output_dir,
     data_options,
     load_configs,
+    load_model_for,
+    optional_model_options,
     output_options,
+    pop_model_options,
     save_effective_config,
     train_options,
 )
 from redblue.config import RECIPES, DefendConfig, build
+from redblue.errors import ConfigError
 from redblue.report.stage_plots import render_stage_plots
-from redblue.stages import defend_stage, load_data
+from redblue.stages import check_fine_tune, defend_stage, load_data
 from redblue.utils import output_lock, resolve_device
 from redblue.validate import check_name
 
@@ -74,7 +78,12 @@ from redblue.validate import check_name
 @train_options
 @output_options
 @click.option("--name", default="advtrain", show_default=True, help="Name of the saved model and its metrics file.")
-def defend(config_file: str | None, out: str, force_retrain: bool, name: str, **options: Any) -> None:
+@optional_model_options(
+    "Fine-tune this trained model instead of training --model-name from scratch: a redblue record or "
+    "FILE.py:FUNCTION with --weights (saved as its own state dict, models/NAME.safetensors). [default: none]",
+)  # fmt: skip
+def defend(config_file: str | None, out: str, force_retrain: bool, name: str, model_path: str | None,
+           **options: Any) -> None:  # fmt: skip
     """Adversarially train a model (or reload it when config and data match) and evaluate it.
 
     Evaluation at the training eps: clean, FGSM, PGD with restarts, the standard suite
@@ -90,16 +99,30 @@ def defend(config_file: str | None, out: str, force_retrain: bool, name: str, **
     Example (99.2% clean, 87% worst case, about 2 minutes on a 2-core CPU):
     redblue defend --recipe fgsm-rs --eps 0.3 --model-name cnn-wide --epochs 15
       --eps-ramp 4 --lr 3e-3 --lr-schedule one-cycle --batch-size 100
+
+    \b
+    Fine-tune your own model on your own training data (see "Audit your own model"):
+    redblue defend --model net.py:build --weights net.safetensors --dataset data.npz
+      --recipe fgsm-rs --eps 0.1 --epochs 5
     """
+    model_opts = pop_model_options(options)
+    if model_path is not None and options.get("model_name") is not None:
+        raise ConfigError("--model-name: not used with --model (fine-tuning keeps the given model's architecture)")
     file, data_cfg, train_cfg = load_configs(config_file, options, ("defend",))
     defend_cfg = build(DefendConfig, file, options, "defend")
     check_name("name", name)
     device = resolve_device(train_cfg.device)
     out_dir = check_output_dir(out)
     data = load_data(data_cfg, device=str(device))
+    base = load_model_for(model_path, model_opts, data, device) if model_path is not None else None
+    if base is None and model_opts.given:
+        raise ConfigError("--weights/--input-shape/--num-classes/--mean/--std/--class-names: only used with --model")
+    if base is not None:
+        check_fine_tune(base, data)
     with output_lock(out_dir):
         result = defend_stage(
-            out_dir, data, train_cfg, defend_cfg, data_cfg=data_cfg, force_retrain=force_retrain, name=name
+            out_dir, data, train_cfg, defend_cfg, data_cfg=data_cfg, force_retrain=force_retrain, name=name,
+            base=base,
         )
         render_stage_plots(out_dir, result)
         save_effective_config(out_dir, name, {"data": data_cfg, "train": train_cfg, "defend": defend_cfg})

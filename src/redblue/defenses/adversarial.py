@@ -343,8 +343,10 @@ def train_defended(
     *,
     progress: bool = True,
     desc: str = "advtrain",
+    init: nn.Module | None = None,
 ) -> tuple[nn.Module, dict[str, Any]]:
-    """Build ``train_cfg.model_name`` and train it with ``defend_cfg``'s recipe and guard.
+    """Build ``train_cfg.model_name`` (or fine-tune a copy of ``init``, a trained model) and
+    train it with ``defend_cfg``'s recipe and guard.
 
     Returns the trained model (the guard's restored epoch when it fired) and a JSON-ready
     account of the training: history (with clean / FGSM / PGD accuracy on the guard slice
@@ -364,7 +366,10 @@ def train_defended(
         enabled=defend_cfg.guarded,
         precision=resolve_precision(train_cfg.precision, device),
     )
-    model = build_model(train_cfg.model_name, seed=train_cfg.seed)
+    if init is not None:
+        model = copy.deepcopy(init).to(device)
+    else:
+        model = build_model(train_cfg.model_name, seed=train_cfg.seed)
     result = fit(
         model, train_data, train_cfg, perturb=recipe.perturb, loss=recipe.loss, epoch_end=guard,
         progress=progress, desc=desc,

@@ -17,11 +17,12 @@ from redblue.stages.attack import attack_stage
 from redblue.stages.backdoor import defend_backdoor_stage
 from redblue.stages.baseline import evaluate_stage, train_baseline
 from redblue.stages.common import load_data, train_or_reuse, training_cache_key
-from redblue.stages.defend import defend_stage, robustness_metrics
+from redblue.stages.defend import check_fine_tune, defend_stage, robustness_metrics
 from redblue.stages.poison import poison_stage, poison_sweep_stage
 
 __all__ = [
     "attack_stage",
+    "check_fine_tune",
     "defend_backdoor_stage",
     "defend_stage",
     "evaluate_stage",

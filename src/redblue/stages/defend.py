@@ -8,23 +8,29 @@ SHA-256, the evaluation settings and the data, so a rerun attacks nothing.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
 
+from redblue.artifacts import LoadedModel, model_paths, read_record, read_verified_tensors, save_model
 from redblue.config import DataConfig, DefendConfig, TrainConfig
 from redblue.data import Dataset, to_float
 from redblue.defenses.adversarial import train_defended
+from redblue.errors import ConfigError
 from redblue.evaluation import DEFAULT_SWEEP, SQUARE_QUERIES, eps_sweep, evaluate_robustness, run_checks
 from redblue.evaluation.robustness import per_class_accuracy
 from redblue.results import DefendResult
 from redblue.stages.baseline import clean_metrics
 from redblue.stages.common import (
+    Trained,
     cached_result,
     config_json,
+    model_json,
     stage_cache,
     train_or_reuse,
     training_cache_key,
@@ -125,6 +131,78 @@ def robustness_metrics(
     return {"metrics": metrics, "evaluation": evaluation, "eps_sweep": sweep, "warnings": result.warnings}
 
 
+def base_name(base: LoadedModel) -> str:
+    return str(base.record.get("name", base.json_path.stem))
+
+
+def check_fine_tune(base: LoadedModel, data: Dataset) -> None:
+    """ConfigError when ``base`` cannot be fine-tuned on ``data`` (checked before anything is written)."""
+    if int(data.x_train.shape[0]) < 2:
+        raise ConfigError(
+            f"--dataset {data.name}: no training images; fine-tuning --model needs them "
+            "(x_train/y_train in the .npz, or a train/ folder beside test/)"
+        )
+    source = base.record.get("source")
+    if source not in (None, "module"):
+        raise ConfigError(
+            f"--model {base.json_path}: a {source} model cannot be fine-tuned by redblue; give its PyTorch "
+            "definition (--model FILE.py:FUNCTION --weights W)"
+        )
+
+
+def _fine_tune(
+    out: Path,
+    name: str,
+    base: LoadedModel,
+    data: Dataset,
+    train_cfg: TrainConfig,
+    defend_cfg: DefendConfig,
+    config: dict[str, Any],
+    *,
+    force_retrain: bool,
+    progress: bool,
+) -> Trained:
+    """Adversarially fine-tune ``base`` on ``data``'s training images (or reuse the result).
+
+    A redblue record's model is saved as a redblue model; a user's module is saved as its own
+    state dict (``models/NAME.safetensors``, loadable with ``--model FILE.py:FUNCTION
+    --weights``), without the normalisation layer that ``--mean``/``--std`` put before it."""
+    check_fine_tune(base, data)
+    source = base.record.get("source")
+    key = defense_cache_key(name, train_cfg, defend_cfg, data)
+    key = sha256_json({"fine_tune": key, "base": base.record.get("weights_sha256")})
+    user = source == "module"
+    wrapper = base.model
+    definition = base.definition if user and base.definition is not None else base.model
+
+    def train() -> tuple[nn.Module, dict[str, Any]]:
+        tuned, summary = train_defended(data, train_cfg, defend_cfg, progress=progress, desc=name, init=wrapper)
+        return tuned, {**summary, "fine_tuned_from": model_json(base, base_name(base))}
+
+    record: dict[str, Any] = {"stage": name, "config": config, "dataset": data.describe()}
+    if not user:
+        record["model_name"] = base.record.get("model_name", "cnn")
+        return train_or_reuse(out, name, key, train, record, device=train_cfg.device, force_retrain=force_retrain)
+    record.update({"model_name": "user-module", "source": "module", "factory": base.record.get("factory"),
+                   "base_files": base.record.get("files"), **{k: base.record.get(k) for k in
+                   ("input_shape", "num_classes", "mean", "std", "class_names")}})  # fmt: skip
+    weights_path, json_path = model_paths(out, name)
+    device = resolve_device(train_cfg.device)
+    if not force_retrain and json_path.is_file():
+        saved = read_record(json_path)
+        if saved.get("cache_key") == key:
+            state = read_verified_tensors(weights_path, saved.get("weights_sha256"), json_path, kind="weights")
+            reused = copy.deepcopy(definition)
+            reused.load_state_dict(state, strict=True)
+            model = reused if wrapper is definition else nn.Sequential(copy.deepcopy(cast(nn.Sequential, wrapper)[0]), reused)
+            print(f"reusing {json_path} (same base model, settings and data)", file=sys.stderr)
+            return Trained(model.to(device).eval(), saved, True)
+    tuned, summary = train()
+    inner = tuned if wrapper is definition else cast(nn.Sequential, tuned)[1]
+    saved = save_model(out, name, inner, {**record, "cache_key": key, "training": summary})
+    return Trained(tuned.eval(), saved, False)
+
+
 def defend_stage(
     out: Path,
     data: Dataset,
@@ -136,24 +214,36 @@ def defend_stage(
     progress: bool = True,
     name: str = "advtrain",
     check_options: dict[str, int] | None = None,
+    base: LoadedModel | None = None,
 ) -> DefendResult:
     """Train (or reuse) a defended model, save it, evaluate it, write its JSON.
 
-    Reuses ``models/<name>`` when its cache key (training config, defence settings, data
-    hashes) matches, unless ``force_retrain``. Evaluation runs at the training eps on the
-    first ``defend_cfg.n_examples`` test images (clean accuracy on all of them) and raises
-    the robustness-gap warning when FGSM accuracy is far above the strongest attack's.
+    ``base``: fine-tune this trained model (a redblue record, or a user's ``FILE.py:FUNCTION``
+    module) instead of training ``train_cfg.model_name`` from scratch; its training images
+    are ``data``'s. Reuses ``models/<name>`` when its cache key (training config, defence
+    settings, data hashes, the base's weights) matches, unless ``force_retrain``. Evaluation
+    runs at the training eps on the first ``defend_cfg.n_examples`` test images (clean
+    accuracy on all of them) and raises the robustness-gap warning when FGSM accuracy is far
+    above the strongest attack's.
     """
     check_name("name", name)
     key = defense_cache_key(name, train_cfg, defend_cfg, data)
     device = resolve_device(train_cfg.device)
     config = config_json(train=train_cfg, defend=defend_cfg, data=data_cfg)
-    trained = train_or_reuse(
-        out, name, key,
-        lambda: train_defended(data, train_cfg, defend_cfg, progress=progress, desc=name),
-        {"model_name": train_cfg.model_name, "stage": name, "config": config, "dataset": data.describe()},
-        device=train_cfg.device, force_retrain=force_retrain,
-    )  # fmt: skip
+    if base is not None:
+        trained = _fine_tune(out, name, base, data, train_cfg, defend_cfg, config,
+                             force_retrain=force_retrain, progress=progress)  # fmt: skip
+        key = str(trained.record["cache_key"])
+        model_entry = {"name": name, "model_name": str(trained.record["model_name"]),
+                       "weights_sha256": trained.record["weights_sha256"], "base": model_json(base, base_name(base))}  # fmt: skip
+    else:
+        trained = train_or_reuse(
+            out, name, key,
+            lambda: train_defended(data, train_cfg, defend_cfg, progress=progress, desc=name),
+            {"model_name": train_cfg.model_name, "stage": name, "config": config, "dataset": data.describe()},
+            device=train_cfg.device, force_retrain=force_retrain,
+        )  # fmt: skip
+        model_entry = {"name": name, "model_name": train_cfg.model_name, "weights_sha256": trained.record["weights_sha256"]}
     weights = trained.record["weights_sha256"]
     test = data.to(device)
     n_eval = min(defend_cfg.n_examples, int(test.x_test.shape[0]))
@@ -181,7 +271,7 @@ def defend_stage(
         stage="defend",
         name=name,
         cache_key=result_key,
-        model={"name": name, "model_name": train_cfg.model_name, "weights_sha256": weights},
+        model=model_entry,
         recipe=training["recipe"],
         config=config,
         dataset=data.describe(),
