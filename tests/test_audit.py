@@ -201,7 +201,7 @@ def test_gate_exit_codes(in_example: Path, capsys: pytest.CaptureFixture[str]) -
     base = ["attack", "--model", "net.onnx", "--dataset", "digits.npz", "--attack", "fgsm", "--eps", "0.1",
             "--no-checks", "--out", "gated"]  # fmt: skip
     assert main([*base, "--fail-under", "0"]) == 0
-    metrics = json.loads((in_example / "gated" / "metrics" / "net_fgsm_metrics.json").read_text())["metrics"]
+    metrics = json.loads((in_example / "gated" / "metrics" / "net-onnx_fgsm_metrics.json").read_text())["metrics"]
     robust = metrics["robust_accuracy"]
     capsys.readouterr()
     assert main([*base, "--fail-under", f"{100 * robust + 0.5:.2f}"]) == 1  # a percentage above the result
@@ -385,3 +385,156 @@ def test_defend_fine_tunes_the_users_module(in_example: Path, capsys: pytest.Cap
            "--model net.py:build --weights")  # fmt: skip
     _fails(capsys, ["defend", "--model", "net.onnx", "--dataset", "digits.npz", "--epochs", "1"], "cannot be fine-tuned")
     _fails(capsys, ["defend", "--model", "net.onnx", "--dataset", "rgb.npz"], "rejects inputs")
+
+
+def test_normalisation_is_the_first_layer(example: Path) -> None:
+    """--mean/--std: the model sees (x - mean) / std, per channel, and eps stays in pixel units."""
+    x = torch.rand(8, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    spec, weights = f"{example}/net.py:build_rgb", str(example / "rgb.safetensors")
+    plain = load_any_model(spec, ModelOptions(weights=weights), probe=x).model
+    wrapped = load_any_model(spec, ModelOptions(weights=weights, mean=(0.4, 0.5, 0.6), std=(0.2, 0.25, 0.3)), probe=x)
+    mean, std = torch.tensor([0.4, 0.5, 0.6]).view(1, 3, 1, 1), torch.tensor([0.2, 0.25, 0.3]).view(1, 3, 1, 1)
+    with torch.no_grad():
+        assert torch.allclose(wrapped.model(x), plain((x - mean) / std), atol=1e-6)
+        assert not torch.allclose(wrapped.model(x), plain(x), atol=1e-3)
+    assert wrapped.record["mean"] == [0.4, 0.5, 0.6] and wrapped.record["std"] == [0.2, 0.25, 0.3]
+
+
+def test_cache_identity_follows_what_defines_model_and_data(tmp_path: Path, example: Path) -> None:
+    """Results are reused by identity: a change the files on the command line do not show (a
+    helper module, an empty class folder that shifts every label) must change it."""
+    (tmp_path / "helper.py").write_text("from torch import nn\nACT = nn.ReLU\n")
+    (tmp_path / "net2.py").write_text(
+        "import sys, pathlib\nsys.path.insert(0, str(pathlib.Path(__file__).parent))\nfrom torch import nn\n"
+        "import helper\n\ndef build():\n    return nn.Sequential(nn.Flatten(), nn.Linear(64, 16), helper.ACT(), nn.Linear(16, 10))\n"
+    )
+    torch.manual_seed(0)
+    state = {"1.weight": torch.randn(16, 64), "1.bias": torch.randn(16), "3.weight": torch.randn(10, 16), "3.bias": torch.randn(10)}
+    save_file(state, tmp_path / "w.safetensors")
+    probe = torch.rand(4, 1, 8, 8)
+    options = ModelOptions(weights=str(tmp_path / "w.safetensors"))
+    first = load_any_model(f"{tmp_path}/net2.py:build", options, probe=probe).record["weights_sha256"]
+    assert load_any_model(f"{tmp_path}/net2.py:build", options, probe=probe).record["weights_sha256"] == first
+    (tmp_path / "helper.py").write_text("from torch import nn\nACT = nn.Tanh\n")
+    sys.modules.pop("helper", None)
+    assert load_any_model(f"{tmp_path}/net2.py:build", options, probe=probe).record["weights_sha256"] != first
+    for label in ("a", "b", "c"):
+        (tmp_path / "pics" / label).mkdir(parents=True)
+    for i, label in enumerate(("b", "c")):
+        Image.new("L", (4, 4), 50 * i).save(tmp_path / "pics" / label / f"{i}.png")
+    with_empty = load_user_dataset(tmp_path / "pics")
+    (tmp_path / "pics" / "a").rmdir()
+    without = load_user_dataset(tmp_path / "pics")
+    assert with_empty.y_test.tolist() == [1, 2] and without.y_test.tolist() == [0, 1]
+    assert with_empty.files == without.files and with_empty.identity() != without.identity()
+
+
+def test_hostile_npz_and_image_files(tmp_path: Path) -> None:
+    from redblue.errors import DataError
+
+    np.save(tmp_path / "plain.npy", np.zeros((2, 2)))
+    (tmp_path / "plain.npy").rename(tmp_path / "renamed.npz")
+    with pytest.raises(DataError, match=r"not an \.npz file"):
+        load_user_dataset(tmp_path / "renamed.npz")
+    import io
+    import zipfile
+
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(header, {"descr": "<f8", "fortran_order": False, "shape": (10**6, 10**6)})
+    with zipfile.ZipFile(tmp_path / "bomb.npz", "w") as archive:
+        archive.writestr("x_test.npy", header.getvalue() + b"\0" * 64)
+        archive.writestr("y_test.npy", header.getvalue())
+    with pytest.raises(DataError, match="header claims"):
+        load_user_dataset(tmp_path / "bomb.npz")
+    for label in ("0", "1"):
+        (tmp_path / "pics" / label).mkdir(parents=True)
+        Image.new("L", (4, 4), 9).save(tmp_path / "pics" / label / "ok.png")
+    (tmp_path / "pics" / "1" / "fake.png").write_bytes(b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 4 4\n")
+    with pytest.raises(DataError, match="not a readable PNG/JPEG"):
+        load_user_dataset(tmp_path / "pics")
+    (tmp_path / "pics" / "1" / "fake.png").unlink()
+    Image.fromarray(np.full((4, 4), 63000, dtype=np.uint16)).save(tmp_path / "pics" / "1" / "deep.png")
+    with pytest.raises(DataError, match="16-bit or float"):
+        load_user_dataset(tmp_path / "pics")
+
+
+def test_hostile_models_are_one_line(in_example: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    data = ["--dataset", "digits.npz", "--attack", "fgsm"]
+    (in_example / "lazy.py").write_text("from torch import nn\n\ndef build():\n    return nn.Sequential(nn.Flatten(), nn.LazyLinear(10))\n")
+    _fails(capsys, ["attack", "--model", "lazy.py:build", "--weights", "net.safetensors", *data], "lazy layers")
+    (in_example / "adir").mkdir()
+    _fails(capsys, ["attack", "--model", "net.py:build", "--weights", "adir", *data], "--weights", "adir")
+    # an ONNX graph that the checker accepts and onnxruntime refuses (float + int64)
+    graph = helper.make_graph(
+        [helper.make_node("Flatten", ["x"], ["f"]), helper.make_node("Add", ["f", "k"], ["y"])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 1, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 64])],
+        [numpy_helper.from_array(np.zeros(64, dtype=np.int64), "k")],
+    )  # fmt: skip
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), in_example / "mixed.onnx")
+    _fails(capsys, ["attack", "--model", "mixed.onnx", *data], "mixed.onnx")
+    two = helper.make_graph(
+        [helper.make_node("Add", ["x", "z"], ["y"])], "g",
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, ["n", 10]) for n in ("x", "z")],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 10])],
+    )  # fmt: skip
+    onnx.save(helper.make_model(two, opset_imports=[helper.make_opsetid("", 17)]), in_example / "two.onnx")
+    _fails(capsys, ["attack", "--model", "two.onnx", *data], "two.onnx", "2 inputs")
+    _fails(capsys, ["attack", "--model", "net.onnx", "--attack", "apgd-t", "--dataset", "rgb.npz", "--input-shape", "3,32,32"],
+           "rejects inputs")  # fmt: skip
+    _fails(capsys, ["attack", "--model", "net.py:build_rgb", "--weights", "rgb.safetensors", "--dataset", "rgb.npz",
+                    "--attack", "standard"], "at least 4 classes")  # fmt: skip
+    _fails(capsys, ["attack", "--model", "net.onnx", "--dataset", "digits.npz", "--norm", "l2", "--eps", "9",
+                    "--attack", "pgd"], "--eps 9")  # fmt: skip
+    _fails(capsys, ["train", "--dataset", "digits.npz", "--epochs", "1"], "1x8x8", "1x28x28")
+
+
+def _onnx_case(nodes: list[Any], shape: list[int], out_shape: list[Any], opset: int = 17,
+               initializers: list[Any] | None = None) -> None:  # fmt: skip
+    """Our graph module against onnxruntime on random inputs of ``shape``."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, out_shape)], initializers or [])  # fmt: skip
+    payload = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)]).SerializeToString()
+    onnx.checker.check_model(onnx.load_from_string(payload))
+    x = np.random.default_rng(0).random(shape, dtype=np.float32)
+    expected = ort.InferenceSession(payload, providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    module, _ = onnx_graph.onnx_module(payload, "case")
+    with torch.no_grad():
+        got = module(torch.from_numpy(x)).numpy()
+    assert got.shape == expected.shape, (got.shape, expected.shape)
+    np.testing.assert_allclose(got, expected, atol=1e-5)
+
+
+def test_onnx_attribute_variants_match_onnxruntime() -> None:
+    from onnx import helper, numpy_helper
+
+    w = numpy_helper.from_array(np.random.default_rng(1).standard_normal((2, 3, 3, 3)).astype(np.float32), "w")
+    _onnx_case([helper.make_node("Conv", ["x", "w"], ["y"], auto_pad="SAME_UPPER", strides=[2, 2])], [1, 3, 7, 6],
+               [1, 2, 4, 3], initializers=[w])  # fmt: skip
+    _onnx_case([helper.make_node("Conv", ["x", "w"], ["y"], auto_pad="SAME_LOWER", strides=[2, 2])], [1, 3, 7, 6],
+               [1, 2, 4, 3], initializers=[w])  # fmt: skip
+    _onnx_case([helper.make_node("AveragePool", ["x"], ["y"], kernel_shape=[3, 3], pads=[0, 0, 1, 1], strides=[2, 2])],
+               [1, 2, 6, 6], [1, 2, 3, 3])  # fmt: skip
+    _onnx_case([helper.make_node("AveragePool", ["x"], ["y"], kernel_shape=[3, 3], pads=[0, 1, 1, 0],
+                                 count_include_pad=1)], [1, 2, 5, 5], [1, 2, 4, 4])  # fmt: skip
+    _onnx_case([helper.make_node("MaxPool", ["x"], ["y"], kernel_shape=[2, 2], pads=[1, 0, 0, 1], strides=[2, 2])],
+               [1, 1, 5, 5], [1, 1, 3, 3])  # fmt: skip
+    _onnx_case([helper.make_node("Flatten", ["x"], ["y"], axis=4)], [2, 1, 3, 3], [18, 1])
+    _onnx_case([helper.make_node("Flatten", ["x"], ["y"], axis=0)], [2, 1, 3, 3], [1, 18])
+    _onnx_case([helper.make_node("Softmax", ["x"], ["y"], axis=1)], [2, 3, 2, 2], [2, 3, 2, 2], opset=11)
+    _onnx_case([helper.make_node("LogSoftmax", ["x"], ["y"])], [2, 3, 4], [2, 3, 4], opset=13)
+    _onnx_case([helper.make_node("Slice", ["x"], ["y"], starts=[1], ends=[3], axes=[2])], [1, 2, 4, 4], [1, 2, 2, 4], opset=9)
+    pads = numpy_helper.from_array(np.array([1, 2, 0, 1], dtype=np.int64), "p")
+    axes = numpy_helper.from_array(np.array([2, 3], dtype=np.int64), "a")
+    _onnx_case([helper.make_node("Pad", ["x", "p", "", "a"], ["y"], mode="edge")], [1, 1, 3, 3], [1, 1, 4, 6], opset=18,
+               initializers=[pads, axes])  # fmt: skip
+    _onnx_case([helper.make_node("Shape", ["x"], ["s"], start=1, end=3), helper.make_node("Cast", ["s"], ["y"], to=1)],
+               [2, 3, 4, 5], [2], opset=15)  # fmt: skip
+    _onnx_case([helper.make_node("ReduceMean", ["x"], ["y"], keepdims=0, noop_with_empty_axes=1)], [2, 3], [2, 3], opset=18)

@@ -25,6 +25,7 @@ import dataclasses
 import hashlib
 import importlib.util
 import io
+import math
 import os
 import struct
 import sys
@@ -152,12 +153,15 @@ class Dataset:
         """What the data *is* (name, sizes, file hashes), not where it was read from: the part
         of :meth:`describe` that cache keys use, so a rerun that reads the same files from
         another place (the download cache, another ``--data-dir``) reuses every result."""
-        return {
+        identity: dict[str, object] = {
             "name": self.name,
             "n_train": int(self.x_train.shape[0]),
             "n_test": int(self.x_test.shape[0]),
             "files": dict(self.files),
         }
+        if self.class_names is not None:  # an image folder's labels are indices into its class folders
+            identity["class_names"] = list(self.class_names)
+        return identity
 
     def describe(self) -> dict[str, object]:
         """What every result records about its data: name, source, sizes and file hashes (and
@@ -551,6 +555,9 @@ def load_npz(path: Path) -> Dataset:
     except OSError as exc:
         raise DataError(f"--dataset {path}: cannot read ({exc.strerror or exc})") from None
     arrays: dict[str, np.ndarray] = {}
+    if not zipfile.is_zipfile(io.BytesIO(payload)):
+        raise DataError(f"{path}: not an .npz file (a zip of .npy arrays, as numpy.savez writes)")
+    _check_npz_sizes(payload, path)
     try:
         with np.load(io.BytesIO(payload), allow_pickle=False) as npz:
             for key in ("x_train", "y_train", "x_test", "y_test"):
@@ -560,8 +567,8 @@ def load_npz(path: Path) -> Dataset:
         if "pickle" in str(exc).lower():
             raise DataError(f"{path}: holds object arrays (pickled Python objects), refused; save plain numeric arrays") from None
         raise DataError(f"{path}: not a valid .npz file ({exc})") from None
-    except (OSError, zipfile.BadZipFile, EOFError) as exc:
-        raise DataError(f"{path}: not a valid .npz file ({exc})") from None
+    except (OSError, zipfile.BadZipFile, EOFError, MemoryError) as exc:
+        raise DataError(f"{path}: not a valid .npz file ({type(exc).__name__}: {exc})") from None
     for key in ("x_test", "y_test"):
         if key not in arrays:
             raise DataError(f"{path}: no {key!r} array; expected x_test, y_test (and optionally x_train, y_train)")
@@ -587,6 +594,31 @@ def load_npz(path: Path) -> Dataset:
     )  # fmt: skip
 
 
+def _check_npz_sizes(payload: bytes, path: Path) -> None:
+    """DataError when an array's header claims more data than its member holds (a few bytes
+    that would make numpy allocate terabytes). Headers are parsed by numpy.lib.format, which
+    reads a Python literal, never a pickle."""
+    with zipfile.ZipFile(io.BytesIO(payload)) as archive:
+        for info in archive.infolist():
+            if not info.filename.endswith(".npy"):
+                continue
+            with archive.open(info) as member:
+                try:
+                    version = np.lib.format.read_magic(member)
+                    read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+                    shape, _, dtype = read_header(member)
+                except (ValueError, OSError, EOFError) as exc:
+                    raise DataError(f"{path}: {info.filename}: not a valid .npy array ({exc})") from None
+            needed = math.prod(shape) * dtype.itemsize
+            if dtype.hasobject:
+                continue  # refused by np.load(allow_pickle=False), with its own message
+            if needed > info.file_size:
+                raise DataError(
+                    f"{path}: {info.filename}: its header claims {shape} {dtype} ({needed:,} bytes), the file holds "
+                    f"{info.file_size:,} bytes"
+                )
+
+
 def _dataset_name(path: Path) -> str:
     stem = path.stem if path.suffix == ".npz" else path.name
     cleaned = "".join(c if c.isalnum() or c in "._+-" else "_" for c in stem).lstrip("._+-")
@@ -598,9 +630,13 @@ def _read_image(path: Path, rel: str) -> tuple[np.ndarray, str]:
 
     try:
         payload = read_regular_file(path, 64 << 20)
-        with Image.open(io.BytesIO(payload)) as image:
+        with Image.open(io.BytesIO(payload), formats=["PNG", "JPEG"]) as image:  # no other decoder runs
             image.load()
-            gray = image.mode in ("1", "L", "LA", "I", "I;16", "F")
+            if image.mode not in ("1", "L", "LA", "P", "RGB", "RGBA", "CMYK", "YCbCr"):
+                raise DataError(
+                    f"{path}: {image.mode} pixels (16-bit or float); expected 8-bit grayscale or colour images"
+                )
+            gray = image.mode in ("1", "L", "LA")
             pixels = np.asarray(image.convert("L" if gray else "RGB"))
     except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as exc:
         raise DataError(f"{path}: not a readable PNG/JPEG image ({exc})") from None

@@ -23,10 +23,12 @@ all of them with the options: what cache keys and results use as the model's ide
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import io
 import re
 import sys
+import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,10 +41,10 @@ from safetensors.torch import load as st_load
 from torch import nn
 
 from redblue.artifacts import LoadedModel, load_model
-from redblue.errors import ConfigError
+from redblue.errors import ConfigError, IntegrityError
 from redblue.models import Normalize
-from redblue.onnx_graph import onnx_module, shape_text
-from redblue.scan import scan_file
+from redblue.onnx_graph import OnnxNodeError, onnx_module, shape_text
+from redblue.scan import FileReport, scan_file
 from redblue.utils import read_regular_file, sha256_bytes, sha256_json
 from redblue.validate import NAME_PATTERN, check_int
 
@@ -132,8 +134,20 @@ def _read(path: Path, what: str) -> bytes:
         return read_regular_file(path)
     except FileNotFoundError:
         raise ConfigError(f"{what} {path}: file not found") from None
+    except IntegrityError as exc:  # a directory, a FIFO, a device, too large
+        raise ConfigError(f"{what} {exc}") from None
     except OSError as exc:
         raise ConfigError(f"{what} {path}: cannot read ({exc.strerror or exc})") from None
+
+
+def _scan_bytes(payload: bytes, path: Path) -> FileReport:
+    """The scanner's report on exactly the bytes that will be loaded (a private copy, so a file
+    swapped on disk after the scan cannot be loaded unscanned)."""
+    with tempfile.TemporaryDirectory(prefix="redblue-scan-") as folder:
+        copy = Path(folder) / path.name
+        copy.write_bytes(payload)
+        report = scan_file(copy)
+    return report
 
 
 def _import_factory(spec: str) -> tuple[nn.Module, Path, bytes]:
@@ -173,7 +187,7 @@ def _state_dict(path: Path, payload: bytes) -> dict[str, torch.Tensor]:
             return st_load(payload)
         except (SafetensorError, ValueError) as exc:
             raise ConfigError(f"--weights {path}: not a valid safetensors file ({exc})") from None
-    report = scan_file(path)
+    report = _scan_bytes(payload, path)
     if report.status != "clean":
         what = report.error or "; ".join(f"{f.severity} {f.rule} {f.name}" for f in report.findings[:3])
         raise ConfigError(
@@ -195,6 +209,12 @@ def _state_dict(path: Path, payload: bytes) -> dict[str, torch.Tensor]:
 
 def _load_weights(net: nn.Module, path: Path, state: dict[str, torch.Tensor]) -> None:
     """``load_state_dict(strict)``; ConfigError naming missing, unexpected and mis-shaped keys."""
+    lazy = [name for name, p in net.named_parameters() if isinstance(p, nn.parameter.UninitializedParameter)]
+    if lazy:
+        raise ConfigError(
+            f"--weights {path}: the model has lazy layers whose shapes are not known before a forward pass "
+            f"({', '.join(lazy[:3])}); build them with explicit sizes (nn.Linear instead of nn.LazyLinear)"
+        )
     own = net.state_dict()
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
@@ -214,7 +234,7 @@ def _load_weights(net: nn.Module, path: Path, state: dict[str, torch.Tensor]) ->
 
 
 def _torchscript(path: Path, payload: bytes) -> nn.Module:
-    report = scan_file(path)
+    report = _scan_bytes(payload, path)
     if report.status == "error":
         raise ConfigError(f"--model {path}: not a TorchScript archive or ONNX file ({report.error})")
     refused = [f for f in report.findings
@@ -251,6 +271,8 @@ def _check_outputs(net: nn.Module, x: torch.Tensor, where: str, options: ModelOp
     try:
         with torch.no_grad():
             out = net(x)
+    except OnnxNodeError as exc:
+        raise ConfigError(f"{where}: an ONNX node redblue cannot evaluate as used: {exc}") from None
     except Exception as exc:
         raise ConfigError(
             f"{where}: the model rejects inputs of shape {tuple(x.shape)} "
@@ -273,12 +295,14 @@ def _onnx_parity(net: nn.Module, payload: bytes, x: torch.Tensor, where: str) ->
         import onnxruntime as ort
     except ImportError:
         raise ConfigError(f"{where}: the parity check needs onnxruntime (pip install onnxruntime)") from None
-    session = ort.InferenceSession(payload, providers=["CPUExecutionProvider"])
-    name = session.get_inputs()[0].name
     try:
+        session = ort.InferenceSession(payload, providers=["CPUExecutionProvider"])
+        name = session.get_inputs()[0].name
         expected = session.run(None, {name: x.detach().cpu().numpy().astype(np.float32)})[0]
-    except Exception as exc:
-        raise ConfigError(f"{where}: onnxruntime rejects inputs of shape {tuple(x.shape)} ({str(exc).splitlines()[0][:160]})") from None
+    except Exception as exc:  # onnxruntime's errors have no common public base class
+        raise ConfigError(
+            f"{where}: onnxruntime cannot run it on inputs of shape {tuple(x.shape)} ({str(exc).strip().splitlines()[0][:160]})"
+        ) from None
     with torch.no_grad():
         got = net(x).detach().cpu().numpy()
     if got.shape != expected.shape:
@@ -290,6 +314,33 @@ def _onnx_parity(net: nn.Module, payload: bytes, x: torch.Tensor, where: str) ->
             f"> {ONNX_TOLERANCE:g} on the first {x.shape[0]} images)"
         )
     return diff
+
+
+def _model_name(main_path: Path, weights_path: Path, factory: str | None) -> str:
+    """A result name that tells the routes apart: ``net.onnx`` -> ``net-onnx``, a module's
+    weights ``rgb.safetensors`` -> ``rgb`` (``net.pt`` -> ``net-pt``), with a factory other than
+    ``build`` appended (``net.py:build_rgb`` + ``rgb.safetensors`` -> ``rgb-build_rgb``)."""
+    if factory is None:
+        return main_path.name.replace(".", "-")
+    stem = weights_path.stem if weights_path.suffix == ".safetensors" else weights_path.name.replace(".", "-")
+    return stem if factory == "build" else f"{stem}-{factory}"
+
+
+def _fingerprint(net: nn.Module, shape: tuple[int, ...]) -> str:
+    """SHA-256 of what the model *is* beyond the files named on the command line: every tensor
+    of its state dict, its module structure, and its outputs (to 4 decimals) on fixed random
+    images. A helper module that the user's file imports, or ONNX data read from beside the
+    file, changes it, so no cached result of another model is reused."""
+    digest = hashlib.sha256(repr(net).encode())
+    for key, tensor in sorted(net.state_dict().items()):
+        digest.update(key.encode())
+        digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes()
+                      if tensor.numel() else b"")  # fmt: skip
+    probe = torch.rand((4, *shape), generator=torch.Generator().manual_seed(1234))
+    with torch.no_grad():
+        outputs = net(probe).detach().cpu().double().numpy()
+    digest.update(np.round(outputs, 4).tobytes())
+    return digest.hexdigest()
 
 
 def is_record(spec: str) -> bool:
@@ -313,10 +364,12 @@ def load_any_model(
     if is_record(spec):
         if options.weights is not None:
             raise ConfigError(f"--weights: not used with a redblue record ({spec} pins its own weights)")
-        loaded = load_model(Path(spec), device=device)
-        if options.mean is not None or options.input_shape is not None:
-            raise ConfigError("--mean/--std/--input-shape: a redblue record already says what its model expects")
-        return loaded
+        if options.mean is not None or options.input_shape is not None or options.num_classes is not None \
+                or options.class_names is not None:  # fmt: skip
+            raise ConfigError(
+                "--mean/--std/--input-shape/--num-classes/--class-names: a redblue record already says what its model expects"
+            )
+        return load_model(Path(spec), device=device)
     files: dict[str, str] = {}
     factory: str | None = None
     declared: list[int | None] | None = None
@@ -363,16 +416,17 @@ def load_any_model(
         if kind == "onnx":
             parity = _onnx_parity(inner, payload, x if normalize is None else normalize(x), where)
     num_classes = int(out.shape[1])
+    fingerprint = _fingerprint(net, shape)
     settings = {"factory": factory, "input_shape": list(shape), "num_classes": num_classes,
                 "mean": list(options.mean) if options.mean else None, "std": list(options.std) if options.std else None,
                 "class_names": list(options.class_names) if options.class_names else None}  # fmt: skip
     record: dict[str, Any] = {
         "format": USER_FORMAT,
-        "name": _safe_name(main_path.stem),
+        "name": _safe_name(_model_name(main_path, weights_path, factory)),
         "model_name": kind,
         "source": kind,
         "files": files,
-        "weights_sha256": sha256_json({"files": files, "settings": settings}),
+        "weights_sha256": sha256_json({"files": files, "settings": settings, "fingerprint": fingerprint}),
         **settings,
         "onnx_parity_max_abs_diff": parity,
     }

@@ -33,12 +33,24 @@ def _ints(value: Any) -> list[int]:
     return [int(v) for v in (value.tolist() if isinstance(value, torch.Tensor) else value)]
 
 
-def _pads(attrs: dict[str, Any], dims: int) -> tuple[list[int], bool]:
-    """ONNX pads (all begins, then all ends) -> (F.pad order: last dim first, symmetric?)."""
-    if attrs.get("auto_pad", "NOTSET") not in ("NOTSET", "VALID"):
-        raise NotImplementedError(f"auto_pad={attrs['auto_pad']}")
-    pads = _ints(attrs.get("pads", [0] * 2 * dims))
-    begin, end = pads[:dims], pads[dims:]
+def _pads(attrs: dict[str, Any], dims: int, x: torch.Tensor, kernel: Sequence[int]) -> tuple[list[int], bool]:
+    """ONNX pads (all begins, then all ends, or ``auto_pad``) -> (F.pad order: last dim first,
+    symmetric?)."""
+    auto = attrs.get("auto_pad", "NOTSET")
+    if auto in ("SAME_UPPER", "SAME_LOWER"):  # output size ceil(input / stride), the odd pixel at the end (UPPER)
+        strides = _ints(attrs.get("strides", [1] * dims))
+        dilations = _ints(attrs.get("dilations", [1] * dims))
+        begin, end = [], []
+        for size, k, stride, dilation in zip(x.shape[2:], kernel, strides, dilations, strict=True):
+            total = max((math.ceil(size / stride) - 1) * stride + (k - 1) * dilation + 1 - size, 0)
+            small, large = total // 2, total - total // 2
+            begin.append(small if auto == "SAME_UPPER" else large)
+            end.append(large if auto == "SAME_UPPER" else small)
+    elif auto in ("NOTSET", "VALID"):
+        pads = _ints(attrs.get("pads", [0] * 2 * dims)) if auto == "NOTSET" else [0] * 2 * dims
+        begin, end = pads[:dims], pads[dims:]
+    else:
+        raise NotImplementedError(f"auto_pad={auto}")
     torch_pads: list[int] = []
     for b, e in zip(reversed(begin), reversed(end), strict=True):
         torch_pads += [b, e]
@@ -49,7 +61,7 @@ def _conv(inputs: list[Any], attrs: dict[str, Any]) -> Any:
     x, w = inputs[0], inputs[1]
     b = inputs[2] if len(inputs) > 2 else None
     dims = w.dim() - 2
-    pads, symmetric = _pads(attrs, dims)
+    pads, symmetric = _pads(attrs, dims, x, list(w.shape[2:]))
     padding: Any = pads[::2][::-1] if symmetric else 0
     if not symmetric:
         x = F.pad(x, pads)
@@ -63,7 +75,7 @@ def _pool(kind: str) -> Op:
         x = inputs[0]
         kernel = _ints(attrs["kernel_shape"])
         dims = len(kernel)
-        pads, symmetric = _pads(attrs, dims)
+        pads, symmetric = _pads(attrs, dims, x, kernel)
         strides = _ints(attrs.get("strides", [1] * dims))
         ceil = bool(attrs.get("ceil_mode", 0))
         padding: Any = pads[::2][::-1] if symmetric else 0
@@ -72,11 +84,19 @@ def _pool(kind: str) -> Op:
                 x = F.pad(x, pads, value=-math.inf)
             pool = {1: F.max_pool1d, 2: F.max_pool2d, 3: F.max_pool3d}[dims]
             return pool(x, kernel, strides, padding, dilation=_ints(attrs.get("dilations", [1] * dims)), ceil_mode=ceil)
+        if any(d != 1 for d in _ints(attrs.get("dilations", [1] * dims))):
+            raise NotImplementedError("AveragePool with dilations")
         include_pad = bool(attrs.get("count_include_pad", 0))
-        if not symmetric:
-            x = F.pad(x, pads)
         avg = {1: F.avg_pool1d, 2: F.avg_pool2d, 3: F.avg_pool3d}[dims]
-        return avg(x, kernel, strides, padding, ceil_mode=ceil, count_include_pad=include_pad)
+        if symmetric:
+            return avg(x, kernel, strides, padding, ceil_mode=ceil, count_include_pad=include_pad)
+        # asymmetric pads: pool the zero-padded input, and divide by the share of real pixels
+        # in each window unless the padding counts
+        out = avg(F.pad(x, pads), kernel, strides, 0, ceil_mode=ceil, count_include_pad=True)
+        if include_pad:
+            return out
+        ones = F.pad(torch.ones_like(x[:1, :1]), pads)
+        return out / avg(ones, kernel, strides, 0, ceil_mode=ceil, count_include_pad=True)
 
     return run
 
@@ -107,8 +127,9 @@ def _reshape(inputs: list[Any], attrs: dict[str, Any]) -> Any:
 
 def _flatten(inputs: list[Any], attrs: dict[str, Any]) -> Any:
     x = inputs[0]
-    axis = int(attrs.get("axis", 1)) % (x.dim() or 1)
-    return x.reshape(math.prod(x.shape[:axis]), -1)
+    axis = int(attrs.get("axis", 1))
+    axis = axis + x.dim() if axis < 0 else axis
+    return x.reshape(math.prod(x.shape[:axis]), math.prod(x.shape[axis:]))
 
 
 def _axes(inputs: list[Any], attrs: dict[str, Any]) -> list[int] | None:
@@ -135,7 +156,9 @@ def _reduce(fn: Callable[..., torch.Tensor]) -> Op:
     def run(inputs: list[Any], attrs: dict[str, Any]) -> Any:
         axes = _axes(inputs, attrs)
         keep = bool(attrs.get("keepdims", 1))
-        if axes is None:
+        if not axes:
+            if attrs.get("noop_with_empty_axes", 0):
+                return inputs[0]
             axes = list(range(inputs[0].dim()))
         return fn(inputs[0], dim=tuple(axes), keepdim=keep)
 
@@ -152,7 +175,17 @@ def _pad(inputs: list[Any], attrs: dict[str, Any]) -> Any:
     x = inputs[0]
     pads = _ints(inputs[1]) if len(inputs) > 1 else _ints(attrs["pads"])
     value = float(inputs[2]) if len(inputs) > 2 and inputs[2] is not None else float(attrs.get("value", 0.0))
-    mode = attrs.get("mode", "constant")
+    if len(inputs) > 3 and inputs[3] is not None:  # opset 18: pads for the listed axes only
+        axes = [a % x.dim() for a in _ints(inputs[3])]
+        full = [0] * (2 * x.dim())
+        for i, axis in enumerate(axes):
+            full[axis], full[axis + x.dim()] = pads[i], pads[i + len(axes)]
+        pads = full
+    mode = {"constant": "constant", "reflect": "reflect", "edge": "replicate", "wrap": "circular"}.get(
+        attrs.get("mode", "constant"), ""
+    )
+    if not mode:
+        raise NotImplementedError(f"Pad mode {attrs.get('mode')}")
     dims = len(pads) // 2
     torch_pads: list[int] = []
     for b, e in zip(reversed(pads[:dims]), reversed(pads[dims:]), strict=True):
@@ -172,6 +205,8 @@ def _gather(inputs: list[Any], attrs: dict[str, Any]) -> Any:
 
 def _slice(inputs: list[Any], attrs: dict[str, Any]) -> Any:
     x = inputs[0]
+    if len(inputs) == 1:  # opset < 10: starts, ends, axes are attributes
+        inputs = [x, attrs["starts"], attrs["ends"], attrs.get("axes")]
     starts, ends = _ints(inputs[1]), _ints(inputs[2])
     axes = _ints(inputs[3]) if len(inputs) > 3 and inputs[3] is not None else list(range(len(starts)))
     steps = _ints(inputs[4]) if len(inputs) > 4 and inputs[4] is not None else [1] * len(starts)
@@ -203,7 +238,16 @@ def _cast(inputs: list[Any], attrs: dict[str, Any]) -> Any:
 
 
 def _softmax(fn: Callable[..., torch.Tensor]) -> Op:
-    return lambda inputs, attrs: fn(inputs[0], dim=int(attrs.get("axis", -1)))
+    def run(inputs: list[Any], attrs: dict[str, Any]) -> Any:
+        x = inputs[0]
+        if attrs[OPSET] >= 13:
+            return fn(x, dim=int(attrs.get("axis", -1)))
+        # opsets 1-12: the input is flattened to 2-D at ``axis`` (default 1) and normalised per row
+        axis = int(attrs.get("axis", 1))
+        axis = axis + x.dim() if axis < 0 else axis
+        return fn(x.reshape(math.prod(x.shape[:axis]), -1), dim=1).reshape(x.shape)
+
+    return run
 
 
 def _unary(fn: Callable[[torch.Tensor], torch.Tensor]) -> Op:
@@ -212,6 +256,15 @@ def _unary(fn: Callable[[torch.Tensor], torch.Tensor]) -> Op:
 
 def _binary(fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> Op:
     return lambda inputs, attrs: fn(inputs[0], inputs[1])
+
+
+OPSET = "__opset__"
+"""Key under which every node's attributes carry the graph's opset (Softmax's meaning changed at 13)."""
+MIN_OPSET = 9
+
+
+class OnnxNodeError(Exception):
+    """A node that redblue cannot evaluate as the graph uses it (an attribute it does not cover)."""
 
 
 OPS: dict[str, Op] = {
@@ -226,7 +279,8 @@ OPS: dict[str, Op] = {
     "Add": _binary(torch.add),
     "Sub": _binary(torch.sub),
     "Mul": _binary(torch.mul),
-    "Div": _binary(torch.div),
+    "Div": _binary(lambda a, b: torch.div(a, b, rounding_mode="trunc")
+                   if not (a.is_floating_point() or b.is_floating_point()) else torch.div(a, b)),
     "Pow": _binary(torch.pow),
     "Relu": _unary(F.relu),
     "Sigmoid": _unary(torch.sigmoid),
@@ -254,7 +308,8 @@ OPS: dict[str, Op] = {
     "Squeeze": _squeeze,
     "Unsqueeze": _unsqueeze,
     "Concat": lambda i, a: torch.cat(list(i), dim=int(a["axis"])),
-    "Shape": lambda i, a: torch.tensor(i[0].shape, dtype=torch.int64, device=i[0].device),
+    "Shape": lambda i, a: torch.tensor(i[0].shape[slice(a.get("start", 0), a.get("end"))], dtype=torch.int64,
+                                       device=i[0].device),
     "Gather": _gather,
     "Slice": _slice,
     "Cast": _cast,
@@ -270,7 +325,7 @@ OPS: dict[str, Op] = {
 class OnnxModule(nn.Module):
     """An ONNX graph evaluated with torch operators (see the module docstring)."""
 
-    def __init__(self, graph: Any, initializers: dict[str, torch.Tensor]) -> None:
+    def __init__(self, graph: Any, initializers: dict[str, torch.Tensor], *, opset: int, where: str) -> None:
         super().__init__()
         from onnx import helper  # the optional dependency, needed only for ONNX files
 
@@ -287,11 +342,12 @@ class OnnxModule(nn.Module):
                 from onnx import numpy_helper
 
                 attrs["value"] = torch.from_numpy(np.array(numpy_helper.to_array(attrs["value"])))
+            attrs[OPSET] = opset
             self._nodes.append((node.op_type, list(node.input), list(node.output), attrs))
         inputs = [i.name for i in graph.input if i.name not in initializers]
         if len(inputs) != 1 or len(graph.output) != 1:
             raise IntegrityError(
-                f"the graph has {len(inputs)} inputs and {len(graph.output)} outputs; expected an image classifier "
+                f"{where}: the graph has {len(inputs)} inputs and {len(graph.output)} outputs; expected an image classifier "
                 "with one input (images) and one output (scores)"
             )
         self._input, self._output = inputs[0], graph.output[0].name
@@ -300,8 +356,11 @@ class OnnxModule(nn.Module):
         env: dict[str, Any] = {name: getattr(self, key) for name, key in self._names.items()}
         env[self._input] = x
         env[""] = None  # an omitted optional input
-        for op, inputs, outputs, attrs in self._nodes:
-            result = OPS[op]([env[i] for i in inputs], attrs)
+        for index, (op, inputs, outputs, attrs) in enumerate(self._nodes):
+            try:
+                result = OPS[op]([env[i] for i in inputs], attrs)
+            except (NotImplementedError, KeyError, IndexError, TypeError) as exc:
+                raise OnnxNodeError(f"node {index} ({op}, output {outputs[0]!r}): {exc}") from None
             for name, value in zip(outputs, result if isinstance(result, tuple) else (result,), strict=False):
                 env[name] = value
         out: torch.Tensor = env[self._output]
@@ -330,13 +389,22 @@ def onnx_module(payload: bytes, where: str) -> tuple[OnnxModule, list[int | None
     except Exception as exc:  # the protobuf and checker errors have no common base class
         raise IntegrityError(f"{where}: not a valid ONNX model ({str(exc).strip().splitlines()[0][:200]})") from None
     graph = model.graph
+    opset = max((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), default=0)
+    if opset < MIN_OPSET:
+        raise IntegrityError(f"{where}: ONNX opset {opset}; redblue reads opsets {MIN_OPSET} and later (export again)")
+    external = [t.name for t in graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
+    if external:
+        raise IntegrityError(
+            f"{where}: weights stored in external data files ({external[0]}, …); save the model as one file "
+            "(onnx.save(model, path, save_as_external_data=False))"
+        )
     missing = unsupported_ops(graph)
     if missing:
         raise IntegrityError(
             f"{where}: ONNX operators not supported by redblue: {', '.join(missing)} (supported: {', '.join(sorted(OPS))})"
         )
     initializers = {t.name: torch.from_numpy(np.array(numpy_helper.to_array(t))) for t in graph.initializer}
-    module = OnnxModule(graph, initializers)
+    module = OnnxModule(graph, initializers, opset=opset, where=where)
     first = next(i for i in graph.input if i.name not in initializers)
     dims = first.type.tensor_type.shape.dim
     shape: list[int | None] = [int(d.dim_value) if d.HasField("dim_value") else None for d in dims]

@@ -6,6 +6,8 @@ from typing import Any
 
 import click
 
+from redblue.attacks import expand
+from redblue.attacks.projection import check_settings, pixels
 from redblue.cli.common import (
     check_gate,
     check_output_dir,
@@ -18,6 +20,7 @@ from redblue.cli.common import (
     save_effective_config,
 )
 from redblue.config import AttackConfig, DataConfig, build, load_toml
+from redblue.errors import ConfigError
 from redblue.report.stage_plots import render_stage_plots
 from redblue.stages import attack_stage, load_data
 from redblue.utils import output_lock, resolve_device
@@ -83,8 +86,16 @@ def attack(
         check_name("name", name)
     device = resolve_device(attack_cfg.device)
     out_dir = check_output_dir(out)
-    data = load_data(data_cfg, device=str(device))
+    data = load_data(data_cfg, device=str(device), builtin=False)
     loaded = load_model_for(model_path, model_opts, data, device)
+    # what the attacks would refuse half-way, refused before anything is written
+    check_settings(eps=attack_cfg.eps, norm=attack_cfg.norm, dim=pixels(data.x_test))
+    classes = int(loaded.record.get("num_classes") or 10)
+    if "apgd-t" in expand(attack_cfg.attack) and classes < 4:
+        raise ConfigError(
+            f"--attack {attack_cfg.attack}: APGD-T's targeted DLR loss needs at least 4 classes, the model has "
+            f"{classes}; use apgd-ce, pgd, fab-t or square"
+        )
     with output_lock(out_dir):
         result = attack_stage(out_dir, loaded, data, attack_cfg, name=name, data_cfg=data_cfg)
         render_stage_plots(out_dir, result)

@@ -113,7 +113,7 @@ def defend(config_file: str | None, out: str, force_retrain: bool, name: str, mo
     check_name("name", name)
     device = resolve_device(train_cfg.device)
     out_dir = check_output_dir(out)
-    data = load_data(data_cfg, device=str(device))
+    data = load_data(data_cfg, device=str(device), builtin=model_path is None)
     base = load_model_for(model_path, model_opts, data, device) if model_path is not None else None
     if base is None and model_opts.given:
         raise ConfigError("--weights/--input-shape/--num-classes/--mean/--std/--class-names: only used with --model")

@@ -64,7 +64,7 @@ def evaluate(model_path: str, out: str, device: str, config_file: str | None, **
     data_cfg = build(DataConfig, load_toml(config_file, ("data",)), options, "data")
     dev = resolve_device(device)
     out_dir = check_output_dir(out)
-    data = load_data(data_cfg, device=str(dev))
+    data = load_data(data_cfg, device=str(dev), builtin=False)
     loaded = load_model_for(model_path, model_opts, data, dev)
     with output_lock(out_dir):
         result = evaluate_stage(out_dir, loaded, data)

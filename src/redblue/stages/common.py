@@ -29,16 +29,37 @@ from redblue.artifacts import LoadedModel, find_reusable, save_model
 from redblue.cache import Cache
 from redblue.config import DataConfig, TrainConfig
 from redblue.data import Dataset, load_dataset
-from redblue.errors import IntegrityError
+from redblue.errors import ConfigError, IntegrityError
 from redblue.results import Result, validate_result
 from redblue.utils import atomic_write_json, read_json, resolve_device, sha256_json
 
 R = TypeVar("R", bound=Result)
 
 
-def load_data(cfg: DataConfig, device: str = "cpu") -> Dataset:
-    """The dataset ``cfg`` names, from the first source that has it (SHA-256 verified)."""
-    return load_dataset(cfg.dataset, cfg.data_dir, cache_dir=cfg.cache_dir, device=device)
+BUILTIN_INPUT = (1, 28, 28)
+BUILTIN_CLASSES = 10
+
+
+def load_data(cfg: DataConfig, device: str = "cpu", *, builtin: bool = True) -> Dataset:
+    """The dataset ``cfg`` names, from the first source that has it (SHA-256 verified).
+
+    ``builtin``: the data will train or feed one of redblue's own architectures (1x28x28
+    images, 10 classes, a training split): a user's data that does not fit is refused here,
+    before anything is written. Commands that take the user's model pass ``False``.
+    """
+    data = load_dataset(cfg.dataset, cfg.data_dir, cache_dir=cfg.cache_dir, device=device)
+    if builtin:
+        if data.image_shape != BUILTIN_INPUT:
+            shape = "x".join(map(str, data.image_shape))
+            raise ConfigError(
+                f"--dataset {cfg.dataset}: {shape} images; redblue's own architectures take 1x28x28 "
+                "(to audit a model of yours on this data: attack/evaluate/defend --model FILE.py:FUNCTION)"
+            )
+        if data.num_classes > BUILTIN_CLASSES:
+            raise ConfigError(f"--dataset {cfg.dataset}: {data.num_classes} classes; redblue's own architectures output 10")
+        if data.x_train.shape[0] == 0:
+            raise ConfigError(f"--dataset {cfg.dataset}: no training images (x_train/y_train, or a train/ folder)")
+    return data
 
 
 def config_json(**configs: Any) -> dict[str, Any]:
