@@ -92,7 +92,7 @@ def test_config_file_is_overridden_by_cli_and_saved(cli: Cli, tmp_path: Path) ->
     ("args", "expected"),
     [
         (("--epochs", "-1"), "--epochs -1: must be at least 1"),
-        (("--dataset", "cifar"), "Invalid value for '--dataset': 'cifar' is not one of 'auto', 'mnist'"),
+        (("--dataset", "cifar"), "--dataset 'cifar': expected one of auto, mnist"),
         (("--data-dir", "/nonexistent/dir"), "directory does not exist"),
         (("--config", "/nonexistent/c.toml"), "--config /nonexistent/c.toml: file not found"),
         (("--device", "tpu"), "--device 'tpu'"),

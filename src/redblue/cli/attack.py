@@ -14,7 +14,7 @@ from redblue.cli.common import (
     data_options,
     gate_failures,
     gate_options,
-    load_model_for,
+    load_model_and_data,
     model_options,
     pop_model_options,
     save_effective_config,
@@ -86,8 +86,9 @@ def attack(
         check_name("name", name)
     device = resolve_device(attack_cfg.device)
     out_dir = check_output_dir(out)
-    data = load_data(data_cfg, device=str(device), builtin=False)
-    loaded = load_model_for(model_path, model_opts, data, device)
+    loaded, data = load_model_and_data(
+        model_path, model_opts, lambda: load_data(data_cfg, device=str(device), builtin=False), device
+    )
     # what the attacks would refuse half-way, refused before anything is written
     check_settings(eps=attack_cfg.eps, norm=attack_cfg.norm, dim=pixels(data.x_test))
     classes = int(loaded.record.get("num_classes") or 10)

@@ -15,7 +15,15 @@ from redblue.artifacts import LoadedModel
 from redblue.config import LR_SCHEDULES, PRECISIONS, ConfigFile, DataConfig, TrainConfig, build, load_toml
 from redblue.data import Dataset, to_float
 from redblue.errors import ConfigError
-from redblue.model_sources import PROBE_IMAGES, ModelOptions, load_any_model, parse_floats, parse_ints, parse_names
+from redblue.model_sources import (
+    PROBE_IMAGES,
+    ModelOptions,
+    is_record,
+    load_any_model,
+    parse_floats,
+    parse_ints,
+    parse_names,
+)
 from redblue.models import MODELS
 from redblue.utils import atomic_write_json
 
@@ -216,11 +224,37 @@ def pop_model_options(options: dict[str, Any]) -> ModelOptions:
     )
 
 
-def load_model_for(model_path: str, model_opts: ModelOptions, data: Dataset, device: torch.device) -> LoadedModel:
-    """The model ``model_path`` names, checked on the first test images of ``data``: it must
-    accept them, and output a score for every class the labels use."""
+def load_model_and_data(
+    model_path: str, model_opts: ModelOptions, load_data: Callable[[], Dataset], device: torch.device
+) -> tuple[LoadedModel, Dataset]:
+    """The model ``model_path`` names and the data, checked together (:func:`load_model_for`).
+
+    A redblue record is read (and hash-verified) before the data, so a bad record is refused
+    at once; any other model is loaded after the data, whose first images probe it."""
+    if is_record(model_path):
+        loaded = load_any_model(model_path, model_opts, device=device)
+        data = load_data()
+        return load_model_for(model_path, model_opts, data, device, loaded=loaded), data
+    data = load_data()
+    return load_model_for(model_path, model_opts, data, device), data
+
+
+def load_model_for(
+    model_path: str, model_opts: ModelOptions, data: Dataset, device: torch.device, *, loaded: LoadedModel | None = None
+) -> LoadedModel:
+    """The model ``model_path`` names (or ``loaded``), checked on the first test images of
+    ``data``: it must accept them, and output a score for every class the labels use."""
     probe = to_float(data.x_test[:PROBE_IMAGES])
-    loaded = load_any_model(model_path, model_opts, device=device, probe=probe)
+    if loaded is None:
+        loaded = load_any_model(model_path, model_opts, device=device, probe=probe)
+    try:
+        with torch.no_grad():
+            loaded.model(probe.to(device))
+    except RuntimeError as exc:
+        raise ConfigError(
+            f"--dataset {data.name}: the model rejects its images of shape {tuple(probe.shape[1:])} "
+            f"({str(exc).strip().splitlines()[0][:160]})"
+        ) from None
     with torch.no_grad():
         outputs = loaded.model(probe.to(device))
     classes = int(outputs.shape[1]) if outputs.dim() == 2 else 0

@@ -10,7 +10,7 @@ from redblue.cli.common import (
     check_output_dir,
     data_options,
     load_configs,
-    load_model_for,
+    load_model_and_data,
     model_options,
     output_options,
     pop_model_options,
@@ -64,8 +64,9 @@ def evaluate(model_path: str, out: str, device: str, config_file: str | None, **
     data_cfg = build(DataConfig, load_toml(config_file, ("data",)), options, "data")
     dev = resolve_device(device)
     out_dir = check_output_dir(out)
-    data = load_data(data_cfg, device=str(dev), builtin=False)
-    loaded = load_model_for(model_path, model_opts, data, dev)
+    loaded, data = load_model_and_data(
+        model_path, model_opts, lambda: load_data(data_cfg, device=str(dev), builtin=False), dev
+    )
     with output_lock(out_dir):
         result = evaluate_stage(out_dir, loaded, data)
         render_stage_plots(out_dir, result)
