@@ -44,10 +44,13 @@ def mini() -> Dataset:
 
 
 @pytest.fixture(scope="session")
-def baseline_dir(tmp_path_factory: pytest.TempPathFactory, mnist: Dataset) -> Path:
-    """An output folder with the 5-epoch baseline CNN trained once per session on full MNIST."""
+def baseline_dir(tmp_path_factory: pytest.TempPathFactory, mnist_dir: Path) -> Path:
+    """An output folder with the 5-epoch baseline CNN trained once per session on full MNIST,
+    by ``redblue train`` in a subprocess as a user runs it (its defaults: 5 epochs, seed 0);
+    ``tests/test_cli_train.py`` checks what that command wrote, so the suite trains it once."""
     out = tmp_path_factory.mktemp("baseline_out")
-    train_baseline(out, mnist, TrainConfig(epochs=5, seed=0, device="cpu"), progress=False)
+    proc = run_cli("train", "--data-dir", str(mnist_dir), "--out", str(out), "--device", "cpu")
+    assert proc.returncode == 0, proc.stderr[-3000:]
     return out
 
 

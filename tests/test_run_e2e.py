@@ -43,9 +43,25 @@ SCENARIOS = [
     "Baseline + standard suite (APGD-CE + APGD-T)",
     "Adv. trained (fgsm-rs)",
     "Poisoned (BadNets)",
-    "Backdoor removed (ac)",
-    "Backdoor removed (spectral)",
 ]
+"""The scenario rows of a quick run before the two backdoor-defence rows, whose wording follows
+what the defence did (see :func:`_check_backdoor_rows`)."""
+
+
+def _check_backdoor_rows(out: Path, rows: list[dict[str, object]]) -> None:
+    """Each backdoor-defence row says what happened, never a removal that did not happen."""
+    assert len(rows) == 2
+    for row, method in zip(rows, ("ac", "spectral"), strict=True):
+        result = json.loads((out / "metrics" / f"backdoor_defense_{method}_metrics.json").read_text())
+        before, after = result["before"]["asr"], result["after"]["asr"]
+        label = str(row["scenario"])
+        assert f"({method})" in label, label
+        if before < 0.5:
+            assert "nothing to remove" in label, (label, before)
+        elif after <= 0.10:
+            assert label == f"Backdoor removed ({method})", (label, after)
+        else:
+            assert label == f"Backdoor defence ({method}): not removed", (label, after)
 
 
 def _numbers(summary: dict[str, object]) -> list[tuple[object, ...]]:
@@ -60,7 +76,8 @@ def test_quick_run_writes_every_stage_and_the_report(quick_run: tuple[Path, Comp
     for name in STAGE_FILES:
         assert (out / name).is_file(), name
     summary = json.loads((out / "metrics" / "metrics_summary.json").read_text())
-    assert [r["scenario"] for r in summary["rows"]] == SCENARIOS
+    assert [r["scenario"] for r in summary["rows"]][: len(SCENARIOS)] == SCENARIOS
+    _check_backdoor_rows(out, summary["rows"][len(SCENARIOS) :])
     assert summary["quick"] is True and summary["schema"] == {"name": "redblue.summary", "version": 1}
     timings = json.loads((out / "run_timings.json").read_text())["seconds"]
     assert set(timings) == {"baseline", "redteam", "blueteam", "poison"}

@@ -300,6 +300,36 @@ class PoisonConfig:
 
 
 @dataclass(frozen=True)
+class BackdoorAuditConfig:
+    """Neural Cleanse on a model and clean images (``redblue audit-backdoor``).
+
+    ``n_images`` clean test images (the first ones) feed the optimisation; ``epochs`` x
+    ``steps_per_epoch`` steps of ``batch_size`` images per class, early-stopped; ``target_asr``
+    is the attack success rate a reversed trigger must reach.
+    """
+
+    n_images: int = 1000
+    epochs: int = 40
+    steps_per_epoch: int = 30
+    batch_size: int = 16
+    lr: float = 0.1
+    init_cost: float = 1e-3
+    target_asr: float = 0.99
+    seed: int = 0
+    device: str = "auto"
+
+    def __post_init__(self) -> None:
+        check_int("n_images", self.n_images, 2, 1_000_000)
+        check_int("epochs", self.epochs, 1, 10_000)
+        check_int("steps_per_epoch", self.steps_per_epoch, 1, 100_000)
+        check_int("batch_size", self.batch_size, 1, 100_000)
+        check_float("lr", self.lr, 0.0, None, low_open=True)
+        check_float("init_cost", self.init_cost, 0.0, None, low_open=True)
+        check_float("target_asr", self.target_asr, 0.0, 1.0, low_open=True)
+        check_choice("device", self.device, DEVICES)
+
+
+@dataclass(frozen=True)
 class BackdoorDefenseConfig:
     """Backdoor detection in the training set (``redblue defend-backdoor``).
 

@@ -36,7 +36,7 @@ def load_schema(name: str) -> dict[str, Any]:
 
 
 SCHEMAS = (
-    "baseline", "evaluate", "attack", "defend", "poison", "poison_sweep", "backdoor_defense", "summary",
+    "baseline", "evaluate", "attack", "defend", "poison", "poison_sweep", "backdoor_defense", "backdoor_audit", "summary",
     "sweep", "sweep_cell",
 )
 """Every result schema shipped in the package."""
@@ -177,6 +177,7 @@ class PoisonResult(StageResult):
     metrics: dict[str, Any]
     baseline: dict[str, Any] | None
     examples: dict[str, Any]
+    warnings: list[dict[str, Any]]
     versions: dict[str, str]
 
 
@@ -211,6 +212,27 @@ class BackdoorDefenseResult(StageResult):
     before: dict[str, Any]
     after: dict[str, Any] | None
     retrained_model: dict[str, Any] | None
+    versions: dict[str, str]
+
+
+@dataclass(frozen=True)
+class BackdoorAuditResult(StageResult):
+    """``audit-backdoor``: Neural Cleanse on a model and clean images: a reversed trigger per
+    class, the anomaly index of its mask norm, the flagged classes and the verdict."""
+
+    SCHEMA: ClassVar[str] = "backdoor_audit"
+    model: dict[str, Any]
+    config: dict[str, Any]
+    dataset: dict[str, Any]
+    params: dict[str, Any]
+    classes: list[dict[str, Any]]
+    flagged: list[int]
+    threshold: float
+    verdict: str
+    true_trigger: dict[str, Any] | None
+    triggers_file: str
+    triggers_sha256: str
+    seconds: float
     versions: dict[str, str]
 
 

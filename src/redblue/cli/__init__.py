@@ -41,6 +41,7 @@ for _command in (
     defend_commands.defend,
     poison_commands.poison,
     poison_commands.defend_backdoor,
+    poison_commands.audit_backdoor,
     run_commands.run,
     report_commands.report,
     scan_commands.scan,

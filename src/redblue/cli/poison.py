@@ -13,16 +13,28 @@ from redblue.cli.common import (
     check_output_dir,
     data_options,
     load_configs,
+    load_model_and_data,
+    model_options,
     output_options,
+    pop_model_options,
     save_effective_config,
     train_options,
 )
-from redblue.config import BackdoorDefenseConfig, DataConfig, PoisonConfig, TrainConfig, build, load_toml
+from redblue.config import (
+    BackdoorAuditConfig,
+    BackdoorDefenseConfig,
+    DataConfig,
+    PoisonConfig,
+    TrainConfig,
+    build,
+    load_toml,
+)
 from redblue.errors import ConfigError
 from redblue.poison.trigger import PATTERNS
 from redblue.report.stage_plots import render_stage_plots
-from redblue.stages import defend_backdoor_stage, load_data, poison_stage, poison_sweep_stage
+from redblue.stages import audit_backdoor_stage, defend_backdoor_stage, load_data, poison_stage, poison_sweep_stage
 from redblue.utils import output_lock, pct, resolve_device
+from redblue.validate import check_name
 
 
 def parse_rates(text: str | None) -> tuple[float, ...] | None:
@@ -101,6 +113,8 @@ def poison(config_file: str | None, out: str, force_retrain: bool, sweep: bool,
                        f"clean acc. {pct(point['clean_accuracy'])}  ASR {pct(point['asr'])}  RA {pct(point['ra'])}")
         first = swept["asr_90_first_rate"]
         click.echo("ASR ≥ 90% first at rate " + ("(never)" if first is None else f"{first:g}"))
+    for warning in result["warnings"]:
+        click.echo(f"warning [{warning['id']}]: {warning['message']} (see {warning['doc']})", err=True)
 
 
 @click.command(name="defend-backdoor")
@@ -171,3 +185,56 @@ def defend_backdoor(model_path: str, config_file: str | None, out: str, force_re
         a = result["after"]
         click.echo(f"retrained without flagged: clean accuracy {pct(a['clean_accuracy'])}, ASR {pct(a['asr'])}, "
                    f"RA {pct(a['ra'])}")
+
+
+@click.command(name="audit-backdoor")
+@model_options
+@data_options
+@click.option("--n-images", type=int, default=None, help="Clean test images used (the first ones). [default: 1000]")
+@click.option("--epochs", type=int, default=None, help="Optimisation epochs (early-stopped). [default: 40]")
+@click.option("--steps-per-epoch", type=int, default=None, help="Steps per epoch. [default: 30]")
+@click.option("--batch-size", type=int, default=None, help="Images per class per step. [default: 16]")
+@click.option("--target-asr", type=float, default=None,
+              help="Success rate a reversed trigger must reach. [default: 0.99]")
+@click.option("--seed", type=int, default=None, help="Seeds the initialisation and the batches. [default: 0]")
+@click.option("--device", default=None, help="auto, cpu or cuda. [default: auto]")
+@click.option("--out", default="secure_ai_outputs", show_default=True, help="Output folder.")
+@click.option("--config", "config_file", default=None, help="TOML config file ([backdoor_audit], [data]).")
+@click.option("--name", default=None, help="Name of the results. [default: <model name>_backdoor_audit]")
+def audit_backdoor(model_path: str, out: str, config_file: str | None, name: str | None, **options: Any) -> None:
+    """Is this model backdoored, and by what trigger? Neural Cleanse from the model alone.
+
+    For every class, the smallest mask and pattern that send clean images to it are
+    reverse-engineered (Wang et al., IEEE S&P 2019); a class whose mask norm is an outlier
+    below the others (anomaly index > 2, median absolute deviation) is flagged. Needs only
+    the model (any --model source) and clean labelled test images. Writes
+    metrics/NAME_metrics.json (per class: mask L1 norm, anomaly index, flagged; the verdict),
+    metrics/NAME_triggers.safetensors (the reversed masks and patterns, hashed) and
+    images/NAME_anomaly.png, images/NAME_triggers.png.
+    """
+    model_opts = pop_model_options(options)
+    file = load_toml(config_file, ("backdoor_audit", "data"))
+    audit_cfg = build(BackdoorAuditConfig, file, options, "backdoor_audit")
+    data_cfg = build(DataConfig, file, options, "data")
+    if name is not None:
+        check_name("name", name)
+    device = resolve_device(audit_cfg.device)
+    out_dir = check_output_dir(out)
+    loaded, data = load_model_and_data(
+        model_path, model_opts, lambda: load_data(data_cfg, device=str(device), builtin=False), device
+    )
+    with output_lock(out_dir):
+        result = audit_backdoor_stage(out_dir, loaded, data, audit_cfg, name=name, data_cfg=data_cfg)
+        render_stage_plots(out_dir, result)
+        save_effective_config(out_dir, result["name"], {"backdoor_audit": audit_cfg, "data": data_cfg})
+    for c in result["classes"]:
+        label = c["name"] or c["class"]
+        l1 = "none" if c["l1"] is None else f"{c['l1']:.1f}"
+        click.echo(f"  class {label!s:<8} mask L1 {l1:>7}  anomaly index {c['anomaly_index']:5.2f}"
+                   + ("  FLAGGED" if c["flagged"] else ""))  # fmt: skip
+    click.echo(f"{result['name']}: {result['verdict']} ({result['seconds']:.1f} s)")
+    true = result["true_trigger"]
+    if true is not None:
+        click.echo(f"true trigger (from the record): target {true['target']} "
+                   f"{'flagged' if true['target_flagged'] else 'not flagged'}, "
+                   f"{pct(true['mask_mass_on_patch'])} of its reversed mask on the true patch")  # fmt: skip

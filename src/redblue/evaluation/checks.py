@@ -31,6 +31,8 @@ LARGE_EPS_MAX_ACCURACY = 0.01
 GAP = 0.10
 """robustness-gap: FGSM accuracy more than 10 pp above the strongest attack's."""
 ZERO_GRADIENT_SHARE = 0.01
+BACKDOOR_MIN_ASR = 0.5
+"""backdoor-not-implanted: below this attack success rate, a poisoned model holds no working backdoor."""
 
 CHECKS = {
     "outputs-not-logits": "the model outputs probabilities, not logits",
@@ -43,6 +45,7 @@ CHECKS = {
     "square-stronger-than-white-box": "the black-box Square attack beats the white-box attacks",
     "sweep-not-monotonic": "accuracy rises with eps in the sweep",
     "robustness-gap": "FGSM accuracy is more than 10 pp above the strongest attack's",
+    "backdoor-not-implanted": "the poisoned model's attack success rate is below 50%: the backdoor did not take",
 }
 """Every check id and a one-line summary (each has an entry in checks.md beside this module)."""
 
@@ -74,6 +77,17 @@ def check_logits(outputs: torch.Tensor) -> dict[str, str] | None:
             "model outputs are log-probabilities (non-positive, each row's logsumexp is 0: a log_softmax "
             "last layer); the attacks' losses are unchanged by it, so the numbers stand, but say so when you "
             "compare them",
+        )
+    return None
+
+
+def check_backdoor_implanted(asr: float, n_triggered: int) -> dict[str, str] | None:
+    """A BadNets model whose trigger moves fewer than half of the triggered images to the target."""
+    if asr < BACKDOOR_MIN_ASR:
+        return warning(
+            "backdoor-not-implanted",
+            f"the trigger sends only {pct(asr, 1)} of {n_triggered:,} triggered non-target test images to the target "
+            f"(below {pct(BACKDOOR_MIN_ASR, 0)}): the backdoor did not take, so a defence has nothing to remove",
         )
     return None
 

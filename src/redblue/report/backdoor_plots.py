@@ -139,3 +139,49 @@ def defense_summary(result: dict[str, Any], path: Path) -> Path:
     legend_below(ax, offset=0.1)  # inside the axes it covered the ASR bars
     ax.grid(axis="y", alpha=0.3)
     return save_figure(fig, path)
+
+
+def anomaly_chart(result: dict[str, Any], path: Path) -> Path:
+    """Neural Cleanse: the L1 norm of each class's reversed mask (bars, red when flagged) and
+    its anomaly index (dots) against the threshold line."""
+    classes = result["classes"]
+    labels = [str(c.get("name") or c["class"]) for c in classes]
+    l1 = [c["l1"] if c["l1"] is not None else 0.0 for c in classes]
+    index = [c["anomaly_index"] for c in classes]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9.5, 3.4))
+    colours = ["#c0392b" if c["flagged"] else "#5b7fa6" for c in classes]
+    ax1.bar(range(len(classes)), l1, color=colours)
+    ax1.set_xticks(range(len(classes)), labels, fontsize=9)
+    ax1.set_ylabel("L1 norm of the reversed mask (pixels)")
+    ax1.set_title("Smallest trigger per class (red: flagged)", fontsize=10)
+    ax2.bar(range(len(classes)), index, color=colours)
+    ax2.axhline(result["threshold"], color="black", linestyle="--", linewidth=1, label=f"threshold {result['threshold']:g}")
+    ax2.set_xticks(range(len(classes)), labels, fontsize=9)
+    ax2.set_ylabel("anomaly index (MAD units)")
+    ax2.set_title("Anomaly index of each class's mask norm", fontsize=10)
+    legend_below(ax2)
+    fig.suptitle(f"{result['name']}: Neural Cleanse, {result['verdict'].split(':')[0]}", fontsize=LABEL_PT)
+    return save_figure(fig, path)
+
+
+def reversed_triggers(result: dict[str, Any], masks: Any, patterns: Any, path: Path) -> Path:
+    """Each class's reversed trigger (mask x pattern) and its mask, titled with the L1 norm."""
+    classes = result["classes"]
+    n = len(classes)
+    fig, axes = plt.subplots(2, max(n, 1), figsize=(1.25 * max(n, 1) + 0.6, 3.3), squeeze=False)
+    for k, c in enumerate(classes):
+        mask = np.asarray(masks[k], dtype=np.float32)
+        pattern = np.asarray(patterns[k], dtype=np.float32)
+        trigger = (mask[None] * pattern).transpose(1, 2, 0)
+        _show(axes[0][k], trigger if trigger.shape[2] == 3 else trigger[..., 0], 1.0)
+        axes[1][k].imshow(mask, cmap="magma", vmin=0.0, vmax=1.0)
+        colour = "red" if c["flagged"] else "black"
+        axes[0][k].set_title(f"{c.get('name') or c['class']}", fontsize=LABEL_PT, color=colour)
+        axes[1][k].set_xlabel(f"L1 {c['l1']:.0f}" if c["l1"] is not None else "none", fontsize=LABEL_PT - 1, color=colour)
+        for ax in (axes[0][k], axes[1][k]):
+            ax.set_xticks([])
+            ax.set_yticks([])
+    axes[0][0].set_ylabel("trigger", fontsize=LABEL_PT - 1)
+    axes[1][0].set_ylabel("mask", fontsize=LABEL_PT - 1)
+    fig.suptitle(f"{result['name']}: reversed triggers (red: flagged)", fontsize=LABEL_PT)
+    return save_figure(fig, path)

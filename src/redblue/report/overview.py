@@ -13,11 +13,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from redblue.report.summary import attack_label, count, dig, first, model_label
+from redblue.report.summary import ASR_REMOVED, BACKDOOR_TOOK, attack_label, count, dig, first, model_label
 from redblue.utils import pct
-
-ASR_REMOVED = 0.10
-"""A backdoor counts as removed when the attack success rate after the defence is at most this."""
 
 NORM_LABELS = {"linf": "L∞", "l2": "L2"}
 
@@ -87,7 +84,8 @@ def model_cards(results: Sequence[tuple[str, dict[str, Any]]]) -> list[dict[str,
             card = _card(cards, str(dig(r, "model", "name") or name), "poisoned (BadNets)")
             _clean(card, m.get("clean_accuracy"), m.get("n_test"))
             card["asr"], card["ra"] = m.get("asr"), m.get("ra")
-            card["backdoor"] = "planted"
+            card["backdoor"] = "planted" if not _is_number(m.get("asr")) or m["asr"] >= BACKDOOR_TOOK else "not taken"
+            card["warnings"] += [w for w in r.get("warnings") or [] if isinstance(w, dict)]
         elif stage == "backdoor_defense" and isinstance(r.get("after"), dict):
             method = r.get("method")
             card = _card(cards, str(dig(r, "retrained_model", "name") or f"retrained ({method})"),
@@ -95,7 +93,8 @@ def model_cards(results: Sequence[tuple[str, dict[str, Any]]]) -> list[dict[str,
             after = r["after"]
             _clean(card, after.get("clean_accuracy"), dig(r, "dataset", "n_test"))
             card["asr"], card["ra"] = after.get("asr"), after.get("ra")
-            card["backdoor"] = "defended"
+            before = dig(r, "before", "asr")
+            card["backdoor"] = "nothing to remove" if _is_number(before) and before < BACKDOOR_TOOK else "defended"
     for card in cards.values():
         card["status"], card["status_text"] = _status(card)
     return list(cards.values())
@@ -106,6 +105,10 @@ def _status(card: dict[str, Any]) -> tuple[str, str]:
     asr = card["asr"]
     if card["backdoor"] == "planted" and _is_number(asr):
         return "bad", f"backdoored: the trigger sends {pct(asr)} of triggered images to the target"
+    if card["backdoor"] == "not taken" and _is_number(asr):
+        return "warn", f"the backdoor did not take: the trigger sends only {pct(asr)} of triggered images to the target"
+    if card["backdoor"] == "nothing to remove":
+        return "info", "retrained, but the poisoned model held no working backdoor: nothing was removed"
     if card["backdoor"] == "defended" and _is_number(asr):
         if asr <= ASR_REMOVED:
             return "ok", f"backdoor removed: ASR {pct(asr)} (at most {pct(ASR_REMOVED, 0)})"
@@ -240,6 +243,20 @@ def stage_facts(result: dict[str, Any]) -> dict[str, Any]:
         ]  # fmt: skip
     elif stage == "poison_sweep":
         facts.append(("Poison rates", ", ".join(pct(pt.get("rate"), 1) for pt in result.get("points") or [])))
+    elif stage == "backdoor_audit":
+        true = result.get("true_trigger") or {}
+        flagged = [str(c.get("name") or c.get("class")) for c in result.get("classes") or [] if c.get("flagged")]
+        facts += [
+            ("Method", f"Neural Cleanse, {count(dig(result, 'params', 'n_images'))} clean test images, "
+             f"{dig(result, 'params', 'epochs_run')} epochs"),
+            ("Verdict", str(result.get("verdict"))),
+            ("Flagged classes", ", ".join(flagged) or "none"),
+            ("Time", _seconds(result.get("seconds"))),
+        ]  # fmt: skip
+        if true:
+            facts.append(("True trigger (from the poisoned model's record)",
+                          f"target {true.get('target')} {'flagged' if true.get('target_flagged') else 'NOT flagged'}; "
+                          f"{pct(true.get('mask_mass_on_patch'))} of its reversed mask on the true patch"))  # fmt: skip
     elif stage == "backdoor_defense":
         det = result.get("detection") or {}
         before: dict[str, Any] = result.get("before") or {}

@@ -180,6 +180,7 @@ STAGE_TITLES = {
     "defend": "Blue team: adversarial training",
     "poison": "Backdoor: data poisoning",
     "poison_sweep": "Backdoor: poison-rate sweep",
+    "backdoor_audit": "Blue team: backdoor audit of the model (Neural Cleanse)",
     "backdoor_defense": "Blue team: backdoor detection and removal",
 }
 OVERVIEW_PLOT = "overview_accuracy_vs_eps.png"

@@ -7,13 +7,16 @@ an output folder, so plots can be rebuilt without re-running anything.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from redblue.report import advtrain_plots, backdoor_plots, plots
-from redblue.report.attack_plots import render_attack_plots
+from redblue.report.attack_plots import load_samples, render_attack_plots
 from redblue.report.summary import stage_results
+from redblue.utils import sha256_file
+from redblue.validate import FILE_NAME_PATTERN, is_safe_name
 
 
 def render_training_plots(out: Path, name: str, result: Mapping[str, Any]) -> list[Path]:
@@ -68,6 +71,24 @@ def render_poison_plots(out: Path, result: Mapping[str, Any]) -> list[Path]:
     ]
 
 
+def render_audit_plots(out: Path, name: str, result: Mapping[str, Any]) -> list[Path]:
+    """Neural Cleanse: the anomaly chart, and the reversed triggers when their file verifies."""
+    images = out / "images"
+    paths = [backdoor_plots.anomaly_chart(dict(result), images / f"{name}_anomaly.png")]
+    file = str(result.get("triggers_file"))
+    path = out / "metrics" / file
+    if not is_safe_name(file, FILE_NAME_PATTERN) or path.is_symlink() or not path.is_file() or (
+        sha256_file(path) != result.get("triggers_sha256")
+    ):
+        print(f"notice: {name}: {file!r} missing, modified or not a file in metrics/; trigger grid not rendered",
+              file=sys.stderr)  # fmt: skip
+        return paths
+    tensors = load_samples(path)
+    paths.append(backdoor_plots.reversed_triggers(dict(result), tensors["masks"], tensors["patterns"],
+                                                  images / f"{name}_triggers.png"))  # fmt: skip
+    return paths
+
+
 def render_stage_plots(out: Path, result: Any) -> list[Path]:
     """The plots of one stage result (a typed result or its JSON dict); returns the PNG paths."""
     data: Mapping[str, Any] = result.to_json() if hasattr(result, "to_json") else result
@@ -84,6 +105,8 @@ def render_stage_plots(out: Path, result: Any) -> list[Path]:
         return render_poison_plots(out, data)
     if stage == "poison_sweep":
         return [backdoor_plots.asr_vs_rate(dict(data), out / "images" / "poison_asr_vs_rate.png")]
+    if stage == "backdoor_audit":
+        return render_audit_plots(out, name, data)
     if stage == "backdoor_defense":
         method = data["method"]
         return [backdoor_plots.defense_summary(dict(data), out / "images" / f"backdoor_defense_{method}.png")]

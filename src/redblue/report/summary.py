@@ -29,7 +29,7 @@ COLUMNS: list[dict[str, Any]] = [
     {"key": "detail", "label": "Settings / notes"},
 ]
 
-STAGE_ORDER = ["baseline", "evaluate", "attack", "defend", "poison", "poison_sweep", "backdoor_defense"]
+STAGE_ORDER = ["baseline", "evaluate", "attack", "defend", "poison", "poison_sweep", "backdoor_audit", "backdoor_defense"]
 """The order of the stages in the table and the report (each stage's results by name)."""
 
 ATTACK_LABELS = {
@@ -195,13 +195,40 @@ def _poison_row(poison: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+BACKDOOR_TOOK = 0.5
+"""A poisoned model holds a backdoor when its ASR is at least this (the backdoor-not-implanted check)."""
+ASR_REMOVED = 0.10
+"""A backdoor counts as removed when the attack success rate after the defence is at most this."""
+
+
+def backdoor_outcome(result: dict[str, Any]) -> str:
+    """What a backdoor defence did, in words that never claim a removal that did not happen:
+    ``nothing to remove`` (the backdoor had not taken), ``removed`` (ASR after at most 10%),
+    ``not removed``, or ``detection only`` (no retraining)."""
+    before = dig(result, "before", "asr")
+    after = dig(result, "after", "asr")
+    if isinstance(before, int | float) and before < BACKDOOR_TOOK:
+        return "nothing to remove"
+    if not isinstance(after, int | float):
+        return "detection only"
+    return "removed" if after <= ASR_REMOVED else "not removed"
+
+
 def _backdoor_row(result: dict[str, Any]) -> dict[str, Any]:
     method = result.get("method")
     det = result.get("detection") or {}
     after = result.get("after") or {}
     n_test = dig(result, "dataset", "n_test")
+    outcome = backdoor_outcome(result)
+    scenario = {
+        "nothing to remove": f"Backdoor defence ({method}): no backdoor had taken (ASR before "
+                             f"{pct(dig(result, 'before', 'asr'))}), nothing to remove",
+        "removed": f"Backdoor removed ({method})",
+        "not removed": f"Backdoor defence ({method}): not removed",
+        "detection only": f"Backdoor detection ({method})",
+    }[outcome]  # fmt: skip
     return {
-        "scenario": f"Backdoor removed ({method})",
+        "scenario": scenario,
         "model": dig(result, "retrained_model", "name") or f"retrained ({method})",
         "images": f"{count(n_test)} test; {count(det.get('n'))} train screened",
         "clean_accuracy": after.get("clean_accuracy"),

@@ -6,6 +6,7 @@
 ``defend``             adversarial training and its robustness evaluation (blue team)
 ``poison``             a BadNets model: clean accuracy, ASR, RA; the poison-rate sweep
 ``backdoor``           detect the poison, retrain without it, measure again
+``backdoor_audit``     Neural Cleanse from the model alone: reversed triggers, verdict
 =====================  ===========================================================
 
 Each writes its result JSON under ``OUT/metrics/`` (validated against its schema) and
@@ -15,6 +16,7 @@ Plots and reports are rendered from those JSON files by :mod:`redblue.report`.
 
 from redblue.stages.attack import attack_stage
 from redblue.stages.backdoor import defend_backdoor_stage
+from redblue.stages.backdoor_audit import audit_backdoor_stage
 from redblue.stages.baseline import evaluate_stage, train_baseline
 from redblue.stages.common import load_data, train_or_reuse, training_cache_key
 from redblue.stages.defend import check_fine_tune, defend_stage, robustness_metrics
@@ -22,6 +24,7 @@ from redblue.stages.poison import poison_stage, poison_sweep_stage
 
 __all__ = [
     "attack_stage",
+    "audit_backdoor_stage",
     "check_fine_tune",
     "defend_backdoor_stage",
     "defend_stage",

@@ -22,6 +22,7 @@ from redblue.artifacts import model_paths
 from redblue.config import DataConfig, PoisonConfig, TrainConfig
 from redblue.data import Dataset
 from redblue.errors import ConfigError, IntegrityError
+from redblue.evaluation.checks import check_backdoor_implanted
 from redblue.metrics import BackdoorMetrics, backdoor_metrics, json_dict
 from redblue.models import build_model
 from redblue.poison.dataset import poison_dataset
@@ -291,6 +292,7 @@ def evaluate_poisoned(
         metrics=metrics.to_dict(),
         baseline=json_dict(comparison) if comparison else None,
         examples=_examples(model, test.x_test, test.y_test, trigger, poison_cfg.target),
+        warnings=[w for w in [check_backdoor_implanted(metrics.asr, metrics.n_triggered)] if w is not None],
         versions=library_versions(),
         reused=reused,
     )

@@ -1,0 +1,232 @@
+"""Neural Cleanse (Wang et al., "Neural Cleanse: Identifying and Mitigating Backdoor Attacks
+in Neural Networks", IEEE S&P 2019): is a model backdoored, and by what trigger?
+
+Threat model: the defender holds the model and a few clean labelled images, not the poisoned
+training set. For every class ``t`` the smallest trigger that sends clean images to ``t`` is
+reverse-engineered: a mask ``m`` (H x W, in [0, 1]) and a pattern ``p`` (C x H x W, in
+[0, 1]) that minimise ``CE(f((1 - m) * x + m * p), t) + cost * |m|_1``. A backdoor target
+needs a much smaller mask than the other classes (its trigger is a shortcut), so the L1
+norms of the masks are compared with the median absolute deviation (MAD): a class whose
+norm lies below the median with an anomaly index ``|l1 - median| / (1.4826 * MAD)`` above 2
+(the paper's threshold) is flagged.
+
+All classes are optimised at once, as one batch of ``classes x batch_size`` stamped images
+per step on the model's device, with the paper's adaptive cost: raised by 1.5 after
+``patience`` epochs whose attack success rate reaches ``target_asr``, lowered by 1.5**1.5
+after ``patience`` epochs that miss it. The smallest mask reaching ``target_asr`` is kept per
+class; the run stops early when no class's best mask has shrunk for ``early_stop`` epochs.
+
+Example:
+    >>> import torch
+    >>> from torch import nn
+    >>> model = nn.Sequential(nn.Flatten(), nn.Linear(16, 3))
+    >>> x, y = torch.rand(12, 1, 4, 4), torch.arange(12) % 3
+    >>> result = neural_cleanse(model, x, y, epochs=2, steps_per_epoch=2, batch_size=4)
+    >>> len(result.l1), result.masks.shape, result.patterns.shape
+    (3, torch.Size([3, 4, 4]), torch.Size([3, 1, 4, 4]))
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from redblue.errors import ConfigError
+from redblue.train import channels_last
+from redblue.utils import eval_mode
+from redblue.validate import check_float, check_int
+
+MAD_CONSISTENCY = 1.4826
+"""Makes the MAD a consistent estimator of the standard deviation (normal data)."""
+ANOMALY_THRESHOLD = 2.0
+"""The paper's threshold: an anomaly index above 2 flags a class (95% confidence)."""
+
+
+@dataclass
+class CleanseResult:
+    """Reversed triggers of every class, their mask norms and which classes are flagged."""
+
+    masks: torch.Tensor  # (K, H, W) in [0, 1]: the smallest mask found per class
+    patterns: torch.Tensor  # (K, C, H, W) in [0, 1]
+    l1: list[float]  # |mask|_1 per class (inf where no mask reached target_asr)
+    attack_success_rate: list[float]  # of each class's best trigger, on the images it was optimised on
+    anomaly_index: list[float]
+    flagged: list[int]  # classes with l1 below the median and anomaly index above the threshold
+    threshold: float = ANOMALY_THRESHOLD
+    epochs: int = 0
+    seconds: float = 0.0
+    params: dict[str, Any] = field(default_factory=dict)
+
+
+def _median(values: torch.Tensor) -> torch.Tensor:
+    """The median as statistics defines it (the mean of the two middle values of an even
+    count, as numpy's); ``torch.median`` returns the lower one."""
+    return torch.quantile(values, 0.5)
+
+
+def anomaly_indices(l1: torch.Tensor) -> torch.Tensor:
+    """``|l1 - median| / (1.4826 * MAD)`` per class (0 where the MAD is 0).
+
+    Example:
+        >>> anomaly_indices(torch.tensor([10.0, 11.0, 9.0, 10.5, 2.0])).round(decimals=2).tolist()
+        [0.0, 0.67, 0.67, 0.34, 5.4]
+    """
+    finite = l1[torch.isfinite(l1)].double()
+    if finite.numel() == 0:
+        return torch.zeros_like(l1)
+    median = _median(finite)
+    mad = MAD_CONSISTENCY * _median((finite - median).abs())
+    if float(mad) == 0.0:
+        return torch.zeros_like(l1)
+    return torch.where(torch.isfinite(l1), ((l1.double() - median).abs() / mad).to(l1.dtype), torch.zeros_like(l1))
+
+
+def flag_classes(l1: torch.Tensor, threshold: float = ANOMALY_THRESHOLD) -> list[int]:
+    """Classes whose mask norm is below the median with an anomaly index above ``threshold``."""
+    index = anomaly_indices(l1)
+    median = _median(l1[torch.isfinite(l1)].double()) if torch.isfinite(l1).any() else torch.tensor(0.0)
+    return [int(k) for k in range(l1.numel()) if bool(l1[k] < median) and float(index[k]) > threshold]
+
+
+def stamp(x: torch.Tensor, mask: torch.Tensor, pattern: torch.Tensor) -> torch.Tensor:
+    """``(1 - mask) * x + mask * pattern``: images (N, C, H, W), mask (H, W), pattern (C, H, W)."""
+    return (1 - mask) * x + mask * pattern
+
+
+def neural_cleanse(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    classes: int | None = None,
+    epochs: int = 40,
+    steps_per_epoch: int = 30,
+    batch_size: int = 16,
+    lr: float = 0.1,
+    init_cost: float = 1e-3,
+    target_asr: float = 0.99,
+    patience: int = 1,
+    early_stop: int = 4,
+    seed: int = 0,
+    progress: bool = False,
+) -> CleanseResult:
+    """Reverse-engineer a trigger for every class and flag the anomalous ones.
+
+    Args:
+        model: pixels in [0, 1] in, logits out; eval mode during the run, mode restored; its
+            weights are not changed.
+        x, y: clean images (N, C, H, W), uint8 or float in [0, 1], and their labels, on the
+            device to use. Images already of class ``t`` are not used for ``t``'s trigger.
+        classes: number of classes (default: the model's output size).
+        epochs, steps_per_epoch, batch_size: the optimisation budget; ``batch_size`` images
+            per class per step.
+        lr: Adam's step size on the masks' and patterns' tanh parameters.
+        init_cost, target_asr, patience, early_stop: the adaptive cost (see the module docstring).
+        seed: seeds the initialisation and the batches.
+
+    Returns:
+        A :class:`CleanseResult`.
+    """
+    check_int("epochs", epochs, 1)
+    check_int("steps_per_epoch", steps_per_epoch, 1)
+    check_int("batch_size", batch_size, 1)
+    check_float("lr", lr, 0.0, None, low_open=True)
+    check_float("init_cost", init_cost, 0.0, None, low_open=True)
+    check_float("target_asr", target_asr, 0.0, 1.0, low_open=True)
+    if x.dim() != 4 or y.shape[0] != x.shape[0] or x.shape[0] == 0:
+        raise ConfigError(f"neural cleanse: images of shape {tuple(x.shape)} and {tuple(y.shape)} labels; expected (N, C, H, W) and N")
+    start = time.perf_counter()
+    device = x.device
+    images = x.float().div(255.0) if x.dtype == torch.uint8 else x.float()
+    with eval_mode(model), torch.no_grad():
+        k = int(classes or model(images[:1]).shape[1])
+    _, c, h, w = images.shape
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    mask_raw = (torch.rand((k, 1, h, w), generator=generator) * 0.2 - 4.0).to(device).requires_grad_(True)  # masks start near 0
+    pattern_raw = (torch.rand((k, c, h, w), generator=generator) * 2 - 1).to(device).requires_grad_(True)
+    optimizer = torch.optim.Adam([mask_raw, pattern_raw], lr=lr, betas=(0.5, 0.9))
+    cost = torch.full((k,), init_cost, device=device)
+    best_l1 = torch.full((k,), float("inf"), device=device)
+    best_asr = torch.zeros(k, device=device)
+    best_mask = torch.zeros((k, h, w), device=device)
+    best_pattern = torch.zeros((k, c, h, w), device=device)
+    up = torch.zeros(k, dtype=torch.long, device=device)
+    down = torch.zeros(k, dtype=torch.long, device=device)
+    stale = 0
+    previous = best_l1.clone()
+    # for each class, the images of the other classes (a trigger must move them to it)
+    pools = [torch.nonzero(y != t).squeeze(1) for t in range(k)]
+    if any(p.numel() == 0 for p in pools):
+        raise ConfigError("neural cleanse: every class needs clean images of other classes to move")
+    targets = torch.arange(k, device=device).repeat_interleave(batch_size)
+    requires = [p.requires_grad for p in model.parameters()]
+    for p in model.parameters():
+        p.requires_grad_(False)
+    epoch = 0
+    try:
+        with eval_mode(model):
+            bar = tqdm(range(epochs), desc="neural cleanse", disable=not progress, leave=False)
+            for epoch in bar:
+                hits = torch.zeros(k, device=device)
+                for _ in range(steps_per_epoch):
+                    picks = torch.stack([pool[torch.randint(pool.numel(), (batch_size,), generator=generator).to(pool.device)]
+                                         for pool in pools])  # fmt: skip
+                    batch = images[picks.reshape(-1)].view(k, batch_size, c, h, w)
+                    mask = (torch.tanh(mask_raw) + 1) / 2  # (K, 1, H, W)
+                    pattern = (torch.tanh(pattern_raw) + 1) / 2
+                    stamped = (1 - mask[:, None]) * batch + mask[:, None] * pattern[:, None]
+                    logits = model(channels_last(stamped.reshape(k * batch_size, c, h, w)))
+                    ce = F.cross_entropy(logits, targets, reduction="none").view(k, batch_size).mean(1)
+                    l1 = mask.flatten(1).sum(1)
+                    loss = (ce + cost * l1).sum()
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    optimizer.step()
+                    with torch.no_grad():
+                        success = (logits.argmax(1) == targets).view(k, batch_size).float().mean(1)
+                        hits += success
+                        better = (success >= target_asr) & (l1 < best_l1)
+                        if bool(better.any()):
+                            best_l1 = torch.where(better, l1, best_l1)
+                            best_asr = torch.where(better, success, best_asr)
+                            best_mask[better] = mask[better, 0]
+                            best_pattern[better] = pattern[better]
+                asr = hits / steps_per_epoch
+                with torch.no_grad():
+                    reached = asr >= target_asr
+                    up = torch.where(reached, up + 1, torch.zeros_like(up))
+                    down = torch.where(reached, torch.zeros_like(down), down + 1)
+                    raise_cost = up >= patience
+                    lower_cost = down >= patience
+                    cost = torch.where(raise_cost, cost * 1.5, cost)
+                    cost = torch.where(lower_cost, cost / 1.5**1.5, cost)
+                    up = torch.where(raise_cost, torch.zeros_like(up), up)
+                    down = torch.where(lower_cost, torch.zeros_like(down), down)
+                improved = best_l1.clone()
+                if epoch > 0 and bool(torch.isfinite(best_l1).all()) and bool((improved >= previous * 0.99).all()):
+                    stale += 1
+                else:
+                    stale = 0
+                previous = improved
+                bar.set_postfix(min_l1=f"{float(best_l1.min()):.1f}")
+                if stale >= early_stop:
+                    break
+    finally:
+        for p, r in zip(model.parameters(), requires, strict=True):
+            p.requires_grad_(r)
+    l1_cpu = best_l1.detach().cpu()
+    return CleanseResult(
+        masks=best_mask.detach().cpu(), patterns=best_pattern.detach().cpu(),
+        l1=[float(v) for v in l1_cpu], attack_success_rate=[float(v) for v in best_asr.cpu()],
+        anomaly_index=[float(v) for v in anomaly_indices(l1_cpu)], flagged=flag_classes(l1_cpu),
+        epochs=epoch + 1, seconds=time.perf_counter() - start,
+        params={"epochs": epochs, "steps_per_epoch": steps_per_epoch, "batch_size": batch_size, "lr": lr,
+                "init_cost": init_cost, "target_asr": target_asr, "patience": patience, "early_stop": early_stop,
+                "seed": seed, "n_images": int(x.shape[0])},
+    )  # fmt: skip
