@@ -148,6 +148,18 @@ def accuracy_vs_eps(sweep: Mapping[str, Sequence[Mapping[str, float]]], norm: st
     return save_figure(fig, path)
 
 
+def verified_metrics_file(out: Path, file: Any, sha256: Any, what: str) -> Path | None:
+    """``OUT/metrics/FILE`` when ``file`` is a plain file name there (no link) whose SHA-256 is
+    ``sha256``; else None, with a notice that ``what`` is not rendered."""
+    path = out / "metrics" / str(file)
+    if not is_safe_name(str(file), FILE_NAME_PATTERN) or path.is_symlink() or not path.is_file() or (
+        sha256_file(path) != sha256
+    ):
+        print(f"notice: {what} not rendered: {str(file)!r} missing, modified or not a file in metrics/", file=sys.stderr)
+        return None
+    return path
+
+
 def render_attack_plots(out: Path, name: str, result: Mapping[str, Any]) -> list[Path]:
     """Every red-team plot of one attack stage, from its JSON result and example file."""
     images = out / "images"
@@ -178,14 +190,9 @@ def render_attack_plots(out: Path, name: str, result: Mapping[str, Any]) -> list
         )  # fmt: skip
     adversarial = result.get("adversarial")
     if isinstance(adversarial, dict):
-        file = str(adversarial.get("images_file"))
-        adv_path = out / "metrics" / file
-        if not is_safe_name(file, FILE_NAME_PATTERN) or adv_path.is_symlink() or not adv_path.is_file() or (
-            sha256_file(adv_path) != adversarial.get("images_sha256")
-        ):
-            print(f"notice: {name}: {file!r} missing, modified or not a file in metrics/; per-class grid not rendered",
-                  file=sys.stderr)  # fmt: skip
-        else:
+        adv_path = verified_metrics_file(out, adversarial.get("images_file"), adversarial.get("images_sha256"),
+                                         f"{name}: per-class grid")  # fmt: skip
+        if adv_path is not None:
             paths.append(
                 adversarial_by_class(
                     load_samples(adv_path),

@@ -7,16 +7,13 @@ an output folder, so plots can be rebuilt without re-running anything.
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from redblue.report import advtrain_plots, backdoor_plots, plots
-from redblue.report.attack_plots import load_samples, render_attack_plots
+from redblue.report.attack_plots import load_samples, render_attack_plots, verified_metrics_file
 from redblue.report.summary import stage_results
-from redblue.utils import sha256_file
-from redblue.validate import FILE_NAME_PATTERN, is_safe_name
 
 
 def render_training_plots(out: Path, name: str, result: Mapping[str, Any]) -> list[Path]:
@@ -75,13 +72,8 @@ def render_audit_plots(out: Path, name: str, result: Mapping[str, Any]) -> list[
     """Neural Cleanse: the anomaly chart, and the reversed triggers when their file verifies."""
     images = out / "images"
     paths = [backdoor_plots.anomaly_chart(dict(result), images / f"{name}_anomaly.png")]
-    file = str(result.get("triggers_file"))
-    path = out / "metrics" / file
-    if not is_safe_name(file, FILE_NAME_PATTERN) or path.is_symlink() or not path.is_file() or (
-        sha256_file(path) != result.get("triggers_sha256")
-    ):
-        print(f"notice: {name}: {file!r} missing, modified or not a file in metrics/; trigger grid not rendered",
-              file=sys.stderr)  # fmt: skip
+    path = verified_metrics_file(out, result.get("triggers_file"), result.get("triggers_sha256"), f"{name}: trigger grid")
+    if path is None:
         return paths
     tensors = load_samples(path)
     paths.append(backdoor_plots.reversed_triggers(dict(result), tensors["masks"], tensors["patterns"],
