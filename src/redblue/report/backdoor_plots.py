@@ -158,7 +158,7 @@ def anomaly_chart(result: dict[str, Any], path: Path) -> Path:
     ax2.axhline(result["threshold"], color="black", linestyle="--", linewidth=1, label=f"threshold {result['threshold']:g}")
     ax2.set_xticks(range(len(classes)), labels, fontsize=9)
     ax2.set_ylabel("anomaly index (MAD units)")
-    ax2.set_title("Anomaly index of each class's mask norm", fontsize=10)
+    ax2.set_title("Anomaly index (flagged: above the line and below the median norm)", fontsize=9)
     legend_below(ax2)
     fig.suptitle(f"{result['name']}: Neural Cleanse, {result['verdict'].split(':')[0]}", fontsize=LABEL_PT)
     return save_figure(fig, path)
