@@ -7,6 +7,7 @@ import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
@@ -14,6 +15,9 @@ from redblue.artifacts import LoadedModel, load_model
 from redblue.config import TrainConfig
 from redblue.data import Dataset, load_dataset
 from redblue.stages import train_baseline
+
+if TYPE_CHECKING:
+    import torch
 
 
 @pytest.fixture(autouse=True)
@@ -119,3 +123,34 @@ def quick_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, subproces
     env = {"REDBLUE_OFFLINE": "1", "REDBLUE_CACHE_DIR": str(tmp_path_factory.getbasetemp() / "cache")}
     result = run_cli("run", "--quick", "--out", str(out), "--device", "cpu", env=env)
     return out, result
+
+
+def stamp_digits(x: torch.Tensor) -> torch.Tensor:
+    """A 2x2 white patch, bottom-right of scikit-learn's 8x8 digits (the toy backdoor trigger)."""
+    x = x.clone()
+    x[:, :, 6:8, 6:8] = 1.0
+    return x
+
+
+@pytest.fixture(scope="session")
+def digits_backdoor() -> dict[str, Any]:
+    """The audit example's CNN (examples/audit/net.py) on scikit-learn's 8x8 digits (real
+    handwriting, 1,400 train / 397 test), with a BadNets backdoor (2x2 patch -> 7 on 10% of
+    the other classes' training images) and a clean twin."""
+    import numpy as np
+    import torch
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples" / "audit"))
+    from make_example import _fit, digits
+    from net import build
+
+    x_np, y_np = digits()
+    x, y = torch.from_numpy(x_np).float() / 255, torch.from_numpy(y_np)
+    x_train, y_train, x_test, y_test = x[:1400], y[:1400], x[1400:], y[1400:]
+    eligible = np.flatnonzero(y_train.numpy() != 7)
+    chosen = torch.from_numpy(np.random.default_rng(0).choice(eligible, len(eligible) // 10, replace=False))
+    x_poison, y_poison = x_train.clone(), y_train.clone()
+    x_poison[chosen] = stamp_digits(x_poison[chosen])
+    y_poison[chosen] = 7
+    return {"poisoned": _fit(build(), x_poison, y_poison, epochs=20), "clean": _fit(build(), x_train, y_train, epochs=20),
+            "x_train": x_train, "y_train": y_train, "x_test": x_test, "y_test": y_test}  # fmt: skip

@@ -47,6 +47,14 @@ class LoadedModel:
     have put before it: the module whose state dict its weights file holds."""
 
 
+def write_tensors(path: Path, tensors: dict[str, torch.Tensor], fmt: str) -> str:
+    """Write ``tensors`` (moved to the CPU) as a safetensors file with metadata
+    ``{"format": fmt}``, atomically; returns the file's SHA-256 (to record beside it)."""
+    payload = st_save({k: v.detach().cpu().contiguous() for k, v in sorted(tensors.items())}, metadata={"format": fmt})
+    atomic_write_bytes(path, payload)
+    return sha256_bytes(payload)
+
+
 def model_paths(out: Path, name: str) -> tuple[Path, Path]:
     """(weights, json) paths of model ``name`` under output folder ``out``."""
     return out / "models" / f"{name}.safetensors", out / "models" / f"{name}.json"

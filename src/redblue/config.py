@@ -26,6 +26,7 @@ T = TypeVar("T")
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("auto", "fp32", "bf16")
 LR_SCHEDULES = ("cosine", "one-cycle")
+REPAIRS = ("unlearn", "fine-prune")
 
 
 @dataclass(frozen=True)
@@ -306,6 +307,15 @@ class BackdoorAuditConfig:
     ``n_images`` clean test images (the first ones) feed the optimisation; ``epochs`` x
     ``steps_per_epoch`` steps of ``batch_size`` images per class, early-stopped; ``target_asr``
     is the attack success rate a reversed trigger must reach.
+
+    ``strip``: also set STRIP's run-time threshold on the same clean images at false-rejection
+    rate ``strip_frr`` (``strip_copies`` superimposed copies per input). ``repair``: remove the
+    backdoor from the model alone, ``unlearn`` (Neural Cleanse's unlearning with the reversed
+    triggers of ``unlearn_classes``, default the flagged classes; ``unlearn_share`` of each
+    batch stamped) and/or ``fine-prune`` (dormant channels of the last convolution pruned
+    while clean accuracy stays within ``prune_max_drop``), each fine-tuned for
+    ``repair_epochs`` (Adam, ``repair_lr`` with cosine decay) on the first ``repair_images`` training images (clean, held out from the
+    audit), with the next ``repair_val`` as validation.
     """
 
     n_images: int = 1000
@@ -317,8 +327,21 @@ class BackdoorAuditConfig:
     target_asr: float = 0.99
     seed: int = 0
     device: str = "auto"
+    strip: bool = True
+    strip_copies: int = 100
+    strip_frr: float = 0.01
+    repair: tuple[str, ...] = ()
+    unlearn_classes: tuple[int, ...] = ()
+    unlearn_share: float = 0.2
+    prune_max_drop: float = 0.04
+    repair_images: int = 6000
+    repair_val: int = 1000
+    repair_epochs: int = 2
+    repair_lr: float = 1e-2
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "repair", tuple(self.repair))
+        object.__setattr__(self, "unlearn_classes", tuple(self.unlearn_classes))
         check_int("n_images", self.n_images, 2, 1_000_000)
         check_int("epochs", self.epochs, 1, 10_000)
         check_int("steps_per_epoch", self.steps_per_epoch, 1, 100_000)
@@ -327,6 +350,20 @@ class BackdoorAuditConfig:
         check_float("init_cost", self.init_cost, 0.0, None, low_open=True)
         check_float("target_asr", self.target_asr, 0.0, 1.0, low_open=True)
         check_choice("device", self.device, DEVICES)
+        check_int("strip_copies", self.strip_copies, 1, 10_000)
+        check_float("strip_frr", self.strip_frr, 0.0, 1.0, low_open=True, high_open=True)
+        for method in self.repair:
+            check_choice("repair", method, REPAIRS)
+        if len(set(self.repair)) != len(self.repair):
+            raise ConfigError(f"--repair {','.join(self.repair)}: a method is named twice")
+        for k in self.unlearn_classes:
+            check_int("unlearn_classes", k, 0, 100_000)
+        check_float("unlearn_share", self.unlearn_share, 0.0, 1.0, low_open=True)
+        check_float("prune_max_drop", self.prune_max_drop, 0.0, 1.0)
+        check_int("repair_images", self.repair_images, 1, 10_000_000)
+        check_int("repair_val", self.repair_val, 1, 1_000_000)
+        check_int("repair_epochs", self.repair_epochs, 1, 1000)
+        check_float("repair_lr", self.repair_lr, 0.0, 10.0, low_open=True)
 
 
 @dataclass(frozen=True)

@@ -232,6 +232,9 @@ class BackdoorAuditResult(StageResult):
     true_trigger: dict[str, Any] | None
     triggers_file: str
     triggers_sha256: str
+    strip: dict[str, Any] | None
+    before: dict[str, Any] | None
+    repairs: list[dict[str, Any]]
     seconds: float
     versions: dict[str, str]
 

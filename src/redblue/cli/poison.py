@@ -197,6 +197,19 @@ def defend_backdoor(model_path: str, config_file: str | None, out: str, force_re
 @click.option("--target-asr", type=float, default=None,
               help="Success rate a reversed trigger must reach. [default: 0.99]")
 @click.option("--seed", type=int, default=None, help="Seeds the initialisation and the batches. [default: 0]")
+@click.option("--strip/--no-strip", default=None,
+              help="Also set STRIP's run-time threshold on the clean images. [default: --strip]")
+@click.option("--strip-frr", type=float, default=None, help="STRIP's false-rejection rate on clean inputs. [default: 0.01]")
+@click.option("--strip-copies", type=int, default=None, help="Superimposed copies per input in STRIP. [default: 100]")
+@click.option("--repair", default=None,
+              help="Remove the backdoor: unlearn, fine-prune or unlearn,fine-prune (needs a training split). [default: none]")
+@click.option("--unlearn-classes", default=None,
+              help="Classes whose reversed triggers are unlearned, e.g. 7 or 3,7. [default: the flagged classes]")
+@click.option("--repair-images", type=int, default=None, help="Clean training images a repair fine-tunes on. [default: 6000]")
+@click.option("--repair-epochs", type=int, default=None, help="Fine-tuning epochs of a repair. [default: 2]")
+@click.option("--repair-lr", type=float, default=None, help="Adam's learning rate in a repair (cosine decay). [default: 0.01]")
+@click.option("--prune-max-drop", type=float, default=None,
+              help="Fine-pruning stops before clean validation accuracy drops by more than this. [default: 0.04]")
 @click.option("--device", default=None, help="auto, cpu or cuda. [default: auto]")
 @click.option("--out", default="secure_ai_outputs", show_default=True, help="Output folder.")
 @click.option("--config", "config_file", default=None, help="TOML config file ([backdoor_audit], [data]).")
@@ -211,8 +224,20 @@ def audit_backdoor(model_path: str, out: str, config_file: str | None, name: str
     metrics/NAME_metrics.json (per class: mask L1 norm, anomaly index, flagged; the verdict),
     metrics/NAME_triggers.safetensors (the reversed masks and patterns, hashed) and
     images/NAME_anomaly.png, images/NAME_triggers.png.
+
+    STRIP (Gao et al., ACSAC 2019) sets a run-time threshold on the same clean images.
+    --repair unlearn,fine-prune removes the backdoor from the model alone (Neural Cleanse's
+    unlearning with the reversed triggers; fine-pruning, Liu et al., RAID 2018) on clean
+    training images, saves models/NAME_unlearn and models/NAME_fine_prune, and reports clean
+    accuracy before and after (and ASR when the model is a redblue poisoned model).
     """
     model_opts = pop_model_options(options)
+    options["repair"] = _names(options["repair"])
+    classes = _names(options["unlearn_classes"])
+    try:
+        options["unlearn_classes"] = None if classes is None else tuple(int(c) for c in classes)
+    except ValueError:
+        raise ConfigError(f"--unlearn-classes {options['unlearn_classes']!r}: expected class numbers, e.g. 7 or 3,7") from None
     file = load_toml(config_file, ("backdoor_audit", "data"))
     audit_cfg = build(BackdoorAuditConfig, file, options, "backdoor_audit")
     data_cfg = build(DataConfig, file, options, "data")
@@ -238,3 +263,23 @@ def audit_backdoor(model_path: str, out: str, config_file: str | None, name: str
         click.echo(f"true trigger (from the record): target {true['target']} "
                    f"{'flagged' if true['target_flagged'] else 'not flagged'}, "
                    f"{pct(true['mask_mass_on_patch'])} of its reversed mask on the true patch")  # fmt: skip
+    s = result["strip"]
+    if s is not None:
+        far = "" if s["far"] is None else f", accepts {pct(s['far'])} of {s['n_triggered']} triggered inputs"
+        click.echo(f"STRIP: entropy threshold {s['threshold']:.3f} rejects {pct(s['frr'])} of {s['n_clean']} clean inputs{far}")
+    for row in result["repairs"]:
+        if row["skipped"]:
+            click.echo(f"repair {row['method']}: skipped ({row['skipped']})")
+            continue
+        click.echo(f"repair {row['method']}: {_measured(result['before'])} -> {_measured(row['after'])}; "
+                   f"saved as models/{row['model']['name']}.safetensors")  # fmt: skip
+
+
+def _measured(m: dict[str, Any]) -> str:
+    text = f"clean accuracy {pct(m['clean_accuracy'])}"
+    return text if m["asr"] is None else f"{text}, ASR {pct(m['asr'])}, RA {pct(m['ra'])}"
+
+
+def _names(text: str | None) -> tuple[str, ...] | None:
+    """``"a,b"`` -> ("a", "b"); None when the option was not given."""
+    return None if text is None else tuple(part.strip() for part in text.split(",") if part.strip())

@@ -257,6 +257,24 @@ def stage_facts(result: dict[str, Any]) -> dict[str, Any]:
             facts.append(("True trigger (from the poisoned model's record)",
                           f"target {true.get('target')} {'flagged' if true.get('target_flagged') else 'NOT flagged'}; "
                           f"{pct(true.get('mask_mass_on_patch'))} of its reversed mask on the true patch"))  # fmt: skip
+        strip = result.get("strip") or {}
+        if strip:
+            far = strip.get("far")
+            facts.append(("STRIP (run-time input detector)",
+                          f"entropy threshold {strip.get('threshold'):.3f}: rejects {pct(strip.get('frr'))} of "
+                          f"{count(strip.get('n_clean'))} clean inputs"
+                          + ("" if far is None else f", accepts {pct(far)} of {count(strip.get('n_triggered'))} "
+                             "triggered inputs (false-acceptance rate)")))  # fmt: skip
+        measured: dict[str, Any] = result.get("before") or {}
+        for row in result.get("repairs") or []:
+            label = {"unlearn": "Removal by unlearning", "fine-prune": "Removal by fine-pruning"}.get(row.get("method"), "Removal")
+            if row.get("skipped"):
+                facts.append((label, f"skipped: {row['skipped']}"))
+                continue
+            repaired: dict[str, Any] = row.get("after") or {}
+            facts.append((f"{label}: clean accuracy / ASR / RA, before → after",
+                          " / ".join(f"{pct(measured.get(k))} → {pct(repaired.get(k))}" for k in ("clean_accuracy", "asr", "ra"))
+                          + f" (model {dig(row, 'model', 'name')}, {_seconds(row.get('seconds'))})"))  # fmt: skip
     elif stage == "backdoor_defense":
         det = result.get("detection") or {}
         before: dict[str, Any] = result.get("before") or {}

@@ -13,9 +13,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save as st_save
 
-from redblue.artifacts import LoadedModel, load_model
+from redblue.artifacts import LoadedModel, load_model, write_tensors
 from redblue.config import AttackConfig, DataConfig
 from redblue.data import Dataset
 from redblue.errors import IntegrityError
@@ -24,11 +23,9 @@ from redblue.results import AttackStageResult
 from redblue.stages.common import cached_result, config_json, model_json, stage_cache, write_result
 from redblue.train import channels_last
 from redblue.utils import (
-    atomic_write_bytes,
     eval_mode,
     library_versions,
     resolve_device,
-    sha256_bytes,
     sha256_file,
     sha256_json,
 )
@@ -118,16 +115,15 @@ def attack_stage(
 
     entry, _ = stage_cache(out).get_or_compute("attack", {"key": key}, compute)
     examples = {k: v for k, v in entry.tensors.items() if k not in ADVERSARIAL_KEYS}
-    payload = st_save(dict(sorted(examples.items())), metadata={"format": SAMPLES_FORMAT})
     samples_rel = f"{name}_examples.safetensors"
-    atomic_write_bytes(out / "metrics" / samples_rel, payload)
+    samples_sha256 = write_tensors(out / "metrics" / samples_rel, examples, SAMPLES_FORMAT)
     adversarial: dict[str, Any] | None = None
     if cfg.save_adversarial:
-        adv_payload = st_save({k: entry.tensors[k].contiguous() for k in ADVERSARIAL_KEYS},
-                              metadata={"format": ADVERSARIAL_FORMAT})  # fmt: skip
-        adversarial = {"images_file": f"{name}_adversarial.safetensors", "images_sha256": sha256_bytes(adv_payload),
+        adv_file = f"{name}_adversarial.safetensors"
+        adv_sha256 = write_tensors(out / "metrics" / adv_file, {k: entry.tensors[k] for k in ADVERSARIAL_KEYS},
+                                   ADVERSARIAL_FORMAT)  # fmt: skip
+        adversarial = {"images_file": adv_file, "images_sha256": adv_sha256,
                        "n": int(entry.tensors["adversarial.y"].shape[0]), "format": ADVERSARIAL_FORMAT}  # fmt: skip
-        atomic_write_bytes(out / "metrics" / adversarial["images_file"], adv_payload)
     metrics = entry.metadata["metrics"]
     if cfg.checks:
         checks = {"ran": True, "n_examples": entry.metadata["checks_n_examples"], "note": None}
@@ -146,7 +142,7 @@ def attack_stage(
         checks=checks,
         # X_file / X_sha256 pairs name files relative to the JSON's own folder (redblue verify).
         samples_file=samples_rel,
-        samples_sha256=sha256_bytes(payload),
+        samples_sha256=samples_sha256,
         versions=library_versions(),
         adversarial=adversarial,
     )

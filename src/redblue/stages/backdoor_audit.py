@@ -1,12 +1,22 @@
-"""The backdoor-audit stage: is a model backdoored, and by what trigger? (Neural Cleanse)
+"""The backdoor-audit stage: is a model backdoored, by what trigger, and can it be repaired?
 
-Needs only the model (any ``--model`` source) and clean labelled images: the first
-``n_images`` test images. Writes ``metrics/<name>_metrics.json`` (per class: the reversed
-mask's L1 norm, its anomaly index, the trigger's success rate, flagged or not; the verdict)
-and ``metrics/<name>_triggers.safetensors`` (the reversed masks and patterns, hashed), which
-the report's trigger grid and anomaly chart are rendered from. When the model is one of
-redblue's poisoned models, its record's true trigger is compared with the reversed one
-(is the target flagged, and what share of the target's mask lies on the true patch).
+Needs only the model (any ``--model`` source) and clean labelled images:
+
+- **Neural Cleanse** on the first ``n_images`` test images: ``metrics/<name>_metrics.json``
+  (per class: the reversed mask's L1 norm, its anomaly index, the trigger's success rate,
+  flagged or not; the verdict) and ``metrics/<name>_triggers.safetensors`` (the reversed masks
+  and patterns, hashed), which the report's trigger grid and anomaly chart are rendered from.
+- **STRIP** (unless turned off): its run-time threshold set on the same clean images, and its
+  false-acceptance rate on triggered images when the trigger is known.
+- **Repair** (``repair``): unlearning with the reversed triggers and/or fine-pruning, each
+  fine-tuned on clean training images held out from the audit and saved as
+  ``models/<name>_unlearn`` / ``models/<name>_fine_prune``; clean accuracy (all test images)
+  before and after, and ASR / RA when the true trigger is known.
+
+When the model is one of redblue's poisoned models, its record's true trigger is known: it is
+compared with the reversed one (is the target flagged, what share of the target's mask lies
+on the true patch) and used for STRIP's false-acceptance rate and the ASR before and after
+a repair.
 """
 
 from __future__ import annotations
@@ -17,17 +27,21 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save as st_save
 
-from redblue.artifacts import LoadedModel
-from redblue.config import BackdoorAuditConfig, DataConfig
+from redblue.artifacts import LoadedModel, write_tensors
+from redblue.config import BackdoorAuditConfig, DataConfig, PoisonConfig, TrainConfig
 from redblue.data import Dataset, to_float
 from redblue.defenses.neural_cleanse import CleanseResult, neural_cleanse
-from redblue.errors import IntegrityError
+from redblue.defenses.repair import RepairResult, fine_prune, unlearn
+from redblue.defenses.strip import strip
+from redblue.errors import ConfigError, IntegrityError
+from redblue.metrics import backdoor_metrics
+from redblue.poison.trigger import apply_trigger
 from redblue.results import BackdoorAuditResult
-from redblue.stages.common import cached_result, config_json, model_json, stage_cache, write_result
+from redblue.stages.common import cached_result, config_json, model_json, save_derived, stage_cache, write_result
 from redblue.stages.poison import poison_config_from_record
-from redblue.utils import atomic_write_bytes, library_versions, resolve_device, sha256_bytes, sha256_file, sha256_json
+from redblue.train import accuracy
+from redblue.utils import library_versions, resolve_device, sha256_file, sha256_json
 from redblue.validate import check_name
 
 TRIGGERS_FORMAT = "redblue.reversed-triggers/1"
@@ -63,6 +77,95 @@ def verdict_text(flagged: list[int], names: list[str] | None, classes: int) -> s
             "(anomaly index above 2); its reversed trigger is saved")  # fmt: skip
 
 
+def _poison(loaded: LoadedModel) -> PoisonConfig | None:
+    return poison_config_from_record(loaded.record) if isinstance(loaded.record.get("poison"), dict) else None
+
+
+def repair_split(data: Dataset, cfg: BackdoorAuditConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The clean images a repair fine-tunes on and validates with: the first ``repair_images``
+    training images and the next ``repair_val`` (a training split too small for both is
+    split 90/10). Refused in one line when the data has no training split."""
+    n = int(data.x_train.shape[0])
+    if n < 2:
+        raise ConfigError(f"--repair {','.join(cfg.repair)}: needs clean training images to fine-tune on, and "
+                          f"dataset {data.name!r} has {n}; give a dataset with a training split (x_train/y_train or train/)")  # fmt: skip
+    n_fit = cfg.repair_images if cfg.repair_images + 1 <= n else max(1, int(0.9 * n))
+    n_val = min(cfg.repair_val, n - n_fit)
+    return (data.x_train[:n_fit], data.y_train[:n_fit],
+            data.x_train[n_fit : n_fit + n_val], data.y_train[n_fit : n_fit + n_val])  # fmt: skip
+
+
+def _measure(model: torch.nn.Module, data: Dataset, poison: PoisonConfig | None) -> dict[str, Any]:
+    """Clean accuracy on every test image; ASR and RA on the triggered non-target ones when
+    the true trigger is known (None otherwise)."""
+    if poison is None:
+        return {"clean_accuracy": accuracy(model, data.x_test, data.y_test), "asr": None, "ra": None}
+    m = backdoor_metrics(model, data.x_test, data.y_test, poison.trigger(), poison.target, num_classes=data.num_classes)
+    return {"clean_accuracy": m.clean_accuracy, "asr": m.asr, "ra": m.ra}
+
+
+def _strip(net: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, poison: PoisonConfig | None,
+           cfg: BackdoorAuditConfig, progress: bool) -> dict[str, Any]:  # fmt: skip
+    triggered = None if poison is None else apply_trigger(x[y != poison.target], poison.trigger())
+    r = strip(net, x, x, triggered=triggered, frr=cfg.strip_frr, n_copies=cfg.strip_copies, seed=cfg.seed,
+              progress=progress)  # fmt: skip
+    clean = torch.tensor(r.clean_entropy)
+    quantiles = [0.01, 0.5, 0.99]
+    return {
+        "threshold": r.threshold, "frr_target": r.frr_target, "frr": r.frr, "far": r.far,
+        "n_clean": len(r.clean_entropy), "n_triggered": None if r.triggered_entropy is None else len(r.triggered_entropy),
+        "n_copies": r.n_copies,
+        "clean_entropy_quantiles": [float(torch.quantile(clean, q)) for q in quantiles],
+        "triggered_entropy_quantiles": None if not r.triggered_entropy
+        else [float(torch.quantile(torch.tensor(r.triggered_entropy), q)) for q in quantiles],
+    }  # fmt: skip
+
+
+def _repair(
+    out: Path,
+    name: str,
+    loaded: LoadedModel,
+    data: Dataset,
+    cfg: BackdoorAuditConfig,
+    flagged: list[int],
+    masks: torch.Tensor,
+    patterns: torch.Tensor,
+    poison: PoisonConfig | None,
+    progress: bool,
+) -> list[dict[str, Any]]:
+    """Every repair of ``cfg.repair``: the repaired model saved, and its measurements."""
+    x, y, x_val, y_val = repair_split(data, cfg)
+    train_cfg = TrainConfig(epochs=cfg.repair_epochs, lr=cfg.repair_lr, seed=cfg.seed, device=cfg.device)
+    net = loaded.model
+    rows: list[dict[str, Any]] = []
+    for method in cfg.repair:
+        classes = list(cfg.unlearn_classes) or flagged
+        if method == "unlearn" and not classes:
+            rows.append({"method": method, "model": None, "after": None, "details": {}, "seconds": 0.0,
+                         "skipped": "no class flagged and no --unlearn-classes: no trigger to unlearn"})  # fmt: skip
+            continue
+        result: RepairResult
+        if method == "unlearn":
+            pick = torch.tensor(classes)
+            result = unlearn(net, x, y, masks[pick], patterns[pick], train_cfg, x_val=x_val, y_val=y_val,
+                             share=cfg.unlearn_share, progress=progress)  # fmt: skip
+            result.details["classes"] = classes
+        else:
+            result = fine_prune(net, x, y, train_cfg, x_val=x_val, y_val=y_val, max_drop=cfg.prune_max_drop,
+                                progress=progress)  # fmt: skip
+        model_name = f"{name}_{method.replace('-', '_')}"
+        record = save_derived(out, model_name, loaded, result.model, {
+            "stage": "backdoor_repair", "repair": {"method": method, **result.details},
+            "repaired_from": model_json(loaded, str(loaded.record.get("name", loaded.json_path.stem))),
+            "dataset": data.describe(), "training": {"seconds": result.seconds},
+            **({"poison": loaded.record["poison"]} if poison is not None else {}),
+        })  # fmt: skip
+        rows.append({"method": method, "model": {"name": model_name, "weights_sha256": record["weights_sha256"]},
+                     "after": _measure(result.model, data, poison), "details": result.details,
+                     "seconds": result.seconds, "skipped": None})  # fmt: skip
+    return rows
+
+
 def audit_backdoor_stage(
     out: Path,
     loaded: LoadedModel,
@@ -73,12 +176,21 @@ def audit_backdoor_stage(
     data_cfg: DataConfig | None = None,
     progress: bool = True,
 ) -> BackdoorAuditResult:
-    """Run Neural Cleanse on ``loaded`` with the first ``cfg.n_images`` test images of ``data``."""
+    """Audit ``loaded`` with ``data``: Neural Cleanse on the first ``cfg.n_images`` test
+    images, then STRIP and the repairs that ``cfg`` asks for."""
     model_name = check_name("name", str(loaded.record.get("name", loaded.json_path.stem)), error=IntegrityError)
     name = check_name("name", name or f"{model_name}_backdoor_audit")
+    if cfg.repair:
+        repair_split(data, cfg)  # refuse before any work
+    k_classes = data.num_classes
+    bad = [k for k in cfg.unlearn_classes if k >= k_classes]
+    if bad:
+        raise ConfigError(f"--unlearn-classes {','.join(map(str, bad))}: the model has classes 0 to {k_classes - 1}")
     weights = str(loaded.record.get("weights_sha256"))
     settings = dataclasses.asdict(cfg)
     settings.pop("device")
+    nc_settings = {k: settings[k] for k in ("n_images", "epochs", "steps_per_epoch", "batch_size", "lr", "init_cost",
+                                            "target_asr", "seed")}  # fmt: skip
     key = sha256_json({"stage": "backdoor_audit", "settings": settings, "weights": weights, "data": data.identity()})
     cached = cached_result(out, name, key, BackdoorAuditResult)
     if cached is not None and (out / "metrics" / cached.triggers_file).is_file() and (
@@ -90,6 +202,7 @@ def audit_backdoor_stage(
     x = to_float(data.x_test[:n].to(device))
     y = data.y_test[:n].to(device)
     net = loaded.model.to(device)
+    poison = _poison(loaded)
 
     def compute() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         result: CleanseResult = neural_cleanse(
@@ -101,13 +214,13 @@ def audit_backdoor_stage(
                 "seconds": result.seconds, "params": result.params}  # fmt: skip
         return {"masks": result.masks, "patterns": result.patterns}, meta
 
-    entry, _ = stage_cache(out).get_or_compute("neural_cleanse", {"key": key}, compute)
+    cache = stage_cache(out)
+    nc_inputs = {"settings": nc_settings, "weights": weights, "data": data.identity()}
+    entry, _ = cache.get_or_compute("neural_cleanse", nc_inputs, compute)
     meta = entry.metadata
     masks, patterns = entry.tensors["masks"], entry.tensors["patterns"]
-    payload = st_save({"masks": masks.contiguous(), "patterns": patterns.contiguous()},
-                      metadata={"format": TRIGGERS_FORMAT})  # fmt: skip
     triggers_file = f"{name}_triggers.safetensors"
-    atomic_write_bytes(out / "metrics" / triggers_file, payload)
+    triggers_sha256 = write_tensors(out / "metrics" / triggers_file, {"masks": masks, "patterns": patterns}, TRIGGERS_FORMAT)
     names = loaded.record.get("class_names") or (list(data.class_names) if data.class_names else None)
     flagged = [int(k) for k in meta["flagged"]]
     classes = [
@@ -116,6 +229,15 @@ def audit_backdoor_stage(
          "anomaly_index": meta["anomaly_index"][k], "attack_success_rate": meta["asr"][k], "flagged": k in flagged}
         for k in range(len(meta["l1"]))
     ]  # fmt: skip
+    strip_result = None
+    if cfg.strip:
+        strip_inputs = {"settings": {k: settings[k] for k in ("n_images", "strip_copies", "strip_frr", "seed")},
+                        "weights": weights, "data": data.identity(), "poison": loaded.record.get("poison")}  # fmt: skip
+        strip_result = cache.get_or_compute("strip", strip_inputs, lambda: ({}, _strip(net, x, y, poison, cfg, progress)))[0].metadata
+    test = data.to(device)
+    before = _measure(net, test, poison) if cfg.repair else None
+    repairs = _repair(out, name, loaded, test, cfg, flagged, masks.to(device), patterns.to(device), poison, progress) \
+        if cfg.repair else []  # fmt: skip
     result = BackdoorAuditResult(
         stage="backdoor_audit",
         name=name,
@@ -130,7 +252,10 @@ def audit_backdoor_stage(
         verdict=verdict_text(flagged, names, len(classes)),
         true_trigger=_true_trigger(loaded, masks, flagged),
         triggers_file=triggers_file,
-        triggers_sha256=sha256_bytes(payload),
+        triggers_sha256=triggers_sha256,
+        strip=strip_result,
+        before=before,
+        repairs=repairs,
         seconds=float(meta["seconds"]),
         versions=library_versions(),
     )

@@ -21,7 +21,7 @@ import sys
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 from torch import nn
 
@@ -175,3 +175,29 @@ def write_result(out: Path, name: str, result: Result) -> None:
 def stage_cache(out: Path) -> Cache:
     """The output folder's safe cache of intermediate results (``OUT/cache``)."""
     return Cache(out / "cache")
+
+
+USER_MODEL_FIELDS = ("input_shape", "num_classes", "mean", "std", "class_names")
+
+
+def derived_record(base: LoadedModel) -> dict[str, Any]:
+    """The record fields a model derived from ``base`` (fine-tuned, repaired) inherits: a
+    redblue architecture's name, or a user module's factory, files and input settings."""
+    if base.record.get("source") != "module":
+        return {"model_name": base.record.get("model_name", "cnn")}
+    return {"model_name": "user-module", "source": "module", "factory": base.record.get("factory"),
+            "base_files": base.record.get("files"), **{k: base.record.get(k) for k in USER_MODEL_FIELDS}}  # fmt: skip
+
+
+def inner_module(base: LoadedModel, tuned: nn.Module) -> nn.Module:
+    """What is saved of a model derived from ``base``: all of it for a redblue model; for a
+    user's module, the module itself without the normalisation layer that ``--mean``/``--std``
+    put before it (so its weights load the way the original's did)."""
+    if base.record.get("source") != "module" or base.definition is None or base.definition is base.model:
+        return tuned
+    return cast(nn.Sequential, tuned)[1]
+
+
+def save_derived(out: Path, name: str, base: LoadedModel, tuned: nn.Module, record: Mapping[str, Any]) -> dict[str, Any]:
+    """Save a model derived from ``base`` as ``models/NAME``; returns the saved record."""
+    return save_model(out, name, inner_module(base, tuned), {**record, **derived_record(base)})

@@ -17,7 +17,7 @@ from typing import Any, cast
 import torch
 from torch import nn
 
-from redblue.artifacts import LoadedModel, model_paths, read_record, read_verified_tensors, save_model
+from redblue.artifacts import LoadedModel, model_paths, read_record, read_verified_tensors
 from redblue.config import DataConfig, DefendConfig, TrainConfig
 from redblue.data import Dataset, to_float
 from redblue.defenses.adversarial import train_defended
@@ -30,7 +30,9 @@ from redblue.stages.common import (
     Trained,
     cached_result,
     config_json,
+    derived_record,
     model_json,
+    save_derived,
     stage_cache,
     train_or_reuse,
     training_cache_key,
@@ -181,11 +183,8 @@ def _fine_tune(
 
     record: dict[str, Any] = {"stage": name, "config": config, "dataset": data.describe()}
     if not user:
-        record["model_name"] = base.record.get("model_name", "cnn")
+        record.update(derived_record(base))
         return train_or_reuse(out, name, key, train, record, device=train_cfg.device, force_retrain=force_retrain)
-    record.update({"model_name": "user-module", "source": "module", "factory": base.record.get("factory"),
-                   "base_files": base.record.get("files"), **{k: base.record.get(k) for k in
-                   ("input_shape", "num_classes", "mean", "std", "class_names")}})  # fmt: skip
     weights_path, json_path = model_paths(out, name)
     device = resolve_device(train_cfg.device)
     if not force_retrain and json_path.is_file():
@@ -198,8 +197,7 @@ def _fine_tune(
             print(f"reusing {json_path} (same base model, settings and data)", file=sys.stderr)
             return Trained(model.to(device).eval(), saved, True)
     tuned, summary = train()
-    inner = tuned if wrapper is definition else cast(nn.Sequential, tuned)[1]
-    saved = save_model(out, name, inner, {**record, "cache_key": key, "training": summary})
+    saved = save_derived(out, name, base, tuned, {**record, "cache_key": key, "training": summary})
     return Trained(tuned.eval(), saved, False)
 
 

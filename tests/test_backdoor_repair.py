@@ -1,0 +1,210 @@
+"""STRIP and the repairs from the model alone (Neural Cleanse's unlearning, fine-pruning):
+entropies by hand, a backdoor's triggered inputs caught at 1% false rejections, the
+backdoor unlearned on a tiny model of real digits, pruning baked into the weights, and
+``redblue audit-backdoor --repair`` end to end on a user's module."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from redblue.config import BackdoorAuditConfig, TrainConfig
+from redblue.defenses.repair import channel_activations, fine_prune, last_conv, unlearn
+from redblue.defenses.strip import strip, strip_entropy
+from redblue.errors import ConfigError
+
+from .conftest import run_cli, stamp_digits
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "examples" / "audit"))
+from net import build  # noqa: E402
+
+
+def _rates(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
+    """(clean accuracy, ASR of the 2x2 patch on the non-7 images)."""
+    with torch.no_grad():
+        clean = float((model(x).argmax(1) == y).float().mean())
+        asr = float((model(stamp_digits(x[y != 7])).argmax(1) == 7).float().mean())
+    return clean, asr
+
+
+def test_strip_entropy_by_hand() -> None:
+    """A model whose logits do not depend on the input: every blend has the entropy of
+    softmax([0, ln 3]) = [1/4, 3/4], i.e. -(1/4 ln 1/4 + 3/4 ln 3/4)."""
+
+    class Fixed(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.tensor([0.0, math.log(3.0)]).expand(x.shape[0], 2) + 0 * x.flatten(1).sum(1, keepdim=True)
+
+    x = torch.rand(7, 1, 4, 4)
+    expected = -(0.25 * math.log(0.25) + 0.75 * math.log(0.75))
+    h = strip_entropy(Fixed(), x, torch.rand(5, 1, 4, 4), n_copies=3)
+    assert torch.allclose(h, torch.full((7,), expected), atol=1e-6)
+
+
+def test_strip_blends_are_clipped_sums() -> None:
+    """The model sees x + overlay clipped to [0, 1], n_copies per input."""
+    seen: list[torch.Tensor] = []
+
+    class Spy(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            seen.append(x.clone())
+            return torch.zeros(x.shape[0], 3)
+
+    x = torch.full((2, 1, 2, 2), 0.75)
+    overlays = torch.stack([torch.full((1, 2, 2), 0.5), torch.full((1, 2, 2), 0.125)])
+    h = strip_entropy(Spy(), x, overlays, n_copies=4)
+    blends = torch.cat(seen)
+    assert blends.shape == (8, 1, 2, 2)
+    assert set(blends.flatten().tolist()) <= {1.0, 0.875}  # 0.75 + 0.5 clipped, 0.75 + 0.125
+    assert torch.allclose(h, torch.full((2,), math.log(3.0)))  # uniform over 3 classes
+
+
+def test_strip_catches_the_trigger_at_one_percent_false_rejections(digits_backdoor: dict) -> None:
+    model, x, y = digits_backdoor["poisoned"], digits_backdoor["x_test"], digits_backdoor["y_test"]
+    triggered = stamp_digits(x[y != 7])
+    result = strip(model, x, x, triggered=triggered, frr=0.01, n_copies=32)
+    clean_h = torch.tensor(result.clean_entropy)
+    assert result.threshold == pytest.approx(float(torch.quantile(clean_h.double(), 0.01)))
+    assert result.frr == float((clean_h <= result.threshold).float().mean())
+    assert result.frr <= 0.02  # 1% of 397 clean inputs (ties at most one more)
+    assert result.far is not None and result.far <= 0.05, result.far
+    assert max(result.triggered_entropy or []) >= 0.0
+    assert all(0.0 <= h <= math.log(10) + 1e-6 for h in result.clean_entropy)
+    # on the clean twin the patch is no shortcut: almost every patched input passes as clean
+    clean_model = digits_backdoor["clean"]
+    control = strip(clean_model, x, x, triggered=triggered, frr=0.01, n_copies=32)
+    assert control.far is not None and control.far >= 0.5
+
+
+def test_unlearning_removes_the_backdoor_and_leaves_the_model_given(digits_backdoor: dict) -> None:
+    """Unlearning with the true patch as the 'reversed' trigger (mask 1 on the patch, white
+    pattern): the ASR falls, clean accuracy holds, and the model given is not changed."""
+    model = digits_backdoor["poisoned"]
+    x_train, y_train = digits_backdoor["x_train"], digits_backdoor["y_train"]
+    x, y = digits_backdoor["x_test"], digits_backdoor["y_test"]
+    clean_before, asr_before = _rates(model, x, y)
+    assert asr_before > 0.9
+    mask = torch.zeros(1, 8, 8)
+    mask[0, 6:8, 6:8] = 1.0
+    weights = [p.detach().clone() for p in model.parameters()]
+    cfg = TrainConfig(epochs=3, lr=1e-3, seed=0, device="cpu")
+    result = unlearn(model, x_train[:1000], y_train[:1000], mask, torch.ones(1, 1, 8, 8), cfg,
+                     x_val=x_train[1000:], y_val=y_train[1000:], share=0.2)  # fmt: skip
+    clean_after, asr_after = _rates(result.model, x, y)
+    assert asr_after <= 0.2, asr_after
+    # 397 test images of a model fitted on 1,400: a few images' worth of movement (full MNIST: docs/backdoor.md)
+    assert clean_after >= clean_before - 0.1, (clean_before, clean_after)
+    assert all(torch.equal(a, b) for a, b in zip(weights, model.parameters(), strict=True))
+    assert result.details["share"] == 0.2 and result.details["images"] == 1000
+
+
+def test_fine_pruning_bakes_the_pruned_channels_into_the_weights(digits_backdoor: dict) -> None:
+    model = digits_backdoor["poisoned"]
+    x_train, y_train = digits_backdoor["x_train"], digits_backdoor["y_train"]
+    conv, bn = last_conv(model)
+    assert conv is model[3] and bn is None  # net.build: the second Conv2d, no BatchNorm
+    activation = channel_activations(model, conv, x_train[:200])
+    assert activation.shape == (32,) and float(activation.min()) >= 0.0
+    result = fine_prune(model, x_train[:1000], y_train[:1000], TrainConfig(epochs=1, lr=1e-3, seed=0, device="cpu"),
+                        x_val=x_train[1000:], y_val=y_train[1000:], max_drop=0.04)  # fmt: skip
+    pruned = result.details["pruned_channels"]
+    assert len(pruned) == result.details["pruned"] >= 1
+    # the least active channels go first
+    assert set(pruned) == set(torch.argsort(channel_activations(model, conv, x_train[:1000]))[: len(pruned)].tolist())
+    assert result.details["val_accuracy_pruned"] >= result.details["val_accuracy_start"] - 0.04
+    tuned_conv, _ = last_conv(result.model)
+    assert float(tuned_conv.weight.detach()[pruned].abs().sum()) == 0.0 and float(tuned_conv.bias.detach()[pruned].abs().sum()) == 0.0
+    with torch.no_grad():  # the pruned channels are silent without any hook
+        out = tuned_conv(torch.rand(4, 16, 4, 4))
+    assert float(out[:, pruned].abs().sum()) == 0.0
+    assert not tuned_conv._forward_hooks and conv.weight.abs().sum() > 0  # the model given is untouched
+
+
+def test_repair_settings_are_checked() -> None:
+    with pytest.raises(ConfigError, match="--repair 'prune': expected one of unlearn, fine-prune"):
+        BackdoorAuditConfig(repair=("prune",))
+    with pytest.raises(ConfigError, match="named twice"):
+        BackdoorAuditConfig(repair=("unlearn", "unlearn"))
+    with pytest.raises(ConfigError, match="--strip-frr"):
+        BackdoorAuditConfig(strip_frr=1.0)
+
+
+def test_last_conv_finds_a_batchnorm_after_it() -> None:
+    net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.LazyLinear(2))
+    conv, bn = last_conv(net)
+    assert conv is net[0] and bn is net[1]
+    with pytest.raises(Exception, match="needs a model with a convolution"):
+        last_conv(nn.Sequential(nn.Flatten(), nn.Linear(4, 2)))
+
+
+def test_audit_backdoor_cli_flags_and_repairs_a_users_model(digits_backdoor: dict, tmp_path: Path) -> None:
+    """``redblue audit-backdoor --repair unlearn,fine-prune`` as a user runs it, on their own
+    module and .npz: 7 flagged, the reversed triggers written (hashed), STRIP's threshold, both
+    repaired models saved (hashed, loadable the way the original was, the backdoor unlearned),
+    before/after clean accuracy, and the report's section rendered from the JSON."""
+    from safetensors.torch import load_file, save_file
+
+    model = digits_backdoor["poisoned"]
+    shutil.copyfile(ROOT / "examples" / "audit" / "net.py", tmp_path / "net.py")
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp_path / "suspect.safetensors")
+
+    def u8(t: torch.Tensor) -> np.ndarray:
+        return (t * 255).round().to(torch.uint8).numpy()
+
+    x_test, y_test = digits_backdoor["x_test"], digits_backdoor["y_test"]
+    np.savez(tmp_path / "data.npz", x_train=u8(digits_backdoor["x_train"]), y_train=digits_backdoor["y_train"].numpy(),
+             x_test=u8(x_test), y_test=y_test.numpy())  # fmt: skip
+    np.savez(tmp_path / "test_only.npz", x_test=u8(x_test), y_test=y_test.numpy())
+    common = ["audit-backdoor", "--model", "net.py:build", "--weights", "suspect.safetensors", "--epochs", "20",
+              "--steps-per-epoch", "20", "--batch-size", "16", "--device", "cpu", "--strip-copies", "16"]  # fmt: skip
+    refused = run_cli(*common, "--dataset", "test_only.npz", "--repair", "unlearn", "--out", "none", cwd=tmp_path)
+    assert refused.returncode == 2 and "needs clean training images" in refused.stderr
+    assert "Traceback" not in refused.stderr and not (tmp_path / "none" / "metrics").exists()
+    proc = run_cli(*common, "--dataset", "data.npz", "--repair", "unlearn,fine-prune", "--repair-images", "1000",
+                   "--repair-epochs", "3", "--out", "out", cwd=tmp_path)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = tmp_path / "out"
+    result = json.loads((out / "metrics" / "suspect_backdoor_audit_metrics.json").read_text())
+    assert result["flagged"] == [7], result["classes"]
+    assert [c["flagged"] for c in result["classes"]] == [k == 7 for k in range(10)]
+    assert result["true_trigger"] is None  # a user's model: no record of the true trigger
+    assert result["model"]["files"]["suspect.safetensors"] == hashlib.sha256(
+        (tmp_path / "suspect.safetensors").read_bytes()).hexdigest()  # fmt: skip
+    assert "backdoor suspected: class 7" in proc.stdout and "FLAGGED" in proc.stdout
+    for image in ("anomaly", "triggers"):
+        assert (out / "images" / f"suspect_backdoor_audit_{image}.png").is_file()
+    strip_result = result["strip"]
+    assert strip_result["far"] is None and strip_result["n_clean"] == 397 and strip_result["frr"] <= 0.02
+    assert result["before"]["asr"] is None  # the true trigger is unknown
+    methods = {row["method"]: row for row in result["repairs"]}
+    assert set(methods) == {"unlearn", "fine-prune"}
+    assert methods["unlearn"]["details"]["classes"] == [7]
+    _, asr_before = _rates(model, x_test, y_test)
+    for method, row in methods.items():
+        saved = out / "models" / f"{row['model']['name']}.safetensors"
+        assert hashlib.sha256(saved.read_bytes()).hexdigest() == row["model"]["weights_sha256"]
+        repaired = build()
+        repaired.load_state_dict(load_file(saved))  # the module's own state dict, as the original was given
+        clean_after, asr_after = _rates(repaired.eval(), x_test, y_test)
+        assert row["after"]["clean_accuracy"] == pytest.approx(clean_after, abs=1e-6), method
+        assert abs(clean_after - result["before"]["clean_accuracy"]) <= 0.1, method
+        if method == "unlearn":
+            assert asr_after <= asr_before - 0.5, (asr_before, asr_after)  # the reversed trigger was unlearned
+    assert "repair unlearn: clean accuracy" in proc.stdout and "STRIP: entropy threshold" in proc.stdout
+    report = run_cli("report", "--out", str(out))
+    assert report.returncode == 0, report.stderr
+    html = (out / "report.html").read_text(encoding="utf-8")
+    assert "Neural Cleanse" in html and "backdoor suspected" in html
+    assert "Removal by unlearning" in html and "Removal by fine-pruning" in html and "STRIP" in html
+    verified = run_cli("verify", str(out))
+    assert verified.returncode == 0, verified.stdout + verified.stderr
