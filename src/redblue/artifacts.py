@@ -27,8 +27,8 @@ from redblue.utils import (
     atomic_write_bytes,
     atomic_write_json,
     library_versions,
+    read_input_file,
     read_json,
-    read_regular_file,
     sha256_bytes,
 )
 from redblue.validate import FILE_NAME_PATTERN, is_safe_name
@@ -112,12 +112,7 @@ def read_verified_tensors(path: Path, sha256: object, record_path: Path, *, kind
     """The tensors of the safetensors file ``path``, after checking its SHA-256 against ``sha256``
     (recorded in ``record_path``). IntegrityError naming the file when it is missing,
     unreadable, modified or not safetensors; nothing is deserialised before the hash matches."""
-    try:
-        payload = read_regular_file(path)
-    except FileNotFoundError:
-        raise IntegrityError(f"{path}: {kind} file not found (recorded in {record_path.name})") from None
-    except OSError as exc:
-        raise IntegrityError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    payload = read_input_file(path, IntegrityError, missing=f"{kind} file not found (recorded in {record_path.name})")
     digest = sha256_bytes(payload)
     if digest != sha256:
         raise HashMismatchError(

@@ -43,7 +43,7 @@ import numpy as np
 import torch
 
 from redblue.errors import ConfigError, DataError, IntegrityError
-from redblue.utils import read_regular_file
+from redblue.utils import read_input_file, read_regular_file
 
 DATASET_NAMES = ("auto", "mnist", "fashion-mnist", "mnist-mini")
 FILE_KINDS = ("train-images", "train-labels", "test-images", "test-labels")
@@ -548,12 +548,7 @@ def load_npz(path: Path) -> Dataset:
     Images uint8 (or integers 0..255) or float in [0, 1]; NCHW, NHWC or (N, H, W). Read with
     ``allow_pickle=False``: an object array is refused, never unpickled.
     """
-    try:
-        payload = read_regular_file(path)
-    except FileNotFoundError:
-        raise DataError(f"--dataset {path}: file not found") from None
-    except OSError as exc:
-        raise DataError(f"--dataset {path}: cannot read ({exc.strerror or exc})") from None
+    payload = read_input_file(path, DataError, option="--dataset")
     arrays: dict[str, np.ndarray] = {}
     if not zipfile.is_zipfile(io.BytesIO(payload)):
         raise DataError(f"{path}: not an .npz file (a zip of .npy arrays, as numpy.savez writes)")

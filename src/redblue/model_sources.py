@@ -41,11 +41,11 @@ from safetensors.torch import load as st_load
 from torch import nn
 
 from redblue.artifacts import LoadedModel, load_model
-from redblue.errors import ConfigError, IntegrityError
+from redblue.errors import ConfigError
 from redblue.models import Normalize
 from redblue.onnx_graph import OnnxNodeError, onnx_module, shape_text
 from redblue.scan import FileReport, scan_file
-from redblue.utils import read_regular_file, sha256_bytes, sha256_json
+from redblue.utils import read_input_file, sha256_bytes, sha256_json
 from redblue.validate import NAME_PATTERN, check_int
 
 USER_FORMAT = "redblue.user-model/1"
@@ -130,14 +130,7 @@ def _safe_name(stem: str) -> str:
 
 
 def _read(path: Path, what: str) -> bytes:
-    try:
-        return read_regular_file(path)
-    except FileNotFoundError:
-        raise ConfigError(f"{what} {path}: file not found") from None
-    except IntegrityError as exc:  # a directory, a FIFO, a device, too large
-        raise ConfigError(f"{what} {exc}") from None
-    except OSError as exc:
-        raise ConfigError(f"{what} {path}: cannot read ({exc.strerror or exc})") from None
+    return read_input_file(path, ConfigError, option=what)
 
 
 def _scan_bytes(payload: bytes, path: Path) -> FileReport:

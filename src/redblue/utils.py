@@ -137,6 +137,22 @@ def read_regular_file(path: Path, max_bytes: int = MAX_READ_BYTES) -> bytes:
     return data
 
 
+def read_input_file(
+    path: Path, error: type[RedblueError], *, option: str = "", missing: str = "file not found"
+) -> bytes:
+    """The bytes of the regular file ``path``; a missing, unreadable, irregular or oversized
+    file is one ``error`` line that starts with ``option`` (the flag that named it) and the path."""
+    where = f"{option} {path}".strip()
+    try:
+        return read_regular_file(path)
+    except FileNotFoundError:
+        raise error(f"{where}: {missing}") from None
+    except IntegrityError as exc:  # a directory, a FIFO, a device, too large (the message names the path)
+        raise error(f"{option} {exc}".strip()) from None
+    except OSError as exc:
+        raise error(f"{where}: cannot read ({exc.strerror or exc})") from None
+
+
 def sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
     with open_regular(path) as handle:

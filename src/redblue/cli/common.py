@@ -249,14 +249,12 @@ def load_model_for(
         loaded = load_any_model(model_path, model_opts, device=device, probe=probe)
     try:
         with torch.no_grad():
-            loaded.model(probe.to(device))
+            outputs = loaded.model(probe.to(device))
     except RuntimeError as exc:
         raise ConfigError(
             f"--dataset {data.name}: the model rejects its images of shape {tuple(probe.shape[1:])} "
             f"({str(exc).strip().splitlines()[0][:160]})"
         ) from None
-    with torch.no_grad():
-        outputs = loaded.model(probe.to(device))
     classes = int(outputs.shape[1]) if outputs.dim() == 2 else 0
     top = max(int(data.y_test.max()), int(data.y_train.max()) if data.y_train.numel() else 0)
     if top >= classes:
