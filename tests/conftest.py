@@ -153,4 +153,5 @@ def digits_backdoor() -> dict[str, Any]:
     x_poison[chosen] = stamp_digits(x_poison[chosen])
     y_poison[chosen] = 7
     return {"poisoned": _fit(build(), x_poison, y_poison, epochs=20), "clean": _fit(build(), x_train, y_train, epochs=20),
-            "x_train": x_train, "y_train": y_train, "x_test": x_test, "y_test": y_test}  # fmt: skip
+            "x_train": x_train, "y_train": y_train, "x_test": x_test, "y_test": y_test,
+            "x_poison": x_poison, "y_poison": y_poison, "poison_indices": chosen.sort().values}  # fmt: skip

@@ -130,8 +130,11 @@ def test_bad_defense_settings_exit_2(capsys: pytest.CaptureFixture[str], tmp_pat
     assert capsys.readouterr().err.strip() == f"redblue: error: {message}"
 
 
-def test_defend_backdoor_needs_a_poisoned_model(capsys: pytest.CaptureFixture[str], tmp_path: Path,
-                                                mini_poisoned: Path) -> None:
+def test_defend_backdoor_screens_when_the_record_has_no_poison(capsys: pytest.CaptureFixture[str], tmp_path: Path,
+                                                                mini_poisoned: Path) -> None:
+    """A redblue model without poison settings: its record cannot rebuild a poisoned set, so
+    --dataset's training split is screened instead (detection only, nothing scored); true
+    poison indices beside a poisoned record are refused (the record holds them)."""
     models = tmp_path / "models"
     models.mkdir()
     (models / "plain.safetensors").write_bytes((mini_poisoned / "models" / "poisoned.safetensors").read_bytes())
@@ -141,5 +144,11 @@ def test_defend_backdoor_needs_a_poisoned_model(capsys: pytest.CaptureFixture[st
     (models / "plain.json").write_text(json.dumps(record))
     code = main(["defend-backdoor", "--model", str(models / "plain.json"), "--dataset", "mnist-mini",
                  "--out", str(tmp_path / "o")])
-    assert code == 2
-    assert "has no poison settings" in capsys.readouterr().err
+    assert code == 0, capsys.readouterr().err
+    result = json.loads((tmp_path / "o" / "metrics" / f"{record['name']}_backdoor_defense_ac_metrics.json").read_text())
+    assert result["poisoned_model"]["poison"] is None and result["detection"]["precision"] is None
+    assert result["retrained_model"] is None and "not scored" in capsys.readouterr().out
+    (tmp_path / "idx.txt").write_text("1 2 3")
+    code = main(["defend-backdoor", "--model", str(mini_poisoned / "models" / "poisoned.json"), "--dataset", "mnist-mini",
+                 "--poison-indices", str(tmp_path / "idx.txt"), "--out", str(tmp_path / "p")])
+    assert code == 2 and "in its record already" in capsys.readouterr().err

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import redblue.artifacts
+import redblue.utils
 from redblue.artifacts import find_reusable, load_model, save_model
 from redblue.cli import main
 from redblue.errors import IntegrityError
@@ -65,7 +66,7 @@ def test_a_reader_never_pairs_the_weights_of_one_run_with_the_record_of_another(
 ) -> None:
     first, second = _model(1), _model(2)
     save_model(tmp_path, "m", first, {"model_name": "cnn", "run": 1})
-    real_read = redblue.artifacts.read_regular_file
+    real_read = redblue.utils.read_regular_file
     published = []
 
     def read_while_another_run_publishes(path: Path, *args: object) -> bytes:
@@ -73,7 +74,7 @@ def test_a_reader_never_pairs_the_weights_of_one_run_with_the_record_of_another(
             published.append(save_model(tmp_path, "m", second, {"model_name": "cnn", "run": 2}))
         return real_read(path, *args)
 
-    monkeypatch.setattr(redblue.artifacts, "read_regular_file", read_while_another_run_publishes)
+    monkeypatch.setattr(redblue.utils, "read_regular_file", read_while_another_run_publishes)  # under read_input_file
     loaded = load_model(tmp_path / "models" / "m.json")
     assert loaded.record["run"] == 2 and _same(loaded.model, second)
 

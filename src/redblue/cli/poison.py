@@ -1,12 +1,17 @@
 """``redblue poison`` (BadNets training, clean accuracy / ASR / RA, rate sweep) and
-``redblue defend-backdoor`` (activation clustering / spectral signatures, retraining)."""
+``redblue defend-backdoor`` (activation clustering / spectral signatures, retraining; or
+screening a user's training set) and ``redblue audit-backdoor`` (Neural Cleanse, STRIP, repairs)."""
 
 from __future__ import annotations
 
+import dataclasses
+import io
 from pathlib import Path
 from typing import Any
 
 import click
+import numpy as np
+import torch
 
 from redblue.artifacts import read_record
 from redblue.cli.common import (
@@ -23,6 +28,7 @@ from redblue.cli.common import (
 from redblue.config import (
     BackdoorAuditConfig,
     BackdoorDefenseConfig,
+    ConfigFile,
     DataConfig,
     PoisonConfig,
     TrainConfig,
@@ -30,10 +36,18 @@ from redblue.config import (
     load_toml,
 )
 from redblue.errors import ConfigError
+from redblue.model_sources import ModelOptions, is_record
 from redblue.poison.trigger import PATTERNS
 from redblue.report.stage_plots import render_stage_plots
-from redblue.stages import audit_backdoor_stage, defend_backdoor_stage, load_data, poison_stage, poison_sweep_stage
-from redblue.utils import output_lock, pct, resolve_device
+from redblue.stages import (
+    audit_backdoor_stage,
+    defend_backdoor_stage,
+    detect_training_set_stage,
+    load_data,
+    poison_stage,
+    poison_sweep_stage,
+)
+from redblue.utils import output_lock, pct, read_input_file, resolve_device, sha256_bytes
 from redblue.validate import check_name
 
 
@@ -117,9 +131,22 @@ def poison(config_file: str | None, out: str, force_retrain: bool, sweep: bool,
         click.echo(f"warning [{warning['id']}]: {warning['message']} (see {warning['doc']})", err=True)
 
 
+DEFEND_BACKDOOR_MODEL = (
+    "The model: a poisoned model saved by 'redblue poison' (its poisoned training set is rebuilt from the "
+    "record), or any model (a redblue record, FILE.py:FUNCTION with --weights, TorchScript, ONNX) whose training "
+    "set --dataset holds, to screen it (no retraining)."
+)
+
+
+def _defend_backdoor_model(func: Any) -> Any:
+    return model_options(func, model_help=DEFEND_BACKDOOR_MODEL)
+
+
 @click.command(name="defend-backdoor")
-@click.option("--model", "model_path", required=True,
-              help="The poisoned model's .safetensors or .json (saved by 'redblue poison').")
+@_defend_backdoor_model
+@click.option("--poison-indices", default=None,
+              help="Screening a user's training set: the true poison indices (.npy of integers, or a text file of "
+                   "integers), to score precision and recall. [default: not scored]")
 @data_options
 @train_options
 @output_options
@@ -158,8 +185,21 @@ def defend_backdoor(model_path: str, config_file: str | None, out: str, force_re
     model's, overridden by the training options). Config file sections: [data], [train],
     [backdoor]. Writes metrics/backdoor_defense_METHOD_metrics.json,
     images/backdoor_defense_METHOD.png and models/NAME_METHOD_retrained.*.
+
+    Any other model (a redblue record without poison settings, FILE.py:FUNCTION --weights,
+    TorchScript, ONNX) screens the training split of --dataset, the set it was trained on:
+    the flagged indices go to metrics/MODEL_backdoor_defense_METHOD_flagged.safetensors;
+    precision and recall only with --poison-indices; spectral needs --expected-share; no
+    retraining (redblue does not know how that model was trained).
     """
+    model_opts = pop_model_options(options)
+    poison_file = options.pop("poison_indices")
     file = load_toml(config_file, ("data", "train", "backdoor"))
+    if not is_record(model_path) or not isinstance(read_record(Path(model_path)).get("poison"), dict):
+        _screen_training_set(model_path, model_opts, poison_file, file, out, options)
+        return
+    if poison_file is not None:
+        raise ConfigError("--poison-indices: a redblue poisoned model's true poison indices are in its record already")
     record = read_record(Path(model_path))
     data_cfg = build(DataConfig, file, options, "data")
     build(TrainConfig, file, {}, "train")  # the file's [train] alone must be valid
@@ -185,6 +225,54 @@ def defend_backdoor(model_path: str, config_file: str | None, out: str, force_re
         a = result["after"]
         click.echo(f"retrained without flagged: clean accuracy {pct(a['clean_accuracy'])}, ASR {pct(a['asr'])}, "
                    f"RA {pct(a['ra'])}")
+
+
+def _screen_training_set(model_path: str, model_opts: ModelOptions, poison_file: str | None, file: ConfigFile,
+                         out: str, options: dict[str, Any]) -> None:  # fmt: skip
+    """``defend-backdoor`` on any model and the user's training set (detection only)."""
+    if options.get("retrain"):
+        raise ConfigError("--retrain: redblue retrains only its own poisoned models; on this model the flagged "
+                          "indices are written for you to retrain without them (drop --retrain)")  # fmt: skip
+    data_cfg = build(DataConfig, file, options, "data")
+    defense_cfg = dataclasses.replace(build(BackdoorDefenseConfig, file, options, "backdoor"), retrain=False)
+    device = resolve_device(options.get("device") or "auto")
+    out_dir = check_output_dir(out)
+    indices, indices_sha256 = (None, None) if poison_file is None else read_indices(Path(poison_file))
+    loaded, data = load_model_and_data(
+        model_path, model_opts, lambda: load_data(data_cfg, device=str(device), builtin=False), device
+    )
+    with output_lock(out_dir):
+        result = detect_training_set_stage(out_dir, loaded, data, defense_cfg, poison_indices=indices,
+                                           poison_indices_sha256=indices_sha256, data_cfg=data_cfg)  # fmt: skip
+        render_stage_plots(out_dir, result)
+        save_effective_config(out_dir, result["name"], {"data": data_cfg, "backdoor": defense_cfg})
+    det = result["detection"]
+    scored = (f": precision {pct(det['precision'])}, recall {pct(det['recall'])} against {det['n_poison']} true poison indices"
+              if det["n_poison"] is not None else " (no --poison-indices: not scored)")  # fmt: skip
+    click.echo(f"{defense_cfg.method}: flagged {det['n_flagged']} of {det['n']} training images of {data.name}{scored}")
+    click.echo(f"flagged indices: {out_dir / 'metrics' / det['flagged_file']}")
+
+
+def read_indices(path: Path) -> tuple[torch.Tensor, str]:
+    """Poison indices from a ``.npy`` of integers (read without pickle) or a text file of
+    integers (separated by spaces, commas or new lines), and the file's SHA-256."""
+    payload = read_input_file(path, ConfigError, option="--poison-indices")
+    if path.suffix == ".npy":
+        try:
+            array = np.load(io.BytesIO(payload), allow_pickle=False)
+        except ValueError as exc:
+            raise ConfigError(f"--poison-indices {path}: not a .npy of integers ({exc})") from None
+        if array.ndim != 1 or not np.issubdtype(array.dtype, np.integer):
+            raise ConfigError(f"--poison-indices {path}: expected a 1-D array of integers, got {array.dtype} {array.shape}")
+        values = array.astype(np.int64)
+    else:
+        try:
+            values = np.array([int(v) for v in payload.decode("utf-8").replace(",", " ").split()], dtype=np.int64)
+        except (UnicodeDecodeError, ValueError):
+            raise ConfigError(f"--poison-indices {path}: expected integers separated by spaces, commas or new lines") from None
+    if values.size and values.min() < 0:
+        raise ConfigError(f"--poison-indices {path}: negative index {int(values.min())}")
+    return torch.from_numpy(np.unique(values)), sha256_bytes(payload)
 
 
 @click.command(name="audit-backdoor")
@@ -266,7 +354,8 @@ def audit_backdoor(model_path: str, out: str, config_file: str | None, name: str
     s = result["strip"]
     if s is not None:
         far = "" if s["far"] is None else f", accepts {pct(s['far'])} of {s['n_triggered']} triggered inputs"
-        click.echo(f"STRIP: entropy threshold {s['threshold']:.3f} rejects {pct(s['frr'])} of {s['n_clean']} clean inputs{far}")
+        click.echo(f"STRIP: entropy threshold {s['threshold']:.3f} (set at {pct(s['frr_target'])} false rejections on "
+                   f"{s['n_clean']} clean inputs) rejects {pct(s['frr'])} of {s['n_held_out']} held-out clean inputs{far}")
     for row in result["repairs"]:
         if row["skipped"]:
             click.echo(f"repair {row['method']}: skipped ({row['skipped']})")

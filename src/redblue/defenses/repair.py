@@ -83,7 +83,9 @@ def unlearn(
 
 
 def last_conv(model: nn.Module) -> tuple[nn.Conv2d, nn.BatchNorm2d | None]:
-    """The last ``Conv2d`` of ``model`` (in registration order) and the BatchNorm right after it."""
+    """The last ``Conv2d`` of ``model`` and the BatchNorm registered right after it, in
+    registration order (the order of ``model.modules()``, which is the execution order of a
+    plain CNN; in a residual network the skip path would still carry a pruned channel)."""
     modules = list(model.modules())
     convs = [i for i, m in enumerate(modules) if isinstance(m, nn.Conv2d)]
     if not convs:
@@ -158,13 +160,16 @@ def fine_prune(
         summary = fit(tuned, _clean_set(x, y, x_val, y_val), train_cfg, progress=progress, desc="fine-prune")
     finally:
         handle.remove()
-    with torch.no_grad():
+    with torch.no_grad():  # conv output 0; a BatchNorm after it maps 0 to 0 (mean and shift zeroed)
         gone = keep == 0
-        for module in (conv, bn):
-            if module is not None:
-                module.weight[gone] = 0.0
-                if module.bias is not None:
-                    module.bias[gone] = 0.0
+        conv.weight[gone] = 0.0
+        if conv.bias is not None:
+            conv.bias[gone] = 0.0
+        if bn is not None:
+            if bn.running_mean is not None:
+                bn.running_mean[gone] = 0.0
+            if bn.bias is not None:
+                bn.bias[gone] = 0.0
     return RepairResult(tuned, "fine-prune", {
         "layer": type(layer).__name__, "channels": int(conv.out_channels), "pruned": pruned,
         "pruned_channels": sorted(int(c) for c in torch.nonzero(gone).flatten()),

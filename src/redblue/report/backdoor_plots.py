@@ -119,16 +119,18 @@ def defense_summary(result: dict[str, Any], path: Path) -> Path:
     retraining, with the detector's precision and recall in the title."""
     before = result["before"]
     after = result.get("after") or {}
-    keys = ("clean_accuracy", "asr", "ra")
+    labels = {"clean_accuracy": "clean acc.", "asr": "ASR", "ra": "RA"}
+    keys = [k for k in labels if before.get(k) is not None]  # a screened user's model: no known trigger, no ASR
     fig, ax = plt.subplots(figsize=(5.5, 3.4))
     xs = range(len(keys))
-    ax.bar([x - 0.2 for x in xs], [100 * (before[k] or 0) for k in keys], width=0.4, label="poisoned model")
+    ax.bar([x - 0.2 for x in xs], [100 * before[k] for k in keys], width=0.4,
+           label="poisoned model" if "asr" in keys else "the screened model")  # fmt: skip
     if after:
         ax.bar(
             [x + 0.2 for x in xs], [100 * (after[k] or 0) for k in keys], width=0.4, label="retrained without flagged"
         )
     ax.set_xticks(list(xs))
-    ax.set_xticklabels(["clean acc.", "ASR", "RA"])
+    ax.set_xticklabels([labels[k] for k in keys])
     det = result["detection"]
     ax.set(
         ylabel="%",

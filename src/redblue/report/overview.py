@@ -261,8 +261,9 @@ def stage_facts(result: dict[str, Any]) -> dict[str, Any]:
         if strip:
             far = strip.get("far")
             facts.append(("STRIP (run-time input detector)",
-                          f"entropy threshold {strip.get('threshold'):.3f}: rejects {pct(strip.get('frr'))} of "
-                          f"{count(strip.get('n_clean'))} clean inputs"
+                          f"entropy threshold {strip.get('threshold'):.3f} (set at {pct(strip.get('frr_target'))} false "
+                          f"rejections on {count(strip.get('n_clean'))} clean inputs): rejects {pct(strip.get('frr'))} "
+                          f"of {count(strip.get('n_held_out'))} held-out clean inputs"
                           + ("" if far is None else f", accepts {pct(far)} of {count(strip.get('n_triggered'))} "
                              "triggered inputs (false-acceptance rate)")))  # fmt: skip
         measured: dict[str, Any] = result.get("before") or {}
@@ -279,6 +280,17 @@ def stage_facts(result: dict[str, Any]) -> dict[str, Any]:
         det = result.get("detection") or {}
         before: dict[str, Any] = result.get("before") or {}
         after: dict[str, Any] = result.get("after") or {}
+        if dig(result, "poisoned_model", "poison") is None:  # a user's training set, screened
+            facts += [
+                ("Method", f"{result.get('method')}: screening the training set of {dig(result, 'dataset', 'name')} "
+                 f"with {dig(result, 'poisoned_model', 'name')}"),
+                ("Flagged", f"{count(det.get('n_flagged'))} of {count(det.get('n'))} training images "
+                 f"(indices in metrics/{det.get('flagged_file')})"),
+                ("Detection precision / recall", f"{pct(det.get('precision'))} / {pct(det.get('recall'))}"
+                 if det.get("n_poison") is not None else "not scored: no true poison indices given"),
+                ("Clean accuracy of the model", pct(dig(result, "before", "clean_accuracy"))),
+            ]  # fmt: skip
+            return {"facts": facts, "attacks": attacks, "per_class": per_class}
         facts += [
             ("Method", str(result.get("method"))),
             ("Flagged", f"{count(det.get('n_flagged'))} of {count(det.get('n'))} training images "

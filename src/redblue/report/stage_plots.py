@@ -99,9 +99,8 @@ def render_stage_plots(out: Path, result: Any) -> list[Path]:
         return [backdoor_plots.asr_vs_rate(dict(data), out / "images" / "poison_asr_vs_rate.png")]
     if stage == "backdoor_audit":
         return render_audit_plots(out, name, data)
-    if stage == "backdoor_defense":
-        method = data["method"]
-        return [backdoor_plots.defense_summary(dict(data), out / "images" / f"backdoor_defense_{method}.png")]
+    if stage == "backdoor_defense":  # named after the result: backdoor_defense_METHOD, or MODEL_backdoor_defense_METHOD
+        return [backdoor_plots.defense_summary(dict(data), out / "images" / f"{name}.png")]
     return []
 
 

@@ -220,6 +220,19 @@ def _backdoor_row(result: dict[str, Any]) -> dict[str, Any]:
     after = result.get("after") or {}
     n_test = dig(result, "dataset", "n_test")
     outcome = backdoor_outcome(result)
+    if dig(result, "poisoned_model", "poison") is None:
+        scored = (f": precision {pct(det.get('precision'))}, recall {pct(det.get('recall'))}"
+                  if det.get("n_poison") is not None else " (true poison indices not given)")  # fmt: skip
+        return {
+            "scenario": f"Training-set screening ({method})",
+            "model": dig(result, "poisoned_model", "name"),
+            "images": f"{count(det.get('n'))} train screened",
+            "clean_accuracy": dig(result, "before", "clean_accuracy"),
+            "asr": None, "ra": None,
+            "precision": det.get("precision"), "recall": det.get("recall"),
+            "detail": f"flagged {det.get('n_flagged')} of {det.get('n')}{scored}; indices in {det.get('flagged_file')}",
+            "settings": {"defense": dig(result, "config")},
+        }  # fmt: skip
     scenario = {
         "nothing to remove": f"Backdoor defence ({method}): no backdoor had taken (ASR before "
                              f"{pct(dig(result, 'before', 'asr'))}), nothing to remove",
@@ -267,7 +280,8 @@ def build_summary(
             rows.append(_poison_row(result))
         elif stage == "backdoor_defense":
             # A defence of a poisoned model that a later poison run replaced is stale.
-            if poisoned and dig(result, "poisoned_model", "weights_sha256") not in poisoned:
+            screened = dig(result, "poisoned_model", "poison") is None  # a user's training set, not a poison run's
+            if not screened and poisoned and dig(result, "poisoned_model", "weights_sha256") not in poisoned:
                 notes.append(f"{name}: defends a poisoned model that is no longer in this folder; not shown")
                 continue
             rows.append(_backdoor_row(result))

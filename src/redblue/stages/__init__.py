@@ -15,7 +15,7 @@ Plots and reports are rendered from those JSON files by :mod:`redblue.report`.
 """
 
 from redblue.stages.attack import attack_stage
-from redblue.stages.backdoor import defend_backdoor_stage
+from redblue.stages.backdoor import defend_backdoor_stage, detect_training_set_stage
 from redblue.stages.backdoor_audit import audit_backdoor_stage
 from redblue.stages.baseline import evaluate_stage, train_baseline
 from redblue.stages.common import load_data, train_or_reuse, training_cache_key
@@ -28,6 +28,7 @@ __all__ = [
     "check_fine_tune",
     "defend_backdoor_stage",
     "defend_stage",
+    "detect_training_set_stage",
     "evaluate_stage",
     "load_data",
     "poison_stage",

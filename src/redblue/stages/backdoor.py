@@ -1,5 +1,7 @@
 """The backdoor-defence stage: detect the poison in a poisoned model's training set, score the
-detection against the true poison indices, retrain without what was flagged, measure again.
+detection against the true poison indices, retrain without what was flagged, measure again
+(:func:`defend_backdoor_stage`, redblue's poisoned models); or screen a user's training set
+with the model trained on it (:func:`detect_training_set_stage`).
 
 Writes ``metrics/backdoor_defense_<method>_metrics.json`` and the retrained model
 ``models/<name>_<method>_retrained``. The detection is cached by the poisoned model's
@@ -17,11 +19,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from redblue.artifacts import load_model, model_paths
+from redblue.artifacts import LoadedModel, load_model, model_paths, write_tensors
 from redblue.config import BackdoorDefenseConfig, DataConfig, TrainConfig, build
 from redblue.data import Dataset
 from redblue.defenses.backdoor import detect
-from redblue.errors import IntegrityError
+from redblue.errors import ConfigError, IntegrityError
 from redblue.metrics import BackdoorMetrics, backdoor_metrics, detection_scores, json_dict
 from redblue.models import build_model
 from redblue.poison.dataset import remove_examples
@@ -29,13 +31,14 @@ from redblue.results import BackdoorDefenseResult
 from redblue.stages.common import (
     cached_result,
     config_json,
+    model_json,
     stage_cache,
     train_or_reuse,
     training_cache_key,
     write_result,
 )
 from redblue.stages.poison import build_poisoned, poison_config_from_record, verify_indices
-from redblue.train import fit
+from redblue.train import accuracy, fit
 from redblue.utils import library_versions, resolve_device, seed_everything, sha256_file, sha256_json, sha256_tensor
 from redblue.validate import check_name
 
@@ -180,4 +183,96 @@ def defend_backdoor_stage(
         versions=library_versions(),
     )
     write_result(out, result_name, result)
+    return result
+
+
+FLAGGED_FORMAT = "redblue.flagged-indices/1"
+
+
+def _flagged_ok(out: Path, result: BackdoorDefenseResult) -> bool:
+    det = result.detection
+    path = out / "metrics" / str(det.get("flagged_file"))
+    return path.is_file() and sha256_file(path) == det.get("flagged_sha256")
+
+
+def detect_training_set_stage(
+    out: Path,
+    loaded: LoadedModel,
+    data: Dataset,
+    defense_cfg: BackdoorDefenseConfig,
+    *,
+    poison_indices: torch.Tensor | None = None,
+    poison_indices_sha256: str | None = None,
+    data_cfg: DataConfig | None = None,
+    progress: bool = True,
+) -> BackdoorDefenseResult:
+    """Screen a user's training set (``data``'s training split) for poison with the model
+    trained on it (any ``--model`` source): the detector's flagged indices are written to
+    ``metrics/<name>_flagged.safetensors`` (hashed); precision and recall are scored only
+    when the true ``poison_indices`` are given. No retraining: redblue does not know how the
+    user's model was trained (they retrain without the flagged images themselves)."""
+    n = int(data.x_train.shape[0])
+    method = defense_cfg.method
+    if n == 0:
+        raise ConfigError(f"--dataset {data.name}: has no training images to screen; give one with a training split "
+                          "(x_train/y_train in an .npz, or train/ in an image folder)")  # fmt: skip
+    if method == "spectral" and defense_cfg.expected_share is None:
+        raise ConfigError("--expected-share: spectral signatures on a user's training set need the share of a class "
+                          "expected to be poisoned (e.g. 0.1); it is not recorded anywhere")  # fmt: skip
+    if poison_indices is not None and poison_indices.numel() and not 0 <= int(poison_indices.min()) <= int(poison_indices.max()) < n:
+        raise ConfigError(f"--poison-indices: indices must lie in 0..{n - 1} (the training images of {data.name})")
+    model_name = check_name("name", str(loaded.record.get("name", loaded.json_path.stem)), error=IntegrityError)
+    name = f"{model_name}_backdoor_defense_{method}"
+    expected = float(defense_cfg.expected_share) if defense_cfg.expected_share is not None else 0.0
+    detection_inputs = {
+        "poisoned_weights": loaded.record["weights_sha256"],
+        "detector": {k: getattr(defense_cfg, k) for k in DETECTION_SETTINGS},
+        "data": data.identity(),
+        "expected_share": expected,
+    }
+    key = sha256_json({"stage": "backdoor_defense", **detection_inputs, "poison_indices": poison_indices_sha256})
+    cached = cached_result(out, name, key, BackdoorDefenseResult)
+    if cached is not None and _flagged_ok(out, cached):
+        return cached
+    device = next(iter(loaded.model.parameters()), torch.empty(0)).device
+    screened = data.to(device)
+
+    def run_detection() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        print(f"{method}: screening {n} training images of {data.name}", file=sys.stderr)
+        det = detect(loaded.model, screened.x_train, screened.y_train, defense_cfg, expected_share=expected,
+                     num_classes=data.num_classes, progress=progress)  # fmt: skip
+        found = {"method": det.method, "per_class": det.per_class, "params": det.params, "seconds": det.seconds}
+        return {"flagged": det.flagged.cpu()}, json_dict(found)
+
+    entry, _ = stage_cache(out).get_or_compute("detection", detection_inputs, run_detection)
+    flagged = entry.tensors["flagged"].long()
+    flagged_file = f"{name}_flagged.safetensors"
+    flagged_sha256 = write_tensors(out / "metrics" / flagged_file, {"flagged": flagged}, FLAGGED_FORMAT)
+    if poison_indices is not None:
+        scores = detection_scores(flagged, poison_indices.cpu(), n)
+        per_poison = torch.bincount(data.y_train.cpu()[poison_indices.cpu().long()], minlength=data.num_classes)
+    else:
+        scores = {"n": n, "n_flagged": int(flagged.numel()), "n_poison": None, "precision": None, "recall": None}
+        per_poison = None
+    per_class = [{**row, "n_poison": None if per_poison is None else int(per_poison[row["class"]])}
+                 for row in entry.metadata["per_class"]]  # fmt: skip
+    result = BackdoorDefenseResult(
+        stage="backdoor_defense",
+        name=name,
+        method=method,
+        cache_key=key,
+        poisoned_model={**model_json(loaded, model_name), "poison": None, "poison_indices_sha256": poison_indices_sha256},
+        config={"backdoor": asdict(defense_cfg), "train": None, "data": asdict(data_cfg) if data_cfg else None},
+        dataset=data.describe(),
+        params=json_dict({**entry.metadata["params"], "expected_share_used": expected if method == "spectral" else None}),
+        detection=json_dict(
+            {**scores, "seconds": entry.metadata["seconds"], "flagged_file": flagged_file, "flagged_sha256": flagged_sha256}
+        ),
+        per_class=per_class,
+        before={"clean_accuracy": accuracy(loaded.model, screened.x_test, screened.y_test), "asr": None, "ra": None},
+        after=None,
+        retrained_model=None,
+        versions=library_versions(),
+    )
+    write_result(out, name, result)
     return result

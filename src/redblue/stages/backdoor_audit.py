@@ -28,11 +28,11 @@ from typing import Any
 
 import torch
 
-from redblue.artifacts import LoadedModel, write_tensors
+from redblue.artifacts import LoadedModel, model_paths, write_tensors
 from redblue.config import BackdoorAuditConfig, DataConfig, PoisonConfig, TrainConfig
 from redblue.data import Dataset, to_float
 from redblue.defenses.neural_cleanse import CleanseResult, neural_cleanse
-from redblue.defenses.repair import RepairResult, fine_prune, unlearn
+from redblue.defenses.repair import RepairResult, fine_prune, last_conv, unlearn
 from redblue.defenses.strip import strip
 from redblue.errors import ConfigError, IntegrityError
 from redblue.metrics import backdoor_metrics
@@ -84,12 +84,12 @@ def _poison(loaded: LoadedModel) -> PoisonConfig | None:
 def repair_split(data: Dataset, cfg: BackdoorAuditConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The clean images a repair fine-tunes on and validates with: the first ``repair_images``
     training images and the next ``repair_val`` (a training split too small for both is
-    split 90/10). Refused in one line when the data has no training split."""
+    split 90/10). Refused in one line when the data has (almost) no training split."""
     n = int(data.x_train.shape[0])
-    if n < 2:
+    if n < 10:
         raise ConfigError(f"--repair {','.join(cfg.repair)}: needs clean training images to fine-tune on, and "
                           f"dataset {data.name!r} has {n}; give a dataset with a training split (x_train/y_train or train/)")  # fmt: skip
-    n_fit = cfg.repair_images if cfg.repair_images + 1 <= n else max(1, int(0.9 * n))
+    n_fit = cfg.repair_images if cfg.repair_images + cfg.repair_val <= n else int(0.9 * n)
     n_val = min(cfg.repair_val, n - n_fit)
     return (data.x_train[:n_fit], data.y_train[:n_fit],
             data.x_train[n_fit : n_fit + n_val], data.y_train[n_fit : n_fit + n_val])  # fmt: skip
@@ -104,16 +104,23 @@ def _measure(model: torch.nn.Module, data: Dataset, poison: PoisonConfig | None)
     return {"clean_accuracy": m.clean_accuracy, "asr": m.asr, "ra": m.ra}
 
 
-def _strip(net: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, poison: PoisonConfig | None,
+STRIP_OVERLAYS = 5000
+"""Training images STRIP lays over its inputs (the test images when there is no training split)."""
+
+
+def _strip(net: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, overlays: torch.Tensor, poison: PoisonConfig | None,
            cfg: BackdoorAuditConfig, progress: bool) -> dict[str, Any]:  # fmt: skip
+    """The threshold from the first half of the clean images, the false-rejection rate measured
+    on the other half, the false-acceptance rate on the triggered non-target images."""
+    half = x.shape[0] // 2
     triggered = None if poison is None else apply_trigger(x[y != poison.target], poison.trigger())
-    r = strip(net, x, x, triggered=triggered, frr=cfg.strip_frr, n_copies=cfg.strip_copies, seed=cfg.seed,
-              progress=progress)  # fmt: skip
+    r = strip(net, x[:half], overlays, held_out=x[half:], triggered=triggered, frr=cfg.strip_frr,
+              n_copies=cfg.strip_copies, seed=cfg.seed, progress=progress)  # fmt: skip
     clean = torch.tensor(r.clean_entropy)
     quantiles = [0.01, 0.5, 0.99]
     return {
         "threshold": r.threshold, "frr_target": r.frr_target, "frr": r.frr, "far": r.far,
-        "n_clean": len(r.clean_entropy), "n_triggered": None if r.triggered_entropy is None else len(r.triggered_entropy),
+        "n_clean": len(r.clean_entropy), "n_held_out": x.shape[0] - half, "n_triggered": None if r.triggered_entropy is None else len(r.triggered_entropy),
         "n_copies": r.n_copies,
         "clean_entropy_quantiles": [float(torch.quantile(clean, q)) for q in quantiles],
         "triggered_entropy_quantiles": None if not r.triggered_entropy
@@ -133,37 +140,79 @@ def _repair(
     poison: PoisonConfig | None,
     progress: bool,
 ) -> list[dict[str, Any]]:
-    """Every repair of ``cfg.repair``: the repaired model saved, and its measurements."""
+    """Every repair of ``cfg.repair`` (all computed before any is saved), saved, and measured."""
     x, y, x_val, y_val = repair_split(data, cfg)
     train_cfg = TrainConfig(epochs=cfg.repair_epochs, lr=cfg.repair_lr, seed=cfg.seed, device=cfg.device)
     net = loaded.model
-    rows: list[dict[str, Any]] = []
+    done: list[tuple[str, RepairResult | str]] = []
     for method in cfg.repair:
-        classes = list(cfg.unlearn_classes) or flagged
-        if method == "unlearn" and not classes:
-            rows.append({"method": method, "model": None, "after": None, "details": {}, "seconds": 0.0,
-                         "skipped": "no class flagged and no --unlearn-classes: no trigger to unlearn"})  # fmt: skip
+        if method == "fine-prune":
+            done.append((method, fine_prune(net, x, y, train_cfg, x_val=x_val, y_val=y_val, max_drop=cfg.prune_max_drop,
+                                            progress=progress)))  # fmt: skip
             continue
-        result: RepairResult
-        if method == "unlearn":
-            pick = torch.tensor(classes)
-            result = unlearn(net, x, y, masks[pick], patterns[pick], train_cfg, x_val=x_val, y_val=y_val,
-                             share=cfg.unlearn_share, progress=progress)  # fmt: skip
-            result.details["classes"] = classes
-        else:
-            result = fine_prune(net, x, y, train_cfg, x_val=x_val, y_val=y_val, max_drop=cfg.prune_max_drop,
-                                progress=progress)  # fmt: skip
-        model_name = f"{name}_{method.replace('-', '_')}"
-        record = save_derived(out, model_name, loaded, result.model, {
-            "stage": "backdoor_repair", "repair": {"method": method, **result.details},
+        asked = list(cfg.unlearn_classes) or flagged
+        classes = [k for k in asked if float(masks[k].sum()) > 0]  # a class never reached: no trigger to stamp
+        if not classes:
+            done.append((method, "no class flagged and no --unlearn-classes: no trigger to unlearn" if not asked else
+                         f"no reversed trigger reached the target success rate for class {','.join(map(str, asked))}"))  # fmt: skip
+            continue
+        pick = torch.tensor(classes)
+        result = unlearn(net, x, y, masks[pick], patterns[pick], train_cfg, x_val=x_val, y_val=y_val,
+                         share=cfg.unlearn_share, progress=progress)  # fmt: skip
+        result.details.update(classes=classes, classes_without_trigger=[k for k in asked if k not in classes])
+        done.append((method, result))
+    rows: list[dict[str, Any]] = []
+    for method, outcome in done:
+        if isinstance(outcome, str):
+            rows.append({"method": method, "model": None, "after": None, "details": {}, "seconds": 0.0, "skipped": outcome})
+            continue
+        model_name = repair_name(name, method)
+        record = save_derived(out, model_name, loaded, outcome.model, {
+            "stage": "backdoor_repair", "repair": {"method": method, **outcome.details},
             "repaired_from": model_json(loaded, str(loaded.record.get("name", loaded.json_path.stem))),
-            "dataset": data.describe(), "training": {"seconds": result.seconds},
+            "dataset": data.describe(), "training": {"seconds": outcome.seconds},
             **({"poison": loaded.record["poison"]} if poison is not None else {}),
         })  # fmt: skip
-        rows.append({"method": method, "model": {"name": model_name, "weights_sha256": record["weights_sha256"]},
-                     "after": _measure(result.model, data, poison), "details": result.details,
-                     "seconds": result.seconds, "skipped": None})  # fmt: skip
+        model = {"name": model_name, "weights_file": f"../models/{model_name}.safetensors",
+                 "weights_sha256": record["weights_sha256"]}  # fmt: skip
+        rows.append({"method": method, "model": model, "after": _measure(outcome.model, data, poison),
+                     "details": outcome.details, "seconds": outcome.seconds, "skipped": None})  # fmt: skip
     return rows
+
+
+def repair_name(name: str, method: str) -> str:
+    """The saved name of a repaired model (a valid name, checked before any work)."""
+    return check_name("name", f"{name}_{method.replace('-', '_')}")
+
+
+def check_repairs(loaded: LoadedModel, data: Dataset, cfg: BackdoorAuditConfig, name: str) -> None:
+    """ConfigError, before any work, when a repair asked for cannot run on this model and data."""
+    if cfg.unlearn_classes and "unlearn" not in cfg.repair:
+        raise ConfigError("--unlearn-classes: only used with --repair unlearn")
+    bad = [k for k in cfg.unlearn_classes if k >= data.num_classes]
+    if bad:
+        raise ConfigError(f"--unlearn-classes {','.join(map(str, bad))}: the model has classes 0 to {data.num_classes - 1}")
+    if not cfg.repair:
+        return
+    repair_split(data, cfg)
+    source = loaded.record.get("source")
+    if source not in (None, "module"):
+        raise ConfigError(f"--repair {','.join(cfg.repair)}: a {source} model cannot be fine-tuned by redblue; give "
+                          "its PyTorch definition (--model FILE.py:FUNCTION --weights W)")  # fmt: skip
+    if "fine-prune" in cfg.repair:
+        last_conv(loaded.model)
+    for method in cfg.repair:
+        repair_name(name, method)
+
+
+def _repairs_on_disk(out: Path, result: BackdoorAuditResult) -> bool:
+    """A cached result may be reused only while the repaired models it names are there, unchanged."""
+    for row in result.repairs:
+        if row.get("model"):
+            weights, record = model_paths(out, str(row["model"]["name"]))
+            if not (weights.is_file() and record.is_file() and sha256_file(weights) == row["model"]["weights_sha256"]):
+                return False
+    return True
 
 
 def audit_backdoor_stage(
@@ -180,12 +229,7 @@ def audit_backdoor_stage(
     images, then STRIP and the repairs that ``cfg`` asks for."""
     model_name = check_name("name", str(loaded.record.get("name", loaded.json_path.stem)), error=IntegrityError)
     name = check_name("name", name or f"{model_name}_backdoor_audit")
-    if cfg.repair:
-        repair_split(data, cfg)  # refuse before any work
-    k_classes = data.num_classes
-    bad = [k for k in cfg.unlearn_classes if k >= k_classes]
-    if bad:
-        raise ConfigError(f"--unlearn-classes {','.join(map(str, bad))}: the model has classes 0 to {k_classes - 1}")
+    check_repairs(loaded, data, cfg, name)  # refuse before any work
     weights = str(loaded.record.get("weights_sha256"))
     settings = dataclasses.asdict(cfg)
     settings.pop("device")
@@ -195,7 +239,7 @@ def audit_backdoor_stage(
     cached = cached_result(out, name, key, BackdoorAuditResult)
     if cached is not None and (out / "metrics" / cached.triggers_file).is_file() and (
         sha256_file(out / "metrics" / cached.triggers_file) == cached.triggers_sha256
-    ):
+    ) and _repairs_on_disk(out, cached):
         return cached
     device = resolve_device(cfg.device)
     n = min(cfg.n_images, int(data.x_test.shape[0]))
@@ -232,8 +276,11 @@ def audit_backdoor_stage(
     strip_result = None
     if cfg.strip:
         strip_inputs = {"settings": {k: settings[k] for k in ("n_images", "strip_copies", "strip_frr", "seed")},
+                        "overlays": STRIP_OVERLAYS, "split": "half",
                         "weights": weights, "data": data.identity(), "poison": loaded.record.get("poison")}  # fmt: skip
-        strip_result = cache.get_or_compute("strip", strip_inputs, lambda: ({}, _strip(net, x, y, poison, cfg, progress)))[0].metadata
+        overlays = to_float(data.x_train[:STRIP_OVERLAYS].to(device)) if data.x_train.shape[0] else x
+        strip_result = cache.get_or_compute(
+            "strip", strip_inputs, lambda: ({}, _strip(net, x, y, overlays, poison, cfg, progress)))[0].metadata
     test = data.to(device)
     before = _measure(net, test, poison) if cfg.repair else None
     repairs = _repair(out, name, loaded, test, cfg, flagged, masks.to(device), patterns.to(device), poison, progress) \
