@@ -47,8 +47,10 @@ def test_planted_trigger_is_recovered_and_only_its_target_flagged(digits_backdoo
 
 
 def test_clean_model_has_no_shortcut_trigger(digits_backdoor: dict[str, object]) -> None:
-    """On the clean model no class has a trigger far smaller than the others' (the backdoored
-    model's target needs less than half the median; here every class needs more).
+    """On the clean model no class has a trigger far smaller than the others'; the backdoored
+    model's target has one. Measured over four initial seeds of both models: the target's
+    norm is 0.38-0.52 of the median, a clean model's smallest 0.80-0.93 of it; 0.65 separates
+    the two.
 
     Not asserted: "no class flagged". With this budget the MAD anomaly index of a clean model
     reached 2.11 (class 2 here) and 2.36 on the full-MNIST baseline (docs/backdoor.md): the
@@ -57,8 +59,8 @@ def test_clean_model_has_no_shortcut_trigger(digits_backdoor: dict[str, object])
     model, x, y = digits_backdoor["clean"], digits_backdoor["x_test"], digits_backdoor["y_test"]
     assert isinstance(model, torch.nn.Module) and isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor)
     result = neural_cleanse(model, x, y, epochs=20, steps_per_epoch=20, batch_size=16, seed=0)
-    assert min(result.l1) >= 0.5 * float(np.median(result.l1)), result.l1
+    assert min(result.l1) >= 0.65 * float(np.median(result.l1)), result.l1
     poisoned = digits_backdoor["poisoned"]
     assert isinstance(poisoned, torch.nn.Module)
     backdoored = neural_cleanse(poisoned, x, y, epochs=20, steps_per_epoch=20, batch_size=16, seed=0)
-    assert backdoored.l1[7] < 0.5 * float(np.median(backdoored.l1)), backdoored.l1
+    assert backdoored.l1[7] < 0.65 * float(np.median(backdoored.l1)), backdoored.l1

@@ -168,11 +168,12 @@ def neural_cleanse(
     requires = [p.requires_grad for p in model.parameters()]
     for p in model.parameters():
         p.requires_grad_(False)
-    epoch = 0
+    epochs_run = 0
     try:
         with eval_mode(model):
             bar = tqdm(range(epochs), desc="neural cleanse", disable=not progress, leave=False)
             for epoch in bar:
+                epochs_run = epoch + 1
                 hits = torch.zeros(k, device=device)
                 for _ in range(steps_per_epoch):
                     picks = torch.stack([pool[torch.randint(pool.numel(), (batch_size,), generator=generator).to(pool.device)]
@@ -208,12 +209,9 @@ def neural_cleanse(
                     cost = torch.where(lower_cost, cost / 1.5**1.5, cost)
                     up = torch.where(raise_cost, torch.zeros_like(up), up)
                     down = torch.where(lower_cost, torch.zeros_like(down), down)
-                improved = best_l1.clone()
-                if epoch > 0 and bool(torch.isfinite(best_l1).all()) and bool((improved >= previous * 0.99).all()):
-                    stale += 1
-                else:
-                    stale = 0
-                previous = improved
+                # stale: no class's best mask shrank by 1% this epoch (and every class has one)
+                stale = stale + 1 if bool(torch.isfinite(best_l1).all() & (best_l1 >= previous * 0.99).all()) else 0
+                previous = best_l1.clone()
                 bar.set_postfix(min_l1=f"{float(best_l1.min()):.1f}")
                 if stale >= early_stop:
                     break
@@ -225,7 +223,7 @@ def neural_cleanse(
         masks=best_mask.detach().cpu(), patterns=best_pattern.detach().cpu(),
         l1=[float(v) for v in l1_cpu], attack_success_rate=[float(v) for v in best_asr.cpu()],
         anomaly_index=[float(v) for v in anomaly_indices(l1_cpu)], flagged=flag_classes(l1_cpu),
-        epochs=epoch + 1, seconds=time.perf_counter() - start,
+        epochs=epochs_run, seconds=time.perf_counter() - start,
         params={"epochs": epochs, "steps_per_epoch": steps_per_epoch, "batch_size": batch_size, "lr": lr,
                 "init_cost": init_cost, "target_asr": target_asr, "patience": patience, "early_stop": early_stop,
                 "seed": seed, "n_images": int(x.shape[0])},
