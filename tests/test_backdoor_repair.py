@@ -320,3 +320,39 @@ def test_defend_backdoor_screens_a_users_training_set(digits_backdoor: dict, tmp
     html = (out / "report.html").read_text(encoding="utf-8")
     assert "Training-set screening (spectral)" in html and "not scored: no true poison indices given" in html
     assert run_cli("verify", str(out)).returncode == 0
+
+
+def test_repairs_of_a_redblue_poisoned_model_are_records_with_the_true_asr(mini_poisoned: Path, mini: Dataset,
+                                                                           tmp_path: Path) -> None:
+    """On redblue's own poisoned model the true trigger is known: ASR and RA before and after
+    each repair, STRIP's false acceptance, and the repaired models saved as redblue records
+    that load alone (hash-verified) and reproduce the recorded clean accuracy and ASR."""
+    from redblue.artifacts import load_model
+    from redblue.metrics import backdoor_metrics
+    from redblue.stages.backdoor_audit import audit_backdoor_stage
+    from redblue.stages.poison import poison_config_from_record
+
+    shutil.copytree(mini_poisoned / "models", tmp_path / "models")
+    loaded = load_model(tmp_path / "models" / "poisoned.json")
+    cfg = BackdoorAuditConfig(n_images=200, epochs=8, steps_per_epoch=10, batch_size=8, strip_copies=8,
+                              repair=("unlearn", "fine-prune"), unlearn_classes=(7,), repair_images=1000,
+                              repair_val=200, repair_epochs=1, device="cpu")  # fmt: skip
+    result = audit_backdoor_stage(tmp_path, loaded, mini, cfg, progress=False)
+    poison = poison_config_from_record(loaded.record)
+    assert result.before is not None and result.before["asr"] is not None
+    assert result.strip is not None and result.strip["far"] is not None and result.strip["n_triggered"] > 0
+    assert [row["method"] for row in result.repairs] == ["unlearn", "fine-prune"]
+    assert all(row["skipped"] is None for row in result.repairs), result.repairs
+    for row in result.repairs:
+        repaired = load_model(tmp_path / "models" / f"{row['model']['name']}.json")
+        assert repaired.record["weights_sha256"] == row["model"]["weights_sha256"]
+        assert repaired.record["repair"]["method"] == row["method"] and repaired.record["poison"] == loaded.record["poison"]
+        m = backdoor_metrics(repaired.model, mini.x_test, mini.y_test, poison.trigger(), poison.target)
+        assert (m.clean_accuracy, m.asr, m.ra) == pytest.approx(
+            (row["after"]["clean_accuracy"], row["after"]["asr"], row["after"]["ra"]), abs=1e-6)  # fmt: skip
+    # rerun: the cached result is served while the repaired models are there, recomputed once one is gone
+    again = audit_backdoor_stage(tmp_path, loaded, mini, cfg, progress=False)
+    assert again.repairs == result.repairs
+    (tmp_path / "models" / f"{result.repairs[0]['model']['name']}.safetensors").unlink()
+    third = audit_backdoor_stage(tmp_path, loaded, mini, cfg, progress=False)
+    assert (tmp_path / "models" / f"{third.repairs[0]['model']['name']}.safetensors").is_file()
