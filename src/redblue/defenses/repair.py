@@ -87,12 +87,11 @@ def last_conv(model: nn.Module) -> tuple[nn.Conv2d, nn.BatchNorm2d | None]:
     registration order (the order of ``model.modules()``, which is the execution order of a
     plain CNN; in a residual network the skip path would still carry a pruned channel)."""
     modules = list(model.modules())
-    convs = [i for i, m in enumerate(modules) if isinstance(m, nn.Conv2d)]
+    convs = [(i, m) for i, m in enumerate(modules) if isinstance(m, nn.Conv2d)]
     if not convs:
         raise ConfigError("fine-pruning needs a model with a convolution (nn.Conv2d); this one has none")
-    conv = modules[convs[-1]]
-    after = modules[convs[-1] + 1] if convs[-1] + 1 < len(modules) else None
-    assert isinstance(conv, nn.Conv2d)
+    index, conv = convs[-1]
+    after = modules[index + 1] if index + 1 < len(modules) else None
     if isinstance(after, nn.BatchNorm2d) and after.num_features == conv.out_channels:
         return conv, after
     return conv, None
@@ -108,12 +107,10 @@ def _channel_mask_hook(keep: torch.Tensor) -> Callable[[nn.Module, Any, torch.Te
 @torch.no_grad()
 def channel_activations(model: nn.Module, layer: nn.Module, x: torch.Tensor, *, batch_size: int = 512) -> torch.Tensor:
     """Mean ReLU activation per output channel of ``layer`` over clean images ``x``."""
-    total: torch.Tensor | None = None
+    sums: list[torch.Tensor] = []
 
     def hook(_: nn.Module, __: Any, output: torch.Tensor) -> None:
-        nonlocal total
-        part = output.float().clamp_min(0).sum((0, 2, 3))
-        total = part if total is None else total + part
+        sums.append(output.float().clamp_min(0).sum((0, 2, 3)))
 
     handle = layer.register_forward_hook(hook)
     try:
@@ -122,8 +119,9 @@ def channel_activations(model: nn.Module, layer: nn.Module, x: torch.Tensor, *, 
                 model(to_float(x[start : start + batch_size]))
     finally:
         handle.remove()
-    assert total is not None
-    return total / x.shape[0]
+    if not sums:
+        raise ConfigError("fine-pruning: no clean images reached the last convolution (none given, or it is never run)")
+    return torch.stack(sums).sum(0) / x.shape[0]
 
 
 def fine_prune(
