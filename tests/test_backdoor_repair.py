@@ -198,24 +198,32 @@ def test_repairs_are_refused_before_any_work(digits_backdoor: dict) -> None:
     check_repairs(loaded(cnn, "module"), data, BackdoorAuditConfig(repair=("unlearn", "fine-prune")), "m")
 
 
+def _u8(t: torch.Tensor) -> np.ndarray:
+    return (t * 255).round().to(torch.uint8).numpy()
+
+
+def _user_model(folder: Path, model: nn.Module) -> None:
+    """The user's files: the module's definition (net.py) and its weights (suspect.safetensors)."""
+    from safetensors.torch import save_file
+
+    shutil.copyfile(ROOT / "examples" / "audit" / "net.py", folder / "net.py")
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, folder / "suspect.safetensors")
+
+
 def test_audit_backdoor_cli_flags_and_repairs_a_users_model(digits_backdoor: dict, tmp_path: Path) -> None:
     """``redblue audit-backdoor --repair unlearn,fine-prune`` as a user runs it, on their own
     module and .npz: 7 flagged, the reversed triggers written (hashed), STRIP's threshold, both
     repaired models saved (hashed, loadable the way the original was, the backdoor unlearned),
     before/after clean accuracy, and the report's section rendered from the JSON."""
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
 
     model = digits_backdoor["poisoned"]
-    shutil.copyfile(ROOT / "examples" / "audit" / "net.py", tmp_path / "net.py")
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp_path / "suspect.safetensors")
-
-    def u8(t: torch.Tensor) -> np.ndarray:
-        return (t * 255).round().to(torch.uint8).numpy()
+    _user_model(tmp_path, model)
 
     x_test, y_test = digits_backdoor["x_test"], digits_backdoor["y_test"]
-    np.savez(tmp_path / "data.npz", x_train=u8(digits_backdoor["x_train"]), y_train=digits_backdoor["y_train"].numpy(),
-             x_test=u8(x_test), y_test=y_test.numpy())  # fmt: skip
-    np.savez(tmp_path / "test_only.npz", x_test=u8(x_test), y_test=y_test.numpy())
+    np.savez(tmp_path / "data.npz", x_train=_u8(digits_backdoor["x_train"]), y_train=digits_backdoor["y_train"].numpy(),
+             x_test=_u8(x_test), y_test=y_test.numpy())  # fmt: skip
+    np.savez(tmp_path / "test_only.npz", x_test=_u8(x_test), y_test=y_test.numpy())
     common = ["audit-backdoor", "--model", "net.py:build", "--weights", "suspect.safetensors", "--epochs", "20",
               "--steps-per-epoch", "20", "--batch-size", "16", "--device", "cpu", "--strip-copies", "16"]  # fmt: skip
     refused = run_cli(*common, "--dataset", "test_only.npz", "--repair", "unlearn", "--out", "none", cwd=tmp_path)
@@ -267,16 +275,12 @@ def test_defend_backdoor_screens_a_users_training_set(digits_backdoor: dict, tmp
     """``defend-backdoor`` on a user's module and the poisoned training set it was trained on:
     the flagged indices are written (hashed), precision and recall are scored only against
     the true indices given (.txt or .npy, equal results), and misuse is one line."""
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
 
-    shutil.copyfile(ROOT / "examples" / "audit" / "net.py", tmp_path / "net.py")
-    save_file({k: v.contiguous() for k, v in digits_backdoor["poisoned"].state_dict().items()}, tmp_path / "suspect.safetensors")
+    _user_model(tmp_path, digits_backdoor["poisoned"])
 
-    def u8(t: torch.Tensor) -> np.ndarray:
-        return (t * 255).round().to(torch.uint8).numpy()
-
-    np.savez(tmp_path / "trainset.npz", x_train=u8(digits_backdoor["x_poison"]), y_train=digits_backdoor["y_poison"].numpy(),
-             x_test=u8(digits_backdoor["x_test"]), y_test=digits_backdoor["y_test"].numpy())  # fmt: skip
+    np.savez(tmp_path / "trainset.npz", x_train=_u8(digits_backdoor["x_poison"]), y_train=digits_backdoor["y_poison"].numpy(),
+             x_test=_u8(digits_backdoor["x_test"]), y_test=digits_backdoor["y_test"].numpy())  # fmt: skip
     truth = digits_backdoor["poison_indices"]
     (tmp_path / "poison.txt").write_text(",".join(str(i) for i in truth.tolist()))
     np.save(tmp_path / "poison.npy", truth.numpy())

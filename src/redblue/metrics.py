@@ -173,6 +173,10 @@ class BackdoorMetrics:
         """JSON-ready: undefined rates (nan, no eligible image) become None."""
         return json_dict(asdict(self))
 
+    def rates(self) -> dict[str, Any]:
+        """The three headline rates: clean accuracy, ASR, RA."""
+        return {"clean_accuracy": self.clean_accuracy, "asr": self.asr, "ra": self.ra}
+
 
 @torch.no_grad()
 def backdoor_metrics(

@@ -212,6 +212,11 @@ def gate_options(func: F) -> F:
     return func
 
 
+def split_list(text: str | None) -> tuple[str, ...] | None:
+    """``"a, b"`` -> ("a", "b") (empty parts dropped); None when the option was not given."""
+    return None if text is None else tuple(part.strip() for part in text.split(",") if part.strip())
+
+
 def pop_model_options(options: dict[str, Any]) -> ModelOptions:
     """The :class:`ModelOptions` of a command's options (removed from ``options``)."""
     return ModelOptions(

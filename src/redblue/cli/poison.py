@@ -23,6 +23,7 @@ from redblue.cli.common import (
     output_options,
     pop_model_options,
     save_effective_config,
+    split_list,
     train_options,
 )
 from redblue.config import (
@@ -36,7 +37,7 @@ from redblue.config import (
     load_toml,
 )
 from redblue.errors import ConfigError
-from redblue.model_sources import ModelOptions, is_record
+from redblue.model_sources import ModelOptions, is_record, parse_ints
 from redblue.poison.trigger import PATTERNS
 from redblue.report.stage_plots import render_stage_plots
 from redblue.stages import (
@@ -320,12 +321,8 @@ def audit_backdoor(model_path: str, out: str, config_file: str | None, name: str
     accuracy before and after (and ASR when the model is a redblue poisoned model).
     """
     model_opts = pop_model_options(options)
-    options["repair"] = _names(options["repair"])
-    classes = _names(options["unlearn_classes"])
-    try:
-        options["unlearn_classes"] = None if classes is None else tuple(int(c) for c in classes)
-    except ValueError:
-        raise ConfigError(f"--unlearn-classes {options['unlearn_classes']!r}: expected class numbers, e.g. 7 or 3,7") from None
+    options["repair"] = split_list(options["repair"])
+    options["unlearn_classes"] = parse_ints("--unlearn-classes", options["unlearn_classes"])
     file = load_toml(config_file, ("backdoor_audit", "data"))
     audit_cfg = build(BackdoorAuditConfig, file, options, "backdoor_audit")
     data_cfg = build(DataConfig, file, options, "data")
@@ -367,8 +364,3 @@ def audit_backdoor(model_path: str, out: str, config_file: str | None, name: str
 def _measured(m: dict[str, Any]) -> str:
     text = f"clean accuracy {pct(m['clean_accuracy'])}"
     return text if m["asr"] is None else f"{text}, ASR {pct(m['asr'])}, RA {pct(m['ra'])}"
-
-
-def _names(text: str | None) -> tuple[str, ...] | None:
-    """``"a,b"`` -> ("a", "b"); None when the option was not given."""
-    return None if text is None else tuple(part.strip() for part in text.split(",") if part.strip())

@@ -15,6 +15,7 @@ from redblue.cli.common import (
     gate_options,
     load_configs,
     output_options,
+    split_list,
     train_options,
 )
 from redblue.config import RECIPES, RUN_STAGES, BackdoorDefenseConfig, DefendConfig, PoisonConfig, RunConfig, build
@@ -26,12 +27,6 @@ from redblue.utils import read_json
 RED_TEAM_RESULTS = ("fgsm", "pgd", "standard")
 """The red team's attack results on the baseline (``metrics/<name>_metrics.json``)."""
 DEFEND_RESULT = "advtrain"
-
-
-def _stages(value: str | None) -> tuple[str, ...] | None:
-    if value is None:
-        return None
-    return tuple(s.strip() for s in value.split(",") if s.strip())
 
 
 @click.command()
@@ -103,7 +98,7 @@ def run(
     """
     check_gate(fail_under)
     file, data_cfg, train_cfg = load_configs(config_file, options, ("run", "defend", "poison", "backdoor"))
-    run_cfg = build(RunConfig, file, {"stages": _stages(stages), "quick": quick, "eps": eps, "n_examples": n_examples},
+    run_cfg = build(RunConfig, file, {"stages": split_list(stages), "quick": quick, "eps": eps, "n_examples": n_examples},
                     "run")
     # The blue team defaults to the red team's eps and image count; [defend] and the options win.
     in_file = {k.replace("-", "_") for k in file.section("defend") or {}}

@@ -20,13 +20,12 @@ from redblue.data import Dataset
 from redblue.errors import IntegrityError
 from redblue.evaluation import evaluate_robustness, sample_predictions
 from redblue.results import AttackStageResult
-from redblue.stages.common import cached_result, config_json, model_json, stage_cache, write_result
+from redblue.stages.common import cached_result, config_json, file_intact, model_json, stage_cache, write_result
 from redblue.train import channels_last
 from redblue.utils import (
     eval_mode,
     library_versions,
     resolve_device,
-    sha256_file,
     sha256_json,
 )
 from redblue.validate import check_name
@@ -49,14 +48,10 @@ def attack_key(cfg: AttackConfig, weights_sha256: str, data: Dataset, check_opti
 
 
 def _samples_ok(out: Path, result: AttackStageResult) -> bool:
-    path = out / "metrics" / result.samples_file
-    if not (path.is_file() and sha256_file(path) == result.samples_sha256):
-        return False
     adv = result.adversarial
-    if adv is None:
-        return True
-    images = out / "metrics" / adv["images_file"]
-    return images.is_file() and sha256_file(images) == str(adv["images_sha256"])
+    return file_intact(out / "metrics" / result.samples_file, result.samples_sha256) and (
+        adv is None or file_intact(out / "metrics" / adv["images_file"], str(adv["images_sha256"]))
+    )
 
 
 def _predict(model: torch.nn.Module, x: torch.Tensor, batch_size: int) -> torch.Tensor:

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from redblue.artifacts import LoadedModel, load_model, model_paths, write_tensors
+from redblue.artifacts import LoadedModel, load_model, write_tensors
 from redblue.config import BackdoorDefenseConfig, DataConfig, TrainConfig, build
 from redblue.data import Dataset
 from redblue.defenses.backdoor import detect
@@ -31,6 +31,8 @@ from redblue.results import BackdoorDefenseResult
 from redblue.stages.common import (
     cached_result,
     config_json,
+    file_intact,
+    model_intact,
     model_json,
     stage_cache,
     train_or_reuse,
@@ -39,7 +41,7 @@ from redblue.stages.common import (
 )
 from redblue.stages.poison import build_poisoned, poison_config_from_record, verify_indices
 from redblue.train import accuracy, fit
-from redblue.utils import library_versions, resolve_device, seed_everything, sha256_file, sha256_json, sha256_tensor
+from redblue.utils import library_versions, resolve_device, seed_everything, sha256_json, sha256_tensor
 from redblue.validate import check_name
 
 DETECTION_SETTINGS = (
@@ -51,16 +53,7 @@ DETECTION_SETTINGS = (
 
 def _retrained_model_ok(out: Path, retrained: dict[str, Any] | None) -> bool:
     """A saved result may be reused only while the retrained model it names is still there, unchanged."""
-    if retrained is None:
-        return True
-    weights, record = model_paths(out, str(retrained["name"]))
-    return (
-        weights.is_file() and record.is_file() and sha256_file(weights) == retrained["weights_sha256"]
-    )
-
-
-def _scores(m: BackdoorMetrics) -> dict[str, Any]:
-    return {"clean_accuracy": m.clean_accuracy, "asr": m.asr, "ra": m.ra}
+    return retrained is None or model_intact(out, str(retrained["name"]), retrained["weights_sha256"])
 
 
 def defend_backdoor_stage(
@@ -159,7 +152,7 @@ def defend_backdoor_stage(
             device=train_cfg.device, force_retrain=force_retrain,
         )  # fmt: skip
         m = measure(trained.model)
-        after = {**_scores(m), "triggered_predicted_counts": m.triggered_predicted_counts,
+        after = {**m.rates(), "triggered_predicted_counts": m.triggered_predicted_counts,
                  "n_train": int(clean_part.y_train.numel())}
         retrained = {"name": name, "weights_sha256": trained.record["weights_sha256"],
                      "training_seconds": trained.record["training"].get("seconds")}
@@ -177,7 +170,7 @@ def defend_backdoor_stage(
                           "expected_share_used": expected if method == "spectral" else None}),
         detection=json_dict({**scores, "seconds": entry.metadata["seconds"]}),
         per_class=per_class,
-        before=json_dict(_scores(before)),
+        before=json_dict(before.rates()),
         after=json_dict(after) if after else None,
         retrained_model=retrained,
         versions=library_versions(),
@@ -190,9 +183,7 @@ FLAGGED_FORMAT = "redblue.flagged-indices/1"
 
 
 def _flagged_ok(out: Path, result: BackdoorDefenseResult) -> bool:
-    det = result.detection
-    path = out / "metrics" / str(det.get("flagged_file"))
-    return path.is_file() and sha256_file(path) == det.get("flagged_sha256")
+    return file_intact(out / "metrics" / str(result.detection.get("flagged_file")), result.detection.get("flagged_sha256"))
 
 
 def detect_training_set_stage(

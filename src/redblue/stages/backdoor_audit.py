@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from redblue.artifacts import LoadedModel, model_paths, write_tensors
+from redblue.artifacts import LoadedModel, write_tensors
 from redblue.config import BackdoorAuditConfig, DataConfig, PoisonConfig, TrainConfig
 from redblue.data import Dataset, to_float
 from redblue.defenses.neural_cleanse import CleanseResult, neural_cleanse
@@ -38,21 +38,29 @@ from redblue.errors import ConfigError, IntegrityError
 from redblue.metrics import backdoor_metrics
 from redblue.poison.trigger import apply_trigger
 from redblue.results import BackdoorAuditResult
-from redblue.stages.common import cached_result, config_json, model_json, save_derived, stage_cache, write_result
+from redblue.stages.common import (
+    cached_result,
+    config_json,
+    file_intact,
+    model_intact,
+    model_json,
+    save_derived,
+    stage_cache,
+    write_result,
+)
 from redblue.stages.poison import poison_config_from_record
 from redblue.train import accuracy
-from redblue.utils import library_versions, resolve_device, sha256_file, sha256_json
+from redblue.utils import library_versions, resolve_device, sha256_json
 from redblue.validate import check_name
 
 TRIGGERS_FORMAT = "redblue.reversed-triggers/1"
 
 
-def _true_trigger(loaded: LoadedModel, masks: torch.Tensor, flagged: list[int]) -> dict[str, Any] | None:
+def _true_trigger(poison_cfg: PoisonConfig | None, masks: torch.Tensor, flagged: list[int]) -> dict[str, Any] | None:
     """For a redblue poisoned model: its target, patch box, and the share of the target's
     reversed mask that lies on the true patch."""
-    if not isinstance(loaded.record.get("poison"), dict):
+    if poison_cfg is None:
         return None
-    poison_cfg = poison_config_from_record(loaded.record)
     _, height, width = masks.shape
     row, col, size = poison_cfg.trigger().box(height, width)
     mask = masks[poison_cfg.target]
@@ -100,8 +108,8 @@ def _measure(model: torch.nn.Module, data: Dataset, poison: PoisonConfig | None)
     the true trigger is known (None otherwise)."""
     if poison is None:
         return {"clean_accuracy": accuracy(model, data.x_test, data.y_test), "asr": None, "ra": None}
-    m = backdoor_metrics(model, data.x_test, data.y_test, poison.trigger(), poison.target, num_classes=data.num_classes)
-    return {"clean_accuracy": m.clean_accuracy, "asr": m.asr, "ra": m.ra}
+    return backdoor_metrics(model, data.x_test, data.y_test, poison.trigger(), poison.target,
+                            num_classes=data.num_classes).rates()  # fmt: skip
 
 
 STRIP_OVERLAYS = 5000
@@ -207,12 +215,8 @@ def check_repairs(loaded: LoadedModel, data: Dataset, cfg: BackdoorAuditConfig, 
 
 def _repairs_on_disk(out: Path, result: BackdoorAuditResult) -> bool:
     """A cached result may be reused only while the repaired models it names are there, unchanged."""
-    for row in result.repairs:
-        if row.get("model"):
-            weights, record = model_paths(out, str(row["model"]["name"]))
-            if not (weights.is_file() and record.is_file() and sha256_file(weights) == row["model"]["weights_sha256"]):
-                return False
-    return True
+    return all(model_intact(out, str(row["model"]["name"]), row["model"]["weights_sha256"])
+               for row in result.repairs if row.get("model"))  # fmt: skip
 
 
 def audit_backdoor_stage(
@@ -237,9 +241,9 @@ def audit_backdoor_stage(
                                             "target_asr", "seed")}  # fmt: skip
     key = sha256_json({"stage": "backdoor_audit", "settings": settings, "weights": weights, "data": data.identity()})
     cached = cached_result(out, name, key, BackdoorAuditResult)
-    if cached is not None and (out / "metrics" / cached.triggers_file).is_file() and (
-        sha256_file(out / "metrics" / cached.triggers_file) == cached.triggers_sha256
-    ) and _repairs_on_disk(out, cached):
+    if cached is not None and file_intact(out / "metrics" / cached.triggers_file, cached.triggers_sha256) and (
+        _repairs_on_disk(out, cached)
+    ):
         return cached
     device = resolve_device(cfg.device)
     n = min(cfg.n_images, int(data.x_test.shape[0]))
@@ -281,10 +285,11 @@ def audit_backdoor_stage(
         overlays = to_float(data.x_train[:STRIP_OVERLAYS].to(device)) if data.x_train.shape[0] else x
         strip_result = cache.get_or_compute(
             "strip", strip_inputs, lambda: ({}, _strip(net, x, y, overlays, poison, cfg, progress)))[0].metadata
-    test = data.to(device)
-    before = _measure(net, test, poison) if cfg.repair else None
-    repairs = _repair(out, name, loaded, test, cfg, flagged, masks.to(device), patterns.to(device), poison, progress) \
-        if cfg.repair else []  # fmt: skip
+    before, repairs = None, []
+    if cfg.repair:
+        test = data.to(device)
+        before = _measure(net, test, poison)
+        repairs = _repair(out, name, loaded, test, cfg, flagged, masks.to(device), patterns.to(device), poison, progress)
     result = BackdoorAuditResult(
         stage="backdoor_audit",
         name=name,
@@ -297,7 +302,7 @@ def audit_backdoor_stage(
         flagged=flagged,
         threshold=float(meta["threshold"]),
         verdict=verdict_text(flagged, names, len(classes)),
-        true_trigger=_true_trigger(loaded, masks, flagged),
+        true_trigger=_true_trigger(poison, masks, flagged),
         triggers_file=triggers_file,
         triggers_sha256=triggers_sha256,
         strip=strip_result,

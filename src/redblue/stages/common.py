@@ -25,13 +25,13 @@ from typing import Any, TypeVar, cast
 
 from torch import nn
 
-from redblue.artifacts import LoadedModel, find_reusable, save_model
+from redblue.artifacts import LoadedModel, find_reusable, model_paths, save_model
 from redblue.cache import Cache
 from redblue.config import DataConfig, TrainConfig
 from redblue.data import Dataset, load_dataset
 from redblue.errors import ConfigError, IntegrityError
 from redblue.results import Result, validate_result
-from redblue.utils import atomic_write_json, read_json, resolve_device, sha256_json
+from redblue.utils import atomic_write_json, read_json, resolve_device, sha256_file, sha256_json
 
 R = TypeVar("R", bound=Result)
 
@@ -138,6 +138,18 @@ def train_or_reuse(
         model, training = train()
     saved = save_model(out, name, model, {**record, "cache_key": key, "training": training})
     return Trained(model, saved, False)
+
+
+def file_intact(path: Path, sha256: object) -> bool:
+    """``path`` is a file whose SHA-256 is ``sha256`` (what a cached result's files must be to
+    reuse the result)."""
+    return path.is_file() and sha256_file(path) == sha256
+
+
+def model_intact(out: Path, name: str, weights_sha256: object) -> bool:
+    """The saved model ``name`` (record and weights) is still there, its weights unchanged."""
+    weights, record = model_paths(out, name)
+    return record.is_file() and file_intact(weights, weights_sha256)
 
 
 def metrics_path(out: Path, name: str) -> Path:
