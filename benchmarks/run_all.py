@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-SCRIPTS = ["bench_train", "bench_attacks", "bench_advtrain", "bench_poison", "bench_workflow", "bench_run", "bench_sweep"]
+SCRIPTS = ["bench_train", "bench_attacks", "bench_advtrain", "bench_poison", "bench_neural_cleanse", "bench_workflow", "bench_run", "bench_sweep"]
 EXTRA_ARGS = {"bench_workflow": ["--full-run"]}
 
 

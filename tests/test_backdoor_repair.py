@@ -236,6 +236,11 @@ def test_audit_backdoor_cli_flags_and_repairs_a_users_model(digits_backdoor: dic
     result = json.loads((out / "metrics" / "suspect_backdoor_audit_metrics.json").read_text())
     assert result["flagged"] == [7], result["classes"]
     assert [c["flagged"] for c in result["classes"]] == [k == 7 for k in range(10)]
+    assert [bool(c["flagged_by"]) for c in result["classes"]] == [c["flagged"] for c in result["classes"]]
+    median = float(np.median([c["l1"] for c in result["classes"]]))  # every class reached the success rate here
+    for c in result["classes"]:  # the size ratio by hand from the written norms
+        assert c["size_ratio"] == pytest.approx(c["l1"] / median)
+    assert result["size_ratio"] == 0.25 and result["max_anomaly_index"] > 0
     assert result["true_trigger"] is None  # a user's model: no record of the true trigger
     assert result["model"]["files"]["suspect.safetensors"] == hashlib.sha256(
         (tmp_path / "suspect.safetensors").read_bytes()).hexdigest()  # fmt: skip

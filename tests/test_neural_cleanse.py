@@ -5,9 +5,17 @@ tests/test_backdoor_repair.py."""
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
-from redblue.defenses.neural_cleanse import anomaly_indices, flag_classes, neural_cleanse
+from redblue.defenses.neural_cleanse import (
+    anomaly_indices,
+    flag_classes,
+    flag_reasons,
+    max_anomaly_index,
+    neural_cleanse,
+    size_ratios,
+)
 
 from .conftest import stamp_digits
 
@@ -21,6 +29,29 @@ def test_anomaly_index_by_hand() -> None:
     # a class far *above* the median is not a backdoor target (its trigger is the hardest)
     assert flag_classes(torch.tensor([10.0, 11.0, 9.5, 10.5, 30.0])) == []
     assert flag_classes(torch.tensor([5.0, 5.0, 5.0])) == []  # MAD 0: nothing stands out
+    assert flag_reasons(l1)[4] == ["anomaly-index", "size-ratio"]  # 2 / 10 = 0.2 of the median
+
+
+def test_mad_ceiling_and_size_ratio_by_hand() -> None:
+    """Clean classes spread widely (30 to 70): even a 3-pixel trigger stays under the paper's
+    threshold, because the MAD test's ceiling (a trigger of size 0) is about 2; the size rule
+    flags it."""
+    l1 = torch.tensor([30.0, 40.0, 50.0, 60.0, 70.0, 3.0])
+    # median 45; absolute deviations [15, 5, 5, 15, 25, 42] -> MAD 15 -> scaled 22.239
+    scale = 1.4826 * 15
+    assert max_anomaly_index(l1) == pytest.approx(45 / scale)
+    assert float(anomaly_indices(l1)[5]) == pytest.approx(42 / scale) and 42 / scale < 2.0
+    assert size_ratios(l1).tolist() == pytest.approx([30 / 45, 40 / 45, 50 / 45, 60 / 45, 70 / 45, 3 / 45])
+    assert flag_reasons(l1) == [[], [], [], [], [], ["size-ratio"]]
+    assert flag_classes(l1, size_ratio=0.0) == []  # the paper's rule alone cannot flag it
+    assert flag_classes(l1, size_ratio=0.05) == []  # 3 / 45 = 0.067 is not under 0.05
+    # MAD 0: no anomaly index, but a class 5 times smaller than the rest is still flagged by size
+    assert max_anomaly_index(torch.tensor([5.0, 5.0, 5.0, 1.0])) is None
+    assert flag_reasons(torch.tensor([5.0, 5.0, 5.0, 1.0])) == [[], [], [], ["size-ratio"]]
+    # a class whose trigger never reached the target success rate (inf) is never flagged
+    with_inf = torch.tensor([30.0, 40.0, float("inf"), 50.0, 60.0])
+    assert flag_classes(with_inf) == [] and float(size_ratios(with_inf)[2]) == float("inf")
+    assert float(size_ratios(with_inf)[0]) == pytest.approx(30 / 45)  # median of the finite ones
 
 
 def test_planted_trigger_is_recovered_and_only_its_target_flagged(digits_backdoor: dict[str, object]) -> None:
@@ -53,9 +84,9 @@ def test_clean_model_has_no_shortcut_trigger(digits_backdoor: dict[str, object])
     the two.
 
     Not asserted: "no class flagged". With this budget the MAD anomaly index of a clean model
-    reached 2.11 (class 2 here) and 2.36 on the full-MNIST baseline (docs/backdoor.md): the
-    clean classes' masks have not converged to similar sizes, so the paper's threshold gives
-    false positives; issue 13 keeps that open."""
+    reached 2.11 (class 2 here) and 2.36 on the full-MNIST baseline with the first defaults
+    (docs/backdoor.md): a clean model's smallest class can pass the paper's threshold by
+    chance."""
     model, x, y = digits_backdoor["clean"], digits_backdoor["x_test"], digits_backdoor["y_test"]
     assert isinstance(model, torch.nn.Module) and isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor)
     result = neural_cleanse(model, x, y, epochs=20, steps_per_epoch=20, batch_size=16, seed=0)

@@ -304,9 +304,13 @@ class PoisonConfig:
 class BackdoorAuditConfig:
     """Neural Cleanse on a model and clean images (``redblue audit-backdoor``).
 
-    ``n_images`` clean test images (the first ones) feed the optimisation; ``epochs`` x
-    ``steps_per_epoch`` steps of ``batch_size`` images per class, early-stopped; ``target_asr``
-    is the attack success rate a reversed trigger must reach.
+    ``n_images`` clean test images (the first ones) feed the optimisation; at most ``epochs`` x
+    ``steps_per_epoch`` steps of ``batch_size`` images per class, stopped early once no class's
+    smallest mask has shrunk for ``early_stop`` epochs; ``target_asr`` is the attack success
+    rate a reversed trigger must reach, and the L1 cost changes after ``cost_patience`` epochs
+    in a row that reach it or miss it. A class is flagged when its mask
+    norm's anomaly index is above 2 (the paper's rule) or the norm is under ``size_ratio`` of
+    the median norm (redblue's rule for when the MAD test cannot reach 2; 0 turns it off).
 
     ``strip``: also set STRIP's run-time threshold on the same clean images at false-rejection
     rate ``strip_frr`` (``strip_copies`` superimposed copies per input). ``repair``: remove the
@@ -319,12 +323,15 @@ class BackdoorAuditConfig:
     """
 
     n_images: int = 1000
-    epochs: int = 40
+    epochs: int = 100
     steps_per_epoch: int = 30
     batch_size: int = 16
     lr: float = 0.1
     init_cost: float = 1e-3
     target_asr: float = 0.99
+    cost_patience: int = 2
+    early_stop: int = 6
+    size_ratio: float = 0.25
     seed: int = 0
     device: str = "auto"
     strip: bool = True
@@ -349,6 +356,9 @@ class BackdoorAuditConfig:
         check_float("lr", self.lr, 0.0, None, low_open=True)
         check_float("init_cost", self.init_cost, 0.0, None, low_open=True)
         check_float("target_asr", self.target_asr, 0.0, 1.0, low_open=True)
+        check_int("cost_patience", self.cost_patience, 1, 1000)
+        check_int("early_stop", self.early_stop, 1, 10_000)
+        check_float("size_ratio", self.size_ratio, 0.0, 1.0, high_open=True)
         check_choice("device", self.device, DEVICES)
         check_int("strip_copies", self.strip_copies, 1, 10_000)
         check_float("strip_frr", self.strip_frr, 0.0, 1.0, low_open=True, high_open=True)

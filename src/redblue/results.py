@@ -228,6 +228,8 @@ class BackdoorAuditResult(StageResult):
     classes: list[dict[str, Any]]
     flagged: list[int]
     threshold: float
+    size_ratio: float
+    max_anomaly_index: float | None
     verdict: str
     true_trigger: dict[str, Any] | None
     triggers_file: str

@@ -144,8 +144,9 @@ def defense_summary(result: dict[str, Any], path: Path) -> Path:
 
 
 def anomaly_chart(result: dict[str, Any], path: Path) -> Path:
-    """Neural Cleanse: the L1 norm of each class's reversed mask (bars, red when flagged) and
-    its anomaly index (dots) against the threshold line."""
+    """Neural Cleanse: the L1 norm of each class's reversed mask (bars, red when flagged) against
+    the size-ratio line, and its anomaly index against the threshold line and the MAD test's
+    ceiling (the index of a trigger of size 0)."""
     classes = result["classes"]
     labels = [str(c.get("name") or c["class"]) for c in classes]
     l1 = [c["l1"] if c["l1"] is not None else 0.0 for c in classes]
@@ -155,12 +156,20 @@ def anomaly_chart(result: dict[str, Any], path: Path) -> Path:
     ax1.bar(range(len(classes)), l1, color=colours)
     ax1.set_xticks(range(len(classes)), labels, fontsize=9)
     ax1.set_ylabel("L1 norm of the reversed mask (pixels)")
-    ax1.set_title("Smallest trigger per class (red: flagged)", fontsize=10)
+    ax1.set_title("Smallest trigger per class (red: flagged; size rule: under the line)", fontsize=9)
+    finite = [c["l1"] for c in classes if c["l1"] is not None]
+    if result.get("size_ratio") and finite:
+        line = result["size_ratio"] * float(np.median(finite))
+        ax1.axhline(line, color="black", linestyle="--", linewidth=1, label=f"{result['size_ratio']:g} x median norm")
+        legend_below(ax1)
     ax2.bar(range(len(classes)), index, color=colours)
     ax2.axhline(result["threshold"], color="black", linestyle="--", linewidth=1, label=f"threshold {result['threshold']:g}")
+    if result.get("max_anomaly_index") is not None:
+        ax2.axhline(result["max_anomaly_index"], color="grey", linestyle=":", linewidth=1,
+                    label=f"ceiling {result['max_anomaly_index']:.2f} (a trigger of size 0)")  # fmt: skip
     ax2.set_xticks(range(len(classes)), labels, fontsize=9)
     ax2.set_ylabel("anomaly index (MAD units)")
-    ax2.set_title("Anomaly index (flagged: above the line and below the median norm)", fontsize=9)
+    ax2.set_title("Anomaly index (paper's rule: above the line, below the median norm)", fontsize=9)
     legend_below(ax2)
     fig.suptitle(f"{result['name']}: Neural Cleanse, {result['verdict'].split(':')[0]}", fontsize=LABEL_PT)
     return save_figure(fig, path)

@@ -245,18 +245,24 @@ def stage_facts(result: dict[str, Any]) -> dict[str, Any]:
         facts.append(("Poison rates", ", ".join(pct(pt.get("rate"), 1) for pt in result.get("points") or [])))
     elif stage == "backdoor_audit":
         true = result.get("true_trigger") or {}
-        flagged = [str(c.get("name") or c.get("class")) for c in result.get("classes") or [] if c.get("flagged")]
+        flagged = [f"{c.get('name') or c.get('class')} ({', '.join(c.get('flagged_by') or [])})"
+                   for c in result.get("classes") or [] if c.get("flagged")]  # fmt: skip
+        ceiling = result.get("max_anomaly_index")
         facts += [
             ("Method", f"Neural Cleanse, {count(dig(result, 'params', 'n_images'))} clean test images, "
              f"{dig(result, 'params', 'epochs_run')} epochs"),
             ("Verdict", str(result.get("verdict"))),
             ("Flagged classes", ", ".join(flagged) or "none"),
+            ("Rules", f"anomaly index above {result.get('threshold')} (the paper's); mask norm under "
+             f"{result.get('size_ratio')} of the median (redblue's; 0: off). MAD test ceiling (the index of "
+             f"a trigger of size 0): {'none (MAD 0)' if ceiling is None else f'{ceiling:.2f}'}"),
             ("Time", _seconds(result.get("seconds"))),
         ]  # fmt: skip
         if true:
             facts.append(("True trigger (from the poisoned model's record)",
                           f"target {true.get('target')} {'flagged' if true.get('target_flagged') else 'NOT flagged'}; "
-                          f"{pct(true.get('mask_mass_on_patch'))} of its reversed mask on the true patch"))  # fmt: skip
+                          f"{pct(true.get('mask_mass_on_patch'))} of its reversed mask on the true patch, "
+                          f"{pct(true.get('mask_mass_near_patch'))} on it or within 2 pixels"))  # fmt: skip
         strip = result.get("strip") or {}
         if strip:
             far = strip.get("far")

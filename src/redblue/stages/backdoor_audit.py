@@ -31,7 +31,15 @@ import torch
 from redblue.artifacts import LoadedModel, write_tensors
 from redblue.config import BackdoorAuditConfig, DataConfig, PoisonConfig, TrainConfig
 from redblue.data import Dataset, to_float
-from redblue.defenses.neural_cleanse import CleanseResult, neural_cleanse
+from redblue.defenses.neural_cleanse import (
+    ANOMALY_THRESHOLD,
+    CleanseResult,
+    anomaly_indices,
+    flag_reasons,
+    max_anomaly_index,
+    neural_cleanse,
+    size_ratios,
+)
 from redblue.defenses.repair import RepairResult, fine_prune, last_conv, unlearn
 from redblue.defenses.strip import strip
 from redblue.errors import ConfigError, IntegrityError
@@ -56,9 +64,14 @@ from redblue.validate import check_name
 TRIGGERS_FORMAT = "redblue.reversed-triggers/1"
 
 
+NEAR_PATCH = 2
+"""Pixels around the true patch that ``mask_mass_near_patch`` also counts."""
+
+
 def _true_trigger(poison_cfg: PoisonConfig | None, masks: torch.Tensor, flagged: list[int]) -> dict[str, Any] | None:
     """For a redblue poisoned model: its target, patch box, and the share of the target's
-    reversed mask that lies on the true patch."""
+    reversed mask that lies on the true patch, and on it or within ``NEAR_PATCH`` pixels of it
+    (a convolutional model's patch detector also fires on a blob shifted by a pixel or two)."""
     if poison_cfg is None:
         return None
     _, height, width = masks.shape
@@ -66,23 +79,38 @@ def _true_trigger(poison_cfg: PoisonConfig | None, masks: torch.Tensor, flagged:
     mask = masks[poison_cfg.target]
     total = float(mask.sum())
     on_patch = float(mask[row : row + size, col : col + size].sum())
+    top, left = max(row - NEAR_PATCH, 0), max(col - NEAR_PATCH, 0)
+    near = float(mask[top : row + size + NEAR_PATCH, left : col + size + NEAR_PATCH].sum())
     return {
         "target": poison_cfg.target,
         "box": [row, col, size],
         "mask_mass_on_patch": on_patch / total if total > 0 else 0.0,
+        "mask_mass_near_patch": near / total if total > 0 else 0.0,
         "target_flagged": poison_cfg.target in flagged,
         "only_target_flagged": flagged == [poison_cfg.target],
     }
 
 
-def verdict_text(flagged: list[int], names: list[str] | None, classes: int) -> str:
-    """The verdict in words."""
+def verdict_text(classes: list[dict[str, Any]], max_index: float | None, size_ratio: float) -> str:
+    """The verdict in words, from the per-class rows (``l1``, ``size_ratio``, ``anomaly_index``,
+    ``flagged_by``) and the MAD test's ceiling."""
+    flagged = [c for c in classes if c["flagged_by"]]
+    ceiling = ""
+    if max_index is not None and max_index <= ANOMALY_THRESHOLD:
+        ceiling = (f"; the MAD test alone could not flag any class here: the classes' trigger sizes are so spread "
+                   f"that even a trigger of size 0 would reach an anomaly index of only {max_index:.2f}")  # fmt: skip
     if not flagged:
-        return (f"no class flagged: every one of the {classes} classes needs a trigger of ordinary size "
-                "(anomaly index at most 2); no sign of a backdoor")  # fmt: skip
-    labels = ", ".join(names[k] if names and k < len(names) else str(k) for k in flagged)
-    return (f"backdoor suspected: class {labels} can be reached with a much smaller trigger than the others "
-            "(anomaly index above 2); its reversed trigger is saved")  # fmt: skip
+        rule = "" if size_ratio == 0 else f" and at least {size_ratio:g} of the median size"
+        return (f"no class flagged: every one of the {len(classes)} classes needs a trigger of ordinary size "
+                f"(anomaly index at most {ANOMALY_THRESHOLD:g}{rule}); no sign of a backdoor{ceiling}")  # fmt: skip
+    parts = []
+    for c in flagged:
+        label = c["name"] or c["class"]
+        why = " and ".join({"anomaly-index": f"anomaly index {c['anomaly_index']:.2f} > {ANOMALY_THRESHOLD:g}",
+                            "size-ratio": f"under the {size_ratio:g} size rule"}[r] for r in c["flagged_by"])  # fmt: skip
+        parts.append(f"class {label} (mask L1 {c['l1']:.1f} = {c['size_ratio']:.0%} of the median norm: {why})")
+    return (f"backdoor suspected: {', '.join(parts)} can be reached with a much smaller trigger than the others; "
+            f"its reversed trigger is saved{ceiling}")  # fmt: skip
 
 
 def _poison(loaded: LoadedModel) -> PoisonConfig | None:
@@ -238,7 +266,7 @@ def audit_backdoor_stage(
     settings = dataclasses.asdict(cfg)
     settings.pop("device")
     nc_settings = {k: settings[k] for k in ("n_images", "epochs", "steps_per_epoch", "batch_size", "lr", "init_cost",
-                                            "target_asr", "seed")}  # fmt: skip
+                                            "target_asr", "cost_patience", "early_stop", "seed")}  # fmt: skip
     key = sha256_json({"stage": "backdoor_audit", "settings": settings, "weights": weights, "data": data.identity()})
     cached = cached_result(out, name, key, BackdoorAuditResult)
     if cached is not None and file_intact(out / "metrics" / cached.triggers_file, cached.triggers_sha256) and (
@@ -255,11 +283,11 @@ def audit_backdoor_stage(
     def compute() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         result: CleanseResult = neural_cleanse(
             net, x, y, epochs=cfg.epochs, steps_per_epoch=cfg.steps_per_epoch, batch_size=cfg.batch_size, lr=cfg.lr,
-            init_cost=cfg.init_cost, target_asr=cfg.target_asr, seed=cfg.seed, progress=progress,
+            init_cost=cfg.init_cost, target_asr=cfg.target_asr, patience=cfg.cost_patience, early_stop=cfg.early_stop,
+            seed=cfg.seed, progress=progress,
         )  # fmt: skip
-        meta = {"l1": [v if math.isfinite(v) else None for v in result.l1], "asr": result.attack_success_rate, "anomaly_index": result.anomaly_index,
-                "flagged": result.flagged, "threshold": result.threshold, "epochs": result.epochs,
-                "seconds": result.seconds, "params": result.params}  # fmt: skip
+        meta = {"l1": [v if math.isfinite(v) else None for v in result.l1], "asr": result.attack_success_rate,
+                "epochs": result.epochs, "seconds": result.seconds, "params": result.params}  # fmt: skip
         return {"masks": result.masks, "patterns": result.patterns}, meta
 
     cache = stage_cache(out)
@@ -270,13 +298,19 @@ def audit_backdoor_stage(
     triggers_file = f"{name}_triggers.safetensors"
     triggers_sha256 = write_tensors(out / "metrics" / triggers_file, {"masks": masks, "patterns": patterns}, TRIGGERS_FORMAT)
     names = loaded.record.get("class_names") or (list(data.class_names) if data.class_names else None)
-    flagged = [int(k) for k in meta["flagged"]]
+    # the verdict is computed here from the cached norms, so a change of --size-ratio needs no new optimisation
+    l1 = torch.tensor([math.inf if v is None else float(v) for v in meta["l1"]], dtype=torch.float64)
+    index, ratios = anomaly_indices(l1), size_ratios(l1)
+    reasons = flag_reasons(l1, ANOMALY_THRESHOLD, cfg.size_ratio)
+    flagged = [k for k, why in enumerate(reasons) if why]
     classes = [
         {"class": k, "name": names[k] if names and k < len(names) else None,
-         "l1": meta["l1"][k],
-         "anomaly_index": meta["anomaly_index"][k], "attack_success_rate": meta["asr"][k], "flagged": k in flagged}
+         "l1": meta["l1"][k], "size_ratio": float(ratios[k]) if meta["l1"][k] is not None else None,
+         "anomaly_index": float(index[k]), "attack_success_rate": meta["asr"][k], "flagged": bool(reasons[k]),
+         "flagged_by": reasons[k]}
         for k in range(len(meta["l1"]))
     ]  # fmt: skip
+    max_index = max_anomaly_index(l1)
     strip_result = None
     if cfg.strip:
         strip_inputs = {"settings": {k: settings[k] for k in ("n_images", "strip_copies", "strip_frr", "seed")},
@@ -300,8 +334,10 @@ def audit_backdoor_stage(
         params={**meta["params"], "epochs_run": meta["epochs"], "method": "neural-cleanse"},
         classes=classes,
         flagged=flagged,
-        threshold=float(meta["threshold"]),
-        verdict=verdict_text(flagged, names, len(classes)),
+        threshold=ANOMALY_THRESHOLD,
+        size_ratio=cfg.size_ratio,
+        max_anomaly_index=max_index,
+        verdict=verdict_text(classes, max_index, cfg.size_ratio),
         true_trigger=_true_trigger(poison, masks, flagged),
         triggers_file=triggers_file,
         triggers_sha256=triggers_sha256,

@@ -1,0 +1,116 @@
+"""Neural Cleanse on full MNIST: how long redblue takes for all 10 classes, and whether ART's
+``NeuralCleanse`` can run beside it.
+
+* redblue's ``neural_cleanse`` with ``redblue audit-backdoor``'s defaults (the first 1,000
+  test images, at most 100 epochs x 30 steps of 16 images per class, all classes batched,
+  early-stopped) on a poisoned model (the default BadNets backdoor: 4x4 white patch at the
+  bottom right -> 7, 10%; trained here for ``--epochs`` epochs unless ``--model`` names one)
+  and, with ``--clean``, on a clean model: time, epochs run, mask norms, anomaly indices, the
+  MAD test's ceiling, size ratios, flagged classes, and the share of the target's mask on the
+  true patch.
+* ART's ``NeuralCleanse`` (``art.defences.transformer.poisoning``) is tried on the same
+  PyTorch model through ``PyTorchClassifier``; it builds a ``KerasNeuralCleanse``, which needs
+  TensorFlow and Keras, so on this PyTorch-only machine it cannot run: the error is recorded.
+
+Run:
+
+    REDBLUE_DATA_DIR=../shared/datasets python -m benchmarks.bench_neural_cleanse \\
+        [--model OUT/models/poisoned.json] [--clean OUT/models/baseline.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from benchmarks.common import data_dir, peak_rss_mib, timed, write
+from redblue.artifacts import load_model
+from redblue.config import BackdoorAuditConfig, PoisonConfig, TrainConfig
+from redblue.data import load_dataset, to_float
+from redblue.defenses.neural_cleanse import max_anomaly_index, neural_cleanse, size_ratios
+from redblue.models import build_model
+from redblue.stages.poison import build_poisoned, poison_config_from_record
+from redblue.train import fit
+from redblue.utils import seed_everything
+
+
+def cleanse(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: BackdoorAuditConfig,
+            poison: PoisonConfig | None) -> dict[str, Any]:  # fmt: skip
+    result, seconds = timed(
+        neural_cleanse, model, x, y, epochs=cfg.epochs, steps_per_epoch=cfg.steps_per_epoch,
+        batch_size=cfg.batch_size, lr=cfg.lr, init_cost=cfg.init_cost, target_asr=cfg.target_asr,
+        patience=cfg.cost_patience, early_stop=cfg.early_stop, size_ratio=cfg.size_ratio, seed=cfg.seed,
+    )  # fmt: skip
+    l1 = torch.tensor(result.l1, dtype=torch.float64)
+    row: dict[str, Any] = {
+        "seconds": seconds,
+        "epochs_run": result.epochs,
+        "l1": [round(v, 2) for v in result.l1],
+        "anomaly_index": [round(v, 3) for v in result.anomaly_index],
+        "max_anomaly_index": max_anomaly_index(l1),
+        "size_ratio": [round(float(v), 3) for v in size_ratios(l1)],
+        "flagged": result.flagged,
+    }
+    if poison is not None:
+        _, height, width = result.masks.shape
+        top, left, size = poison.trigger().box(height, width)
+        mask = result.masks[poison.target]
+        row["target"] = poison.target
+        row["target_mask_on_patch"] = float(mask[top : top + size, left : left + size].sum() / mask.sum())
+    return row
+
+
+def art_neural_cleanse(model: torch.nn.Module) -> dict[str, Any]:
+    """Try ART's NeuralCleanse on the PyTorch model; record why it cannot run."""
+    from art.defences.transformer.poisoning import NeuralCleanse
+    from art.estimators.classification import PyTorchClassifier
+
+    classifier = PyTorchClassifier(model=model, loss=torch.nn.CrossEntropyLoss(), input_shape=(1, 28, 28),
+                                   nb_classes=10, clip_values=(0.0, 1.0), device_type="cpu")  # fmt: skip
+    try:
+        defence = NeuralCleanse(classifier)
+        defence(classifier, steps=1)
+    except Exception as error:  # any failure is the finding recorded
+        return {"ran": False, "error": f"{type(error).__name__}: {error}"}
+    return {"ran": True, "error": None}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--model", type=Path, default=None, help="a poisoned model's .json (skip training)")
+    parser.add_argument("--clean", type=Path, default=None, help="a clean model's .json (the control)")
+    parser.add_argument("--epochs", type=int, default=5, help="epochs of the poisoned model trained here")
+    args = parser.parse_args()
+    data = load_dataset("mnist", data_dir(), download=False)
+    cfg = BackdoorAuditConfig()
+    x = to_float(data.x_test[: cfg.n_images])
+    y = data.y_test[: cfg.n_images]
+    if args.model is not None:
+        loaded = load_model(args.model)
+        model, poison = loaded.model, poison_config_from_record(loaded.record)
+    else:
+        poison = PoisonConfig(rate=0.1, target=7)
+        poisoned, _ = build_poisoned(data, poison)
+        seed_everything(0)
+        model = build_model("cnn")
+        fit(model, poisoned, TrainConfig(epochs=args.epochs, device="cpu"), progress=False)
+    model.eval()
+    rows = {"poisoned": cleanse(model, x, y, cfg, poison)}
+    if args.clean is not None:
+        rows["clean"] = cleanse(load_model(args.clean).model.eval(), x, y, cfg, None)
+    write("neural_cleanse", {
+        "settings": {"n_images": cfg.n_images, "epochs": cfg.epochs, "steps_per_epoch": cfg.steps_per_epoch,
+                     "batch_size": cfg.batch_size, "cost_patience": cfg.cost_patience, "early_stop": cfg.early_stop,
+                     "size_ratio": cfg.size_ratio},
+        "redblue": rows,
+        "art": art_neural_cleanse(model),
+        "peak_rss_mib": peak_rss_mib(),
+        "threads": torch.get_num_threads(),
+    })  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
