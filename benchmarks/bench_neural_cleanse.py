@@ -2,7 +2,7 @@
 ``NeuralCleanse`` can run beside it.
 
 * redblue's ``neural_cleanse`` with ``redblue audit-backdoor``'s defaults (the first 1,000
-  test images, at most 100 epochs x 30 steps of 16 images per class, all classes batched,
+  test images, at most 70 epochs x 30 steps of 16 images per class, all classes batched,
   early-stopped) on a poisoned model (the default BadNets backdoor: 4x4 white patch at the
   bottom right -> 7, 10%; trained here for ``--epochs`` epochs unless ``--model`` names one)
   and, with ``--clean``, on a clean model: time, epochs run, mask norms, anomaly indices, the

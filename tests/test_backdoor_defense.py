@@ -229,6 +229,7 @@ def test_full_mnist_neural_cleanse_flags_and_unlearns(full_poisoned: tuple[Path,
     cfg = BackdoorAuditConfig(strip=False, repair=("unlearn",), device="cpu")
     result = audit_backdoor_stage(out, loaded, mnist, cfg, progress=False)
     assert result["flagged"] == [7], result["classes"]
+    assert "size-ratio" in result["classes"][7]["flagged_by"]  # redblue's rule (here the paper's fires too, at 2.46)
     assert result["true_trigger"]["only_target_flagged"]
     l1 = [c["l1"] for c in result["classes"]]
     assert l1[7] == min(l1) and l1[7] < 0.25 * float(np.median(l1))

@@ -274,6 +274,16 @@ def test_audit_backdoor_cli_flags_and_repairs_a_users_model(digits_backdoor: dic
     assert "Removal by unlearning" in html and "Removal by fine-pruning" in html and "STRIP" in html
     verified = run_cli("verify", str(out))
     assert verified.returncode == 0, verified.stdout + verified.stderr
+    # the paper's rule alone (--size-ratio 0): the same optimisation, reused from the cache, a new verdict
+    paper = run_cli(*common, "--dataset", "data.npz", "--no-strip", "--size-ratio", "0", "--name", "paper", "--out", "out",
+                    cwd=tmp_path)  # fmt: skip
+    assert paper.returncode == 0, paper.stderr[-2000:]
+    alone = json.loads((out / "metrics" / "paper_metrics.json").read_text())
+    assert alone["seconds"] == result["seconds"] and alone["size_ratio"] == 0  # the cached Neural Cleanse run
+    assert [c["l1"] for c in alone["classes"]] == [c["l1"] for c in result["classes"]]
+    for c in alone["classes"]:  # only the paper's rule can flag, by the index written beside it
+        assert c["flagged_by"] == (["anomaly-index"] if c["size_ratio"] < 1 and c["anomaly_index"] > 2 else [])
+    assert alone["flagged"] == [c["class"] for c in alone["classes"] if c["flagged_by"]]
 
 
 def test_defend_backdoor_screens_a_users_training_set(digits_backdoor: dict, tmp_path: Path) -> None:

@@ -52,6 +52,33 @@ def test_mad_ceiling_and_size_ratio_by_hand() -> None:
     with_inf = torch.tensor([30.0, 40.0, float("inf"), 50.0, 60.0])
     assert flag_classes(with_inf) == [] and float(size_ratios(with_inf)[2]) == float("inf")
     assert float(size_ratios(with_inf)[0]) == pytest.approx(30 / 45)  # median of the finite ones
+    # fewer than three finite norms: a median of two means nothing, so nothing is flagged
+    assert flag_reasons(torch.tensor([3.0, 50.0, float("inf"), float("inf")])) == [[], [], [], []]
+    # a median of 0 (half the classes reached with an empty mask): no ratio, no size flag
+    zero = size_ratios(torch.tensor([0.0, 0.0, 0.0, 5.0]))
+    assert bool(torch.isnan(zero).all()) and flag_classes(torch.tensor([0.0, 0.0, 0.0, 5.0])) == []
+
+
+def test_verdict_in_words() -> None:
+    """The verdict names each flagged class with its norm, share and rule, in the plural when
+    there are several, and says when the MAD test could not have flagged anything or when a
+    class was not judged."""
+    from redblue.stages.backdoor_audit import verdict_text
+
+    def row(k: int, l1: float | None, ratio: float | None, index: float, why: list[str]) -> dict:
+        return {"class": k, "name": None, "l1": l1, "size_ratio": ratio, "anomaly_index": index, "flagged_by": why}
+
+    one = verdict_text([row(0, 50.0, 1.0, 0.1, []), row(1, 3.0, 0.06, 1.7, ["size-ratio"])], 1.84, 0.25)
+    assert one.startswith("backdoor suspected: class 1 (mask L1 3.0 = 6% of the median norm: under the 0.25 size rule)")
+    assert "its reversed trigger is saved" in one and "even a trigger of size 0 would reach an anomaly index of only 1.84" in one
+    two = verdict_text([row(0, 2.0, 0.04, 5.4, ["anomaly-index", "size-ratio"]), row(1, 3.0, 0.06, 5.1, ["anomaly-index"])],
+                       6.2, 0.25)  # fmt: skip
+    assert "anomaly index 5.40 > 2 and under the 0.25 size rule" in two and "their reversed triggers are saved" in two
+    assert "size 0" not in two  # the ceiling (6.2) was no obstacle
+    none = verdict_text([row(0, 50.0, 1.0, 0.1, []), row(1, None, None, 0.0, []), row(2, 45.0, 0.9, 0.3, [])], None, 0.0)
+    assert none.startswith("no class flagged: every one of the 2 classes judged needs a trigger of ordinary size "
+                           "(anomaly index at most 2); no sign of a backdoor")  # fmt: skip
+    assert "class 1 (not judged" in none and "the MAD of the mask norms is 0" in none
 
 
 def test_planted_trigger_is_recovered_and_only_its_target_flagged(digits_backdoor: dict[str, object]) -> None:

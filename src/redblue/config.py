@@ -323,7 +323,7 @@ class BackdoorAuditConfig:
     """
 
     n_images: int = 1000
-    epochs: int = 100
+    epochs: int = 70
     steps_per_epoch: int = 30
     batch_size: int = 16
     lr: float = 0.1

@@ -280,10 +280,11 @@ def read_indices(path: Path) -> tuple[torch.Tensor, str]:
 @model_options
 @data_options
 @click.option("--n-images", type=int, default=None, help="Clean test images used (the first ones). [default: 1000]")
-@click.option("--epochs", type=int, default=None, help="Most optimisation epochs (early-stopped). [default: 100]")
+@click.option("--epochs", type=int, default=None, help="Most optimisation epochs (early-stopped). [default: 70]")
 @click.option("--steps-per-epoch", type=int, default=None, help="Steps per epoch. [default: 30]")
 @click.option("--early-stop", type=int, default=None,
-              help="Stop once no class's smallest mask has shrunk for this many epochs. [default: 6]")
+              help="Stop once every class has a trigger and none of their smallest masks has shrunk by 1% "
+                   "for this many epochs. [default: 6]")
 @click.option("--cost-patience", type=int, default=None,
               help="Epochs in a row that reach (or miss) --target-asr before the L1 cost changes. [default: 2]")
 @click.option("--batch-size", type=int, default=None, help="Images per class per step. [default: 16]")

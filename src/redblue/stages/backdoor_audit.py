@@ -95,22 +95,30 @@ def verdict_text(classes: list[dict[str, Any]], max_index: float | None, size_ra
     """The verdict in words, from the per-class rows (``l1``, ``size_ratio``, ``anomaly_index``,
     ``flagged_by``) and the MAD test's ceiling."""
     flagged = [c for c in classes if c["flagged_by"]]
-    ceiling = ""
-    if max_index is not None and max_index <= ANOMALY_THRESHOLD:
-        ceiling = (f"; the MAD test alone could not flag any class here: the classes' trigger sizes are so spread "
-                   f"that even a trigger of size 0 would reach an anomaly index of only {max_index:.2f}")  # fmt: skip
+    notes = ""
+    missing = [str(c["name"] or c["class"]) for c in classes if c["l1"] is None]
+    if missing:
+        notes += (f"; no trigger reached the target success rate for class {', '.join(missing)} "
+                  "(not judged; more epochs or a lower --target-asr)")  # fmt: skip
+    if max_index is None:
+        notes += "; the MAD of the mask norms is 0, so the paper's anomaly index cannot flag any class"
+    elif max_index <= ANOMALY_THRESHOLD:
+        notes += (f"; the MAD test alone could not flag any class here: the classes' trigger sizes are so spread "
+                  f"that even a trigger of size 0 would reach an anomaly index of only {max_index:.2f}")  # fmt: skip
     if not flagged:
         rule = "" if size_ratio == 0 else f" and at least {size_ratio:g} of the median size"
-        return (f"no class flagged: every one of the {len(classes)} classes needs a trigger of ordinary size "
-                f"(anomaly index at most {ANOMALY_THRESHOLD:g}{rule}); no sign of a backdoor{ceiling}")  # fmt: skip
+        judged = len(classes) - len(missing)
+        return (f"no class flagged: every one of the {judged} classes judged needs a trigger of ordinary size "
+                f"(anomaly index at most {ANOMALY_THRESHOLD:g}{rule}); no sign of a backdoor{notes}")  # fmt: skip
     parts = []
     for c in flagged:
         label = c["name"] or c["class"]
         why = " and ".join({"anomaly-index": f"anomaly index {c['anomaly_index']:.2f} > {ANOMALY_THRESHOLD:g}",
                             "size-ratio": f"under the {size_ratio:g} size rule"}[r] for r in c["flagged_by"])  # fmt: skip
         parts.append(f"class {label} (mask L1 {c['l1']:.1f} = {c['size_ratio']:.0%} of the median norm: {why})")
+    saved = "its reversed trigger is saved" if len(flagged) == 1 else "their reversed triggers are saved"
     return (f"backdoor suspected: {', '.join(parts)} can be reached with a much smaller trigger than the others; "
-            f"its reversed trigger is saved{ceiling}")  # fmt: skip
+            f"{saved}{notes}")  # fmt: skip
 
 
 def _poison(loaded: LoadedModel) -> PoisonConfig | None:
@@ -305,7 +313,7 @@ def audit_backdoor_stage(
     flagged = [k for k, why in enumerate(reasons) if why]
     classes = [
         {"class": k, "name": names[k] if names and k < len(names) else None,
-         "l1": meta["l1"][k], "size_ratio": float(ratios[k]) if meta["l1"][k] is not None else None,
+         "l1": meta["l1"][k], "size_ratio": float(ratios[k]) if math.isfinite(float(ratios[k])) else None,
          "anomaly_index": float(index[k]), "attack_success_rate": meta["asr"][k], "flagged": bool(reasons[k]),
          "flagged_by": reasons[k]}
         for k in range(len(meta["l1"]))
