@@ -151,7 +151,7 @@ def anomaly_chart(result: dict[str, Any], path: Path) -> Path:
     labels = [str(c.get("name") or c["class"]) for c in classes]
     l1 = [c["l1"] if c["l1"] is not None else 0.0 for c in classes]
     index = [c["anomaly_index"] for c in classes]
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9.5, 3.8))
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9.5, 3.6))
     colours = ["#c0392b" if c["flagged"] else "#5b7fa6" for c in classes]
     ax1.bar(range(len(classes)), l1, color=colours)
     for k, c in enumerate(classes):
@@ -159,11 +159,11 @@ def anomaly_chart(result: dict[str, Any], path: Path) -> Path:
             ax1.text(k, 0, "n/a", ha="center", va="bottom", fontsize=8, rotation=90)
     ax1.set_xticks(range(len(classes)), labels, fontsize=9)
     ax1.set_ylabel("L1 norm of the reversed mask (pixels)")
-    ax1.set_title("Smallest trigger per class\n(red: flagged; size rule: under the line)", fontsize=9)
+    ax1.set_title("Smallest trigger per class (red: flagged)", fontsize=9)
     finite = [c["l1"] for c in classes if c["l1"] is not None]
     if result.get("size_ratio") and finite:
         line = result["size_ratio"] * float(np.median(finite))
-        ax1.axhline(line, color="black", linestyle="--", linewidth=1, label=f"{result['size_ratio']:g} x median norm")
+        ax1.axhline(line, color="black", linestyle="--", linewidth=1, label=f"size rule: {result['size_ratio']:g} x median norm")
         legend_below(ax1)
     ax2.bar(range(len(classes)), index, color=colours)
     ax2.axhline(result["threshold"], color="black", linestyle="--", linewidth=1, label=f"threshold {result['threshold']:g}")
@@ -172,7 +172,7 @@ def anomaly_chart(result: dict[str, Any], path: Path) -> Path:
                     label=f"ceiling {result['max_anomaly_index']:.2f} (a trigger of size 0)")  # fmt: skip
     ax2.set_xticks(range(len(classes)), labels, fontsize=9)
     ax2.set_ylabel("anomaly index (MAD units)")
-    ax2.set_title("Anomaly index\n(paper's rule: above the line, below the median norm)", fontsize=9)
+    ax2.set_title("Anomaly index (paper's rule: above the line)", fontsize=9)
     legend_below(ax2)
     fig.suptitle(f"{result['name']}: Neural Cleanse, {result['verdict'].split(':')[0]}", fontsize=LABEL_PT)
     return save_figure(fig, path)
