@@ -30,7 +30,7 @@ from benchmarks.common import data_dir, peak_rss_mib, timed, write
 from redblue.artifacts import load_model
 from redblue.config import BackdoorAuditConfig, PoisonConfig, TrainConfig
 from redblue.data import load_dataset, to_float
-from redblue.defenses.neural_cleanse import max_anomaly_index, neural_cleanse, size_ratios
+from redblue.defenses.neural_cleanse import assess, neural_cleanse
 from redblue.models import build_model
 from redblue.stages.poison import build_poisoned, poison_config_from_record
 from redblue.train import fit
@@ -44,14 +44,14 @@ def cleanse(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: Backd
         batch_size=cfg.batch_size, lr=cfg.lr, init_cost=cfg.init_cost, target_asr=cfg.target_asr,
         patience=cfg.cost_patience, early_stop=cfg.early_stop, size_ratio=cfg.size_ratio, seed=cfg.seed,
     )  # fmt: skip
-    l1 = torch.tensor(result.l1, dtype=torch.float64)
+    verdict = assess(torch.tensor(result.l1, dtype=torch.float64), size_ratio=cfg.size_ratio)
     row: dict[str, Any] = {
         "seconds": seconds,
         "epochs_run": result.epochs,
         "l1": [round(v, 2) for v in result.l1],
         "anomaly_index": [round(v, 3) for v in result.anomaly_index],
-        "max_anomaly_index": max_anomaly_index(l1),
-        "size_ratio": [round(float(v), 3) for v in size_ratios(l1)],
+        "max_anomaly_index": verdict.max_index,
+        "size_ratio": [round(float(v), 3) for v in verdict.size_ratio],
         "flagged": result.flagged,
     }
     if poison is not None:

@@ -134,6 +134,33 @@ def size_ratios(l1: torch.Tensor) -> torch.Tensor:
     return l1 / stats[0]
 
 
+@dataclass(frozen=True)
+class Assessment:
+    """Both flagging rules applied to a set of mask norms, each statistic computed once."""
+
+    anomaly_index: torch.Tensor  # per class, see anomaly_indices
+    size_ratio: torch.Tensor  # per class, see size_ratios
+    flagged_by: list[list[str]]  # per class, see flag_reasons
+    max_index: float | None  # see max_anomaly_index
+
+    @property
+    def flagged(self) -> list[int]:
+        return [k for k, why in enumerate(self.flagged_by) if why]
+
+
+def assess(l1: torch.Tensor, threshold: float = ANOMALY_THRESHOLD, size_ratio: float = SIZE_RATIO) -> Assessment:
+    """The anomaly indices, size ratios, MAD ceiling and flagging reasons of the norms ``l1``."""
+    index, ratio = anomaly_indices(l1), size_ratios(l1)
+    reasons: list[list[str]] = [[] for _ in range(l1.numel())]
+    if int(torch.isfinite(l1).sum()) >= MIN_NORMS:
+        for k in range(l1.numel()):
+            if bool(ratio[k] < 1) and float(index[k]) > threshold:
+                reasons[k].append("anomaly-index")
+            if bool(ratio[k] < size_ratio):
+                reasons[k].append("size-ratio")
+    return Assessment(index, ratio, reasons, max_anomaly_index(l1))
+
+
 def flag_reasons(l1: torch.Tensor, threshold: float = ANOMALY_THRESHOLD, size_ratio: float = SIZE_RATIO) -> list[list[str]]:
     """Why each class is flagged: ``"anomaly-index"`` (below the median norm, index above
     ``threshold``: the paper's rule) and/or ``"size-ratio"`` (norm under ``size_ratio`` of the
@@ -144,24 +171,12 @@ def flag_reasons(l1: torch.Tensor, threshold: float = ANOMALY_THRESHOLD, size_ra
         >>> flag_reasons(torch.tensor([30.0, 40.0, 50.0, 60.0, 70.0, 3.0]))
         [[], [], [], [], [], ['size-ratio']]
     """
-    reasons: list[list[str]] = [[] for _ in range(l1.numel())]
-    if int(torch.isfinite(l1).sum()) < MIN_NORMS:
-        return reasons
-    index = anomaly_indices(l1)
-    ratio = size_ratios(l1)
-    for k in range(l1.numel()):
-        why = []
-        if bool(ratio[k] < 1) and float(index[k]) > threshold:
-            why.append("anomaly-index")
-        if bool(ratio[k] < size_ratio):
-            why.append("size-ratio")
-        reasons[k] = why
-    return reasons
+    return assess(l1, threshold, size_ratio).flagged_by
 
 
 def flag_classes(l1: torch.Tensor, threshold: float = ANOMALY_THRESHOLD, size_ratio: float = SIZE_RATIO) -> list[int]:
     """Classes flagged by either rule of :func:`flag_reasons`."""
-    return [k for k, why in enumerate(flag_reasons(l1, threshold, size_ratio)) if why]
+    return assess(l1, threshold, size_ratio).flagged
 
 
 def stamp(x: torch.Tensor, mask: torch.Tensor, pattern: torch.Tensor) -> torch.Tensor:
@@ -294,10 +309,11 @@ def neural_cleanse(
         for p, r in zip(model.parameters(), requires, strict=True):
             p.requires_grad_(r)
     l1_cpu = best_l1.detach().cpu()
+    verdict = assess(l1_cpu, size_ratio=size_ratio)
     return CleanseResult(
         masks=best_mask.detach().cpu(), patterns=best_pattern.detach().cpu(),
         l1=[float(v) for v in l1_cpu], attack_success_rate=[float(v) for v in best_asr.cpu()],
-        anomaly_index=[float(v) for v in anomaly_indices(l1_cpu)], flagged=flag_classes(l1_cpu, size_ratio=size_ratio), size_ratio=size_ratio,
+        anomaly_index=[float(v) for v in verdict.anomaly_index], flagged=verdict.flagged, size_ratio=size_ratio,
         epochs=epochs_run, seconds=time.perf_counter() - start,
         params={"epochs": epochs, "steps_per_epoch": steps_per_epoch, "batch_size": batch_size, "lr": lr,
                 "init_cost": init_cost, "target_asr": target_asr, "patience": patience, "early_stop": early_stop,

@@ -31,15 +31,7 @@ import torch
 from redblue.artifacts import LoadedModel, write_tensors
 from redblue.config import BackdoorAuditConfig, DataConfig, PoisonConfig, TrainConfig
 from redblue.data import Dataset, to_float
-from redblue.defenses.neural_cleanse import (
-    ANOMALY_THRESHOLD,
-    CleanseResult,
-    anomaly_indices,
-    flag_reasons,
-    max_anomaly_index,
-    neural_cleanse,
-    size_ratios,
-)
+from redblue.defenses.neural_cleanse import ANOMALY_THRESHOLD, CleanseResult, assess, neural_cleanse
 from redblue.defenses.repair import RepairResult, fine_prune, last_conv, unlearn
 from redblue.defenses.strip import strip
 from redblue.errors import ConfigError, IntegrityError
@@ -308,17 +300,17 @@ def audit_backdoor_stage(
     names = loaded.record.get("class_names") or (list(data.class_names) if data.class_names else None)
     # the verdict is computed here from the cached norms, so a change of --size-ratio needs no new optimisation
     l1 = torch.tensor([math.inf if v is None else float(v) for v in meta["l1"]], dtype=torch.float64)
-    index, ratios = anomaly_indices(l1), size_ratios(l1)
-    reasons = flag_reasons(l1, ANOMALY_THRESHOLD, cfg.size_ratio)
-    flagged = [k for k, why in enumerate(reasons) if why]
+    verdict = assess(l1, ANOMALY_THRESHOLD, cfg.size_ratio)
+    flagged = verdict.flagged
+    ratios = [float(v) for v in verdict.size_ratio]
     classes = [
         {"class": k, "name": names[k] if names and k < len(names) else None,
-         "l1": meta["l1"][k], "size_ratio": float(ratios[k]) if math.isfinite(float(ratios[k])) else None,
-         "anomaly_index": float(index[k]), "attack_success_rate": meta["asr"][k], "flagged": bool(reasons[k]),
-         "flagged_by": reasons[k]}
+         "l1": meta["l1"][k], "size_ratio": ratios[k] if math.isfinite(ratios[k]) else None,
+         "anomaly_index": float(verdict.anomaly_index[k]), "attack_success_rate": meta["asr"][k],
+         "flagged": bool(verdict.flagged_by[k]), "flagged_by": verdict.flagged_by[k]}
         for k in range(len(meta["l1"]))
     ]  # fmt: skip
-    max_index = max_anomaly_index(l1)
+    max_index = verdict.max_index
     strip_result = None
     if cfg.strip:
         strip_inputs = {"settings": {k: settings[k] for k in ("n_images", "strip_copies", "strip_frr", "seed")},
