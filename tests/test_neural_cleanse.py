@@ -16,6 +16,7 @@ from redblue.defenses.neural_cleanse import (
     neural_cleanse,
     size_ratios,
 )
+from redblue.defenses.neural_cleanse import stamp as stamp_with
 
 from .conftest import stamp_digits
 
@@ -71,10 +72,15 @@ def test_verdict_in_words() -> None:
     one = verdict_text([row(0, 50.0, 1.0, 0.1, []), row(1, 3.0, 0.06, 1.7, ["size-ratio"])], 1.84, 0.25)
     assert one.startswith("backdoor suspected: class 1 (mask L1 3.0 = 6% of the median norm: under the 0.25 size rule)")
     assert "its reversed trigger is saved" in one and "even a trigger of size 0 would reach an anomaly index of only 1.84" in one
-    two = verdict_text([row(0, 2.0, 0.04, 5.4, ["anomaly-index", "size-ratio"]), row(1, 3.0, 0.06, 5.1, ["anomaly-index"])],
+    two = verdict_text([row(0, 2.0, 0.04, 5.4, ["anomaly-index", "size-ratio"]), row(1, 25.0, 0.5, 5.1, ["anomaly-index"])],
                        6.2, 0.25)  # fmt: skip
     assert "anomaly index 5.40 > 2 and under the 0.25 size rule" in two and "their reversed triggers are saved" in two
     assert "size 0" not in two  # the ceiling (6.2) was no obstacle
+    assert "class 1 (mask L1 25.0 = 50% of the median norm: anomaly index 5.10 > 2; not under the 0.25 size rule, a borderline" in two
+    assert "5.40 > 2 and under the 0.25 size rule)" in two  # flagged by both: nothing borderline
+    paper_only = verdict_text([row(0, 50.0, 1.0, 0.1, []), row(1, 29.0, 0.58, 2.02, ["anomaly-index"])], 4.8, 0.0)
+    assert "anomaly index 2.02 > 2) can be reached with a smaller trigger" in paper_only  # the size rule off
+    assert "with a much smaller trigger" in one and "with a smaller trigger" in two  # "much": under the size rule
     none = verdict_text([row(0, 50.0, 1.0, 0.1, []), row(1, None, None, 0.0, []), row(2, 45.0, 0.9, 0.3, [])], None, 0.0)
     assert none.startswith("no class flagged: every one of the 2 classes judged needs a trigger of ordinary size "
                            "(anomaly index at most 2); no sign of a backdoor")  # fmt: skip
@@ -102,14 +108,26 @@ def test_planted_trigger_is_recovered_and_only_its_target_flagged(digits_backdoo
     with torch.no_grad():
         assert float((model(stamped).argmax(1) == 7).float().mean()) >= 0.9
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))  # weights untouched
+    # every kept trigger, not only the target's, reaches 99% on all the images of the other
+    # classes (not just on the batches it was optimised on), and that is the rate recorded
+    for t, l1 in enumerate(result.l1):
+        assert np.isfinite(l1), result.l1
+        assert float(result.masks[t].sum()) == pytest.approx(l1, rel=1e-5)
+        with torch.no_grad():
+            moved = model(stamp_with(x[y != t], result.masks[t], result.patterns[t])).argmax(1) == t
+        assert float(moved.float().mean()) == pytest.approx(result.attack_success_rate[t], abs=1e-9)
+        assert result.attack_success_rate[t] >= 0.99
 
 
 def test_clean_model_has_no_shortcut_trigger(digits_backdoor: dict[str, object]) -> None:
     """On the clean model no class is flagged and no class has a trigger far smaller than the
     others'; the backdoored model's target has one. Measured over four initial seeds of
-    Neural Cleanse: the target's norm is 0.43-0.49 of the median, a clean model's smallest
-    0.86-0.88 of it (0.65 separates the two); the clean model's highest anomaly index is
-    1.50-1.73 (with the first defaults, cost patience 1 and early stop 4, it reached 2.11)."""
+    Neural Cleanse (with each kept mask checked on all the images): the target's norm is
+    0.41-0.48 of the median, a clean model's smallest 0.82-0.84 of it (0.65 separates the two);
+    the clean model's highest anomaly index is 1.19-1.91 (1.91 with seed 0, the one run here:
+    the paper's rule is close to a false positive on this clean model; with the first
+    defaults, cost patience 1 and early stop 4, and masks kept from a batch of 16, it reached
+    2.11)."""
     model, x, y = digits_backdoor["clean"], digits_backdoor["x_test"], digits_backdoor["y_test"]
     assert isinstance(model, torch.nn.Module) and isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor)
     result = neural_cleanse(model, x, y, epochs=20, steps_per_epoch=20, batch_size=16, seed=0)
@@ -119,3 +137,29 @@ def test_clean_model_has_no_shortcut_trigger(digits_backdoor: dict[str, object])
     assert isinstance(poisoned, torch.nn.Module)
     backdoored = neural_cleanse(poisoned, x, y, epochs=20, steps_per_epoch=20, batch_size=16, seed=0)
     assert backdoored.l1[7] < 0.65 * float(np.median(backdoored.l1)), backdoored.l1
+
+
+def test_true_trigger_shares_are_shares() -> None:
+    """The share of the target's mask on (and near) the true patch, by hand, and never over 1:
+    float32 sums of a part and of the whole, taken in different orders, once put a mask lying
+    wholly near the patch at 1.0000000795 and the result failed its schema."""
+    from redblue.config import PoisonConfig
+    from redblue.stages.backdoor_audit import _true_trigger
+
+    generator = torch.Generator().manual_seed(0)
+    poison = PoisonConfig()  # 4x4 patch at the bottom right of 28x28 (rows and columns 24-27) -> 7
+    for _ in range(200):
+        masks = torch.zeros(10, 28, 28)
+        masks[7, 22:28, 22:28] = torch.rand(6, 6, generator=generator)  # all within 2 pixels of the patch
+        shares = _true_trigger(poison, masks, [7])
+        assert shares is not None
+        assert shares["mask_mass_near_patch"] == 1.0
+        on = float(masks[7, 24:28, 24:28].double().sum() / masks[7].double().sum())
+        assert 0.0 <= shares["mask_mass_on_patch"] <= 1.0
+        assert shares["mask_mass_on_patch"] == pytest.approx(on, abs=1e-12)
+    masks = torch.zeros(10, 28, 28)
+    masks[7, 0, 0], masks[7, 25, 25], masks[7, 23, 23] = 2.0, 1.0, 1.0  # off, on, near
+    shares = _true_trigger(poison, masks, [3, 7])
+    assert shares is not None
+    assert (shares["mask_mass_on_patch"], shares["mask_mass_near_patch"]) == (0.25, 0.5)
+    assert shares["target_flagged"] and not shares["only_target_flagged"]

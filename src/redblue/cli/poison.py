@@ -283,13 +283,13 @@ def read_indices(path: Path) -> tuple[torch.Tensor, str]:
 @click.option("--epochs", type=int, default=None, help="Most optimisation epochs (early-stopped). [default: 70]")
 @click.option("--steps-per-epoch", type=int, default=None, help="Steps per epoch. [default: 30]")
 @click.option("--early-stop", type=int, default=None,
-              help="Stop once every class has a trigger and none of their smallest masks has shrunk by 1% "
+              help="Stop once every class has a trigger and none of them has shrunk by 1% "
                    "for this many epochs. [default: 6]")
 @click.option("--cost-patience", type=int, default=None,
               help="Epochs in a row that reach (or miss) --target-asr before the L1 cost changes. [default: 2]")
 @click.option("--batch-size", type=int, default=None, help="Images per class per step. [default: 16]")
 @click.option("--target-asr", type=float, default=None,
-              help="Success rate a reversed trigger must reach. [default: 0.99]")
+              help="Success rate a reversed trigger must reach on all the --n-images of the other classes. [default: 0.99]")
 @click.option("--seed", type=int, default=None, help="Seeds the initialisation and the batches. [default: 0]")
 @click.option("--strip/--no-strip", default=None,
               help="Also set STRIP's run-time threshold on the clean images. [default: --strip]")

@@ -31,7 +31,7 @@ import torch
 from redblue.artifacts import LoadedModel, write_tensors
 from redblue.config import BackdoorAuditConfig, DataConfig, PoisonConfig, TrainConfig
 from redblue.data import Dataset, to_float
-from redblue.defenses.neural_cleanse import ANOMALY_THRESHOLD, CleanseResult, assess, neural_cleanse
+from redblue.defenses.neural_cleanse import ALGORITHM, ANOMALY_THRESHOLD, CleanseResult, assess, neural_cleanse
 from redblue.defenses.repair import RepairResult, fine_prune, last_conv, unlearn
 from redblue.defenses.strip import strip
 from redblue.errors import ConfigError, IntegrityError
@@ -68,7 +68,7 @@ def _true_trigger(poison_cfg: PoisonConfig | None, masks: torch.Tensor, flagged:
         return None
     _, height, width = masks.shape
     row, col, size = poison_cfg.trigger().box(height, width)
-    mask = masks[poison_cfg.target]
+    mask = masks[poison_cfg.target].double()  # float32 sums in another order can put a share over 1
     total = float(mask.sum())
     on_patch = float(mask[row : row + size, col : col + size].sum())
     top, left = max(row - NEAR_PATCH, 0), max(col - NEAR_PATCH, 0)
@@ -76,8 +76,8 @@ def _true_trigger(poison_cfg: PoisonConfig | None, masks: torch.Tensor, flagged:
     return {
         "target": poison_cfg.target,
         "box": [row, col, size],
-        "mask_mass_on_patch": on_patch / total if total > 0 else 0.0,
-        "mask_mass_near_patch": near / total if total > 0 else 0.0,
+        "mask_mass_on_patch": min(on_patch / total, 1.0) if total > 0 else 0.0,
+        "mask_mass_near_patch": min(near / total, 1.0) if total > 0 else 0.0,
         "target_flagged": poison_cfg.target in flagged,
         "only_target_flagged": flagged == [poison_cfg.target],
     }
@@ -107,9 +107,12 @@ def verdict_text(classes: list[dict[str, Any]], max_index: float | None, size_ra
         label = c["name"] or c["class"]
         why = " and ".join({"anomaly-index": f"anomaly index {c['anomaly_index']:.2f} > {ANOMALY_THRESHOLD:g}",
                             "size-ratio": f"under the {size_ratio:g} size rule"}[r] for r in c["flagged_by"])  # fmt: skip
+        if c["flagged_by"] == ["anomaly-index"] and size_ratio > 0:
+            why += f"; not under the {size_ratio:g} size rule, a borderline case"  # a clean model's easiest class can be here
         parts.append(f"class {label} (mask L1 {c['l1']:.1f} = {c['size_ratio']:.0%} of the median norm: {why})")
     saved = "its reversed trigger is saved" if len(flagged) == 1 else "their reversed triggers are saved"
-    return (f"backdoor suspected: {', '.join(parts)} can be reached with a much smaller trigger than the others; "
+    much = " much" if all("size-ratio" in c["flagged_by"] for c in flagged) else ""
+    return (f"backdoor suspected: {', '.join(parts)} can be reached with a{much} smaller trigger than the others; "
             f"{saved}{notes}")  # fmt: skip
 
 
@@ -267,7 +270,8 @@ def audit_backdoor_stage(
     settings.pop("device")
     nc_settings = {k: settings[k] for k in ("n_images", "epochs", "steps_per_epoch", "batch_size", "lr", "init_cost",
                                             "target_asr", "cost_patience", "early_stop", "seed")}  # fmt: skip
-    key = sha256_json({"stage": "backdoor_audit", "settings": settings, "weights": weights, "data": data.identity()})
+    key = sha256_json({"stage": "backdoor_audit", "algorithm": ALGORITHM, "settings": settings, "weights": weights,
+                       "data": data.identity()})
     cached = cached_result(out, name, key, BackdoorAuditResult)
     if cached is not None and file_intact(out / "metrics" / cached.triggers_file, cached.triggers_sha256) and (
         _repairs_on_disk(out, cached)
@@ -291,7 +295,7 @@ def audit_backdoor_stage(
         return {"masks": result.masks, "patterns": result.patterns}, meta
 
     cache = stage_cache(out)
-    nc_inputs = {"settings": nc_settings, "weights": weights, "data": data.identity()}
+    nc_inputs = {"algorithm": ALGORITHM, "settings": nc_settings, "weights": weights, "data": data.identity()}
     entry, _ = cache.get_or_compute("neural_cleanse", nc_inputs, compute)
     meta = entry.metadata
     masks, patterns = entry.tensors["masks"], entry.tensors["patterns"]
