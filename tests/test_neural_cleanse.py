@@ -76,8 +76,8 @@ def test_verdict_in_words() -> None:
                        6.2, 0.25)  # fmt: skip
     assert "anomaly index 5.40 > 2 and under the 0.25 size rule" in two and "their reversed triggers are saved" in two
     assert "size 0" not in two  # the ceiling (6.2) was no obstacle
-    assert "class 1 (mask L1 25.0 = 50% of the median norm: anomaly index 5.10 > 2; not under the 0.25 size rule, a borderline" in two
-    assert "5.40 > 2 and under the 0.25 size rule)" in two  # flagged by both: nothing borderline
+    assert "class 1 (mask L1 25.0 = 50% of the median norm: anomaly index 5.10 > 2; by the paper's rule only, not under the 0.25 size rule)" in two
+    assert "5.40 > 2 and under the 0.25 size rule)" in two  # flagged by both rules
     paper_only = verdict_text([row(0, 50.0, 1.0, 0.1, []), row(1, 29.0, 0.58, 2.02, ["anomaly-index"])], 4.8, 0.0)
     assert "anomaly index 2.02 > 2) can be reached with a smaller trigger" in paper_only  # the size rule off
     assert "with a much smaller trigger" in one and "with a smaller trigger" in two  # "much": under the size rule
@@ -115,7 +115,8 @@ def test_planted_trigger_is_recovered_and_only_its_target_flagged(digits_backdoo
         assert float(result.masks[t].sum()) == pytest.approx(l1, rel=1e-5)
         with torch.no_grad():
             moved = model(stamp_with(x[y != t], result.masks[t], result.patterns[t])).argmax(1) == t
-        assert float(moved.float().mean()) == pytest.approx(result.attack_success_rate[t], abs=1e-9)
+        # one image's prediction may differ between this pass and the memory layout of the check
+        assert float(moved.float().mean()) == pytest.approx(result.attack_success_rate[t], abs=1.5 / moved.numel())
         assert result.attack_success_rate[t] >= 0.99
 
 
@@ -163,3 +164,33 @@ def test_true_trigger_shares_are_shares() -> None:
     assert shares is not None
     assert (shares["mask_mass_on_patch"], shares["mask_mass_near_patch"]) == (0.25, 0.5)
     assert shares["target_flagged"] and not shares["only_target_flagged"]
+
+
+def test_kept_trigger_is_the_smallest_candidate_that_passes_on_all_images() -> None:
+    """The selection by hand: a stub model sends an image to class 1 when its pixel sum is
+    over 2.5, so a candidate whose mask (pattern all ones, images all zeros) sums to 2 fails
+    the check, 3 passes and 5 passes; 3 is kept, whatever order they came in, and the kept
+    mask is a copy, not the caller's tensor."""
+    from redblue.defenses.neural_cleanse import _Triggers
+
+    class Threshold(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            s = x.flatten(1).sum(1)
+            return torch.stack([torch.zeros_like(s), s - 2.5], dim=1)
+
+    images = torch.zeros(6, 1, 2, 2)
+    pools = [torch.arange(0, 3), torch.arange(3, 6)]
+    triggers = _Triggers(Threshold(), images, pools, target_asr=0.99)
+    pattern = torch.ones(1, 2, 2)
+    masks = {l1: torch.full((2, 2), l1 / 4) for l1 in (5.0, 2.0, 3.0)}
+    for l1, mask in masks.items():
+        triggers.offer(1, l1, mask, pattern)
+    masks[3.0].fill_(0.0)  # the caller reuses its tensor
+    assert not triggers.settle_all()  # class 0 has no trigger
+    assert triggers.l1[1] == 3.0 and triggers.asr[1] == 1.0
+    assert torch.equal(triggers.mask[1], torch.full((2, 2), 0.75))
+    assert triggers.candidates == [[], []]
+    triggers.offer(1, 4.0, torch.full((2, 2), 1.0), pattern)  # larger than the kept one: not a candidate
+    triggers.offer(1, 2.0, torch.full((2, 2), 0.5), pattern)  # smaller, but fails
+    triggers.settle(1)
+    assert triggers.l1[1] == 3.0

@@ -306,8 +306,9 @@ class BackdoorAuditConfig:
 
     ``n_images`` clean test images (the first ones) feed the optimisation; at most ``epochs`` x
     ``steps_per_epoch`` steps of ``batch_size`` images per class, stopped early once no class's
-    smallest mask has shrunk for ``early_stop`` epochs; ``target_asr`` is the attack success
-    rate a reversed trigger must reach, and the L1 cost changes after ``cost_patience`` epochs
+    trigger has shrunk by 1% for ``early_stop`` epochs; ``target_asr`` is the attack success
+    rate a reversed trigger must reach on all those images of the other classes (checked, not
+    only on the batches), and the L1 cost changes after ``cost_patience`` epochs
     in a row that reach it or miss it. A class is flagged when its mask
     norm's anomaly index is above 2 (the paper's rule) or the norm is under ``size_ratio`` of
     the median norm (redblue's rule for when the MAD test cannot reach 2; 0 turns it off).

@@ -76,7 +76,7 @@ class CleanseResult:
 
     masks: torch.Tensor  # (K, H, W) in [0, 1]: the smallest mask found per class
     patterns: torch.Tensor  # (K, C, H, W) in [0, 1]
-    l1: list[float]  # |mask|_1 per class (inf where no mask reached target_asr)
+    l1: list[float]  # |mask|_1 per class (inf where no candidate passed the check on all the images)
     attack_success_rate: list[float]  # of each class's best trigger, on all the given images of other classes
     anomaly_index: list[float]
     flagged: list[int]  # see flag_classes
@@ -211,13 +211,13 @@ class _Triggers:
     A candidate is the mask and pattern at the end of an epoch whose attack success rate
     reached ``target_asr``. The trigger kept for a class is its smallest candidate that also
     sends at least ``target_asr`` of *all* its images (those of the other classes) to it. The
-    check costs a forward pass over them, so it runs every ``SETTLE_EVERY`` epochs (or when a
-    class holds ``MAX_CANDIDATES`` candidates) and at the end, from the smallest candidate up:
-    the same trigger as checking every candidate as it comes, for a fraction of the passes.
+    check costs a forward pass over them, so it runs every ``SETTLE_EVERY`` epochs, before the
+    run stops and at the end, from the smallest candidate up: of the candidates offered, the
+    same one is kept as if each were checked as it came, for a fraction of the passes (a class
+    holds at most ``SETTLE_EVERY`` candidates at a time).
     """
 
     SETTLE_EVERY = 3
-    MAX_CANDIDATES = 8
 
     def __init__(self, model: nn.Module, images: torch.Tensor, pools: list[torch.Tensor], target_asr: float) -> None:
         k, (_, c, h, w) = len(pools), images.shape
@@ -232,8 +232,6 @@ class _Triggers:
         """A candidate for class ``t`` (kept only if smaller than its checked trigger)."""
         if l1 < float(self.l1[t]):
             self.candidates[t].append((l1, mask.clone(), pattern.clone()))
-            if len(self.candidates[t]) >= self.MAX_CANDIDATES:
-                self.settle(t)
 
     def settle(self, t: int) -> None:
         """Check class ``t``'s candidates, smallest first, until one reaches ``target_asr``."""
@@ -361,8 +359,8 @@ def neural_cleanse(
                     cost = torch.where(lower_cost, cost / 1.5**1.5, cost)
                     up = torch.where(raise_cost, torch.zeros_like(up), up)
                     down = torch.where(lower_cost, torch.zeros_like(down), down)
-                if epochs_run % best.SETTLE_EVERY == 0:
-                    best.settle_all()
+                if epochs_run % best.SETTLE_EVERY == 0 or stale + 1 >= early_stop:
+                    best.settle_all()  # and always before a stop, so no pending candidate is ignored
                 # stale: no class's trigger shrank by 1% this epoch (and every class has one)
                 stale = stale + 1 if bool(torch.isfinite(best.l1).all() & (best.l1 >= previous * 0.99).all()) else 0
                 previous = best.l1.clone()

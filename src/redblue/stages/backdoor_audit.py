@@ -108,7 +108,7 @@ def verdict_text(classes: list[dict[str, Any]], max_index: float | None, size_ra
         why = " and ".join({"anomaly-index": f"anomaly index {c['anomaly_index']:.2f} > {ANOMALY_THRESHOLD:g}",
                             "size-ratio": f"under the {size_ratio:g} size rule"}[r] for r in c["flagged_by"])  # fmt: skip
         if c["flagged_by"] == ["anomaly-index"] and size_ratio > 0:
-            why += f"; not under the {size_ratio:g} size rule, a borderline case"  # a clean model's easiest class can be here
+            why += f"; by the paper's rule only, not under the {size_ratio:g} size rule"  # a clean model's easiest class can be here
         parts.append(f"class {label} (mask L1 {c['l1']:.1f} = {c['size_ratio']:.0%} of the median norm: {why})")
     saved = "its reversed trigger is saved" if len(flagged) == 1 else "their reversed triggers are saved"
     much = " much" if all("size-ratio" in c["flagged_by"] for c in flagged) else ""
