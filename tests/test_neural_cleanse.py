@@ -194,3 +194,10 @@ def test_kept_trigger_is_the_smallest_candidate_that_passes_on_all_images() -> N
     triggers.offer(1, 2.0, torch.full((2, 2), 0.5), pattern)  # smaller, but fails
     triggers.settle(1)
     assert triggers.l1[1] == 3.0
+    # the check itself, over an index gathered in chunks: with no mask, only the bright image moves
+    from redblue.defenses.neural_cleanse import success_rate
+
+    images[4] = 1.0  # pixel sum 4 > 2.5
+    zero = torch.zeros(2, 2)
+    assert success_rate(Threshold(), images, zero, pattern, 1, index=torch.tensor([0, 4, 5]), chunk=2) == pytest.approx(1 / 3)
+    assert success_rate(Threshold(), images, zero, pattern, 1, chunk=4) == pytest.approx(1 / 6)

@@ -194,15 +194,17 @@ def stamp(x: torch.Tensor, mask: torch.Tensor, pattern: torch.Tensor) -> torch.T
 
 
 def success_rate(model: nn.Module, x: torch.Tensor, mask: torch.Tensor, pattern: torch.Tensor, target: int,
-                 chunk: int = 1024) -> float:  # fmt: skip
-    """The share of the images ``x`` that the trigger ``(mask, pattern)`` sends to ``target``
-    (``model`` in eval mode; no gradient)."""
+                 index: torch.Tensor | None = None, chunk: int = 1024) -> float:  # fmt: skip
+    """The share of the images ``x`` (or of ``x[index]``, gathered a chunk at a time) that the
+    trigger ``(mask, pattern)`` sends to ``target`` (``model`` in eval mode; no gradient)."""
+    n = int(x.shape[0]) if index is None else int(index.numel())
     hits = 0
     with torch.no_grad():
-        for i in range(0, int(x.shape[0]), chunk):
-            logits = model(channels_last(stamp(x[i : i + chunk], mask, pattern)))
+        for i in range(0, n, chunk):
+            part = x[i : i + chunk] if index is None else x[index[i : i + chunk]]
+            logits = model(channels_last(stamp(part, mask, pattern)))
             hits += int((logits.argmax(1) == target).sum())
-    return hits / max(int(x.shape[0]), 1)
+    return hits / max(n, 1)
 
 
 class _Triggers:
@@ -236,7 +238,7 @@ class _Triggers:
     def settle(self, t: int) -> None:
         """Check class ``t``'s candidates, smallest first, until one reaches ``target_asr``."""
         for l1, mask, pattern in sorted(self.candidates[t], key=lambda item: item[0]):
-            rate = success_rate(self.model, self.images[self.pools[t]], mask, pattern, t)
+            rate = success_rate(self.model, self.images, mask, pattern, t, index=self.pools[t])
             if rate >= self.target_asr:
                 self.l1[t], self.asr[t], self.mask[t], self.pattern[t] = l1, rate, mask, pattern
                 break
