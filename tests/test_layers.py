@@ -22,7 +22,7 @@ LAYERS: list[tuple[str, ...]] = [
     # 1: pure algorithms and file formats
     ("redblue.data", "redblue.models", "redblue.onnx_graph", "redblue.attacks", "redblue.poison", "redblue.scan", "redblue.verify"),
     # 2: configuration, training loop, artifacts, metrics, typed results
-    ("redblue.config", "redblue.train", "redblue.artifacts", "redblue.model_sources", "redblue.cache", "redblue.metrics", "redblue.results"),
+    ("redblue.config", "redblue.precision", "redblue.train", "redblue.artifacts", "redblue.model_sources", "redblue.cache", "redblue.metrics", "redblue.results"),
     # 3: evaluation with its sanity checks; training recipes and backdoor detectors
     ("redblue.evaluation", "redblue.defenses"),
     # 4: the stages; the report (rendered from JSON, never from a stage)

@@ -21,7 +21,8 @@ from tqdm.auto import tqdm
 
 from redblue.config import TrainConfig
 from redblue.data import Dataset, to_float
-from redblue.utils import autocast, eval_mode, resolve_device, resolve_precision, seed_everything
+from redblue.precision import PrecisionChoice, choose_precision
+from redblue.utils import autocast, eval_mode, resolve_device, seed_everything
 
 Perturb = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
 """``perturb(model, x, y) -> x_train``: the images to train on for this batch (same shape)."""
@@ -101,6 +102,7 @@ class FitResult:
     precision: str
     config: dict[str, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    precision_choice: dict[str, Any] = field(default_factory=dict)
 
     def summary(self) -> dict[str, Any]:
         """The JSON-ready account every stage records as ``training``."""
@@ -110,6 +112,7 @@ class FitResult:
             "images_per_s": self.images_per_s,
             "device": self.device,
             "precision": self.precision,
+            "precision_choice": self.precision_choice,
         }
 
 
@@ -140,6 +143,14 @@ def lr_factor(schedule: str, total_steps: int) -> Callable[[int], float]:
     return cosine
 
 
+def training_precision(precision: str, model: nn.Module, data: Dataset, batch_size: int) -> PrecisionChoice:
+    """The precision ``fit`` trains ``model`` in (``--precision auto`` measured on the first
+    training batch, as :mod:`redblue.precision` says); ``model`` and ``data`` on one device."""
+    n = min(batch_size, int(data.x_train.shape[0]))
+    x = channels_last(to_float(data.x_train[:n]))
+    return choose_precision(precision, model, x, data.y_train[:n])
+
+
 def fit(
     model: nn.Module,
     data: Dataset,
@@ -167,11 +178,12 @@ def fit(
     Returns:
         A :class:`FitResult`; the model is left in eval mode.
     """
-    seed_everything(cfg.seed)
     device = resolve_device(cfg.device)
-    precision = resolve_precision(cfg.precision, device)
     data = data.to(device)
     prepare_model(model, device)
+    choice = training_precision(cfg.precision, model, data, cfg.batch_size)
+    precision = choice.precision
+    seed_everything(cfg.seed)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     steps_per_epoch = math.ceil(data.x_train.shape[0] / cfg.batch_size)
     total_steps = cfg.epochs * steps_per_epoch
@@ -238,6 +250,7 @@ def fit(
         images_per_s=seen / total if total > 0 else float("nan"),
         device=str(device),
         precision=precision,
+        precision_choice=choice.summary(),
     )
 
 

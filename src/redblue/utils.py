@@ -44,26 +44,6 @@ def resolve_device(device: str) -> torch.device:
     raise ConfigError(f"--device {device!r}: expected auto, cpu or cuda")
 
 
-def cpu_has_fast_bf16() -> bool:
-    """True when this CPU has native bf16 arithmetic (AVX512-BF16 or AMX-BF16)."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
-def resolve_precision(precision: str, device: torch.device) -> str:
-    """``auto`` picks bf16 autocast where the hardware runs it fast, else fp32."""
-    if precision in ("fp32", "bf16"):
-        return precision
-    if precision != "auto":
-        raise ConfigError(f"--precision {precision!r}: expected auto, fp32 or bf16")
-    if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
-    return "bf16" if cpu_has_fast_bf16() else "fp32"
-
-
 def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager[Any]:
     """Autocast context for ``precision`` on ``device`` (a no-op for fp32)."""
     if precision == "bf16":

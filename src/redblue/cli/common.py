@@ -84,7 +84,7 @@ def train_options(func: F) -> F:
                 "--precision",
                 type=click.Choice(PRECISIONS),
                 default=None,
-                help="auto (bf16 autocast where the hardware runs it fast, else fp32), fp32 or bf16. [default: auto]",
+                help="auto (bf16 autocast where a short measurement of this model's training step on this machine finds it at least 10%% faster, else fp32; kept in the user cache), fp32 or bf16. [default: auto]",
             ),
             click.option(
                 "--model-name",

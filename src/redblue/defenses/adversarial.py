@@ -39,8 +39,8 @@ from redblue.attacks.projection import input_gradient
 from redblue.config import DefendConfig, TrainConfig
 from redblue.data import Dataset, to_float
 from redblue.models import build_model
-from redblue.train import Loss, Perturb, channels_last, fit
-from redblue.utils import autocast, eval_mode, resolve_device, resolve_precision
+from redblue.train import Loss, Perturb, channels_last, fit, prepare_model, training_precision
+from redblue.utils import autocast, eval_mode, resolve_device
 
 
 class EpsSchedule:
@@ -357,6 +357,11 @@ def train_defended(
     train_data, x_slice, y_slice = split_guard_slice(data, defend_cfg.guard_size, train_cfg.seed)
     steps_per_epoch = math.ceil(train_data.x_train.shape[0] / train_cfg.batch_size)
     recipe = make_recipe(defend_cfg, steps_per_epoch=steps_per_epoch)
+    if init is not None:
+        model = copy.deepcopy(init).to(device)
+    else:
+        model = build_model(train_cfg.model_name, seed=train_cfg.seed)
+    prepare_model(model, device)
     guard = OverfitGuard(
         x_slice,
         y_slice,
@@ -364,12 +369,8 @@ def train_defended(
         steps=defend_cfg.guard_steps,
         drop=defend_cfg.guard_drop,
         enabled=defend_cfg.guarded,
-        precision=resolve_precision(train_cfg.precision, device),
+        precision=training_precision(train_cfg.precision, model, train_data, train_cfg.batch_size).precision,
     )
-    if init is not None:
-        model = copy.deepcopy(init).to(device)
-    else:
-        model = build_model(train_cfg.model_name, seed=train_cfg.seed)
     result = fit(
         model, train_data, train_cfg, perturb=recipe.perturb, loss=recipe.loss, epoch_end=guard,
         progress=progress, desc=desc,

@@ -1,0 +1,216 @@
+"""``--precision auto``: bf16 autocast only where it is measured faster for this model here.
+
+A CPU flag (AVX512-BF16, AMX) says bf16 *can* run natively, not that it is faster for a given
+model: on the AMD EPYC of this project's sessions bf16 makes the original CNN's training step
+1.33x faster and ``cnn-wide``'s 1.45x, but ``cnn-small``'s only 1.03-1.16x, depending on the
+run. So on a CPU ``auto`` times the model's own training step (forward, cross-entropy,
+backward, batch of the training batch size, channels_last as ``fit`` runs it) in fp32 and
+under bf16 autocast, interleaved, and picks bf16 only when it is at least
+:data:`BF16_MIN_SPEEDUP` faster: below that, the precision it costs buys too little, and
+timing noise could flip the choice from one run to the next.
+
+The measurement takes well under a second for MNIST-sized models and is done once: the
+choice is kept for the process and in ``precision.json`` in the user cache
+(``$REDBLUE_CACHE_DIR`` or ``~/.cache/redblue``), keyed by the CPU (model name and bf16/AVX
+flags), the torch version and thread count, the model's architecture (module types, parameter
+shapes) and the batch's shape. So the same command on the same machine trains in the same
+precision and gives the same weights, run after run; ``--precision fp32`` or ``bf16`` skips
+the measurement. It runs on a copy of the model, with the random number generators' state
+restored afterwards, so the training that follows is exactly what it would have been.
+
+On CUDA, ``auto`` is bf16 where the GPU supports it (every GPU with bf16 runs these models
+faster in it).
+"""
+
+from __future__ import annotations
+
+import copy
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from redblue.data import default_cache_dir
+from redblue.errors import ConfigError, IntegrityError
+from redblue.utils import atomic_write_json, autocast, one_line, read_json, sha256_json
+
+BF16_MIN_SPEEDUP = 1.10
+"""bf16 is chosen only when the training step's median time in fp32 is at least this many
+times its median time under bf16 autocast."""
+
+ROUNDS = 7
+"""Timed training steps per precision (after two warm-up steps each), interleaved."""
+
+FORMAT = "redblue.precision/1"
+CACHE_FILE = "precision.json"
+_CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
+
+_choices: dict[str, PrecisionChoice] = {}
+
+
+@dataclass(frozen=True)
+class PrecisionChoice:
+    """The precision a run uses and why (recorded in every training account)."""
+
+    precision: str
+    """``fp32`` or ``bf16``."""
+    reason: str
+    """``asked`` (``--precision fp32|bf16``), ``cuda``, ``measured`` (now) or ``cached``
+    (measured by an earlier run on this machine), or ``unmeasurable`` (bf16 failed)."""
+    fp32_ms: float | None = None
+    """Median training-step time in fp32, when measured."""
+    bf16_ms: float | None = None
+    """Median training-step time under bf16 autocast, when measured."""
+    detail: str = ""
+
+    def summary(self) -> dict[str, Any]:
+        return {k: v for k, v in asdict(self).items() if v not in (None, "")}
+
+
+def cpu_description() -> dict[str, Any]:
+    """The CPU's model name and the flags that matter for bf16 (from /proc/cpuinfo)."""
+    name, flags = "unknown", set[str]()
+    try:
+        text = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        text = ""
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "model name" and name == "unknown":
+            name = value.strip()
+        elif key.strip() == "flags" and not flags:
+            flags = set(value.split())
+    return {"cpu": name, "flags": [f for f in _CPU_FLAGS if f in flags]}
+
+
+def _model_fingerprint(model: nn.Module) -> list[Any]:
+    modules = [[name, type(module).__name__] for name, module in model.named_modules()]
+    params = [[name, list(p.shape), str(p.dtype)] for name, p in model.named_parameters()]
+    return [modules, params]
+
+
+def cache_key(model: nn.Module, x: torch.Tensor) -> str:
+    """What the choice depends on: CPU, torch, threads, architecture, batch shape."""
+    return sha256_json(
+        {
+            "machine": cpu_description(),
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+            "model": _model_fingerprint(model),
+            "batch": [list(x.shape), str(x.dtype)],
+        }
+    )
+
+
+def _train_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, precision: str) -> float:
+    start = time.perf_counter()
+    with autocast(x.device, precision):
+        loss = F.cross_entropy(model(x), y)
+    model.zero_grad(set_to_none=True)
+    loss.backward()
+    return time.perf_counter() - start
+
+
+def measure_train_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, rounds: int = ROUNDS) -> tuple[float, float]:
+    """Median milliseconds of one training step (forward, cross-entropy, backward) of a copy of
+    ``model`` on ``(x, y)`` in fp32 and under bf16 autocast: two warm-up steps each, then
+    ``rounds`` timed steps each, alternating which precision goes first. ``model`` and the
+    random number generators are left exactly as they were."""
+    with torch.random.fork_rng(devices=[]):
+        twin = copy.deepcopy(model).train()
+        for precision in ("fp32", "bf16", "fp32", "bf16"):
+            _train_step(twin, x, y, precision)
+        times: dict[str, list[float]] = {"fp32": [], "bf16": []}
+        for r in range(rounds):
+            for precision in ("fp32", "bf16") if r % 2 == 0 else ("bf16", "fp32"):
+                times[precision].append(_train_step(twin, x, y, precision))
+    return statistics.median(times["fp32"]) * 1e3, statistics.median(times["bf16"]) * 1e3
+
+
+def decide(fp32_ms: float, bf16_ms: float) -> str:
+    """``bf16`` when it is at least :data:`BF16_MIN_SPEEDUP` times faster, else ``fp32``.
+
+    >>> decide(20.0, 15.0), decide(5.5, 5.1), decide(10.0, 12.0)
+    ('bf16', 'fp32', 'fp32')
+    """
+    return "bf16" if fp32_ms >= BF16_MIN_SPEEDUP * bf16_ms else "fp32"
+
+
+def _cache_path() -> Path:
+    return default_cache_dir() / CACHE_FILE
+
+
+def _read_cache(path: Path) -> dict[str, Any]:
+    """The cached choices, or none when the file is missing, unreadable or not ours."""
+    try:
+        payload = read_json(path)
+    except IntegrityError:
+        return {}
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT or not isinstance(payload.get("choices"), dict):
+        return {}
+    choices: dict[str, Any] = payload["choices"]
+    return choices
+
+
+def _from_cache(entry: Any) -> PrecisionChoice | None:
+    if not isinstance(entry, dict) or entry.get("precision") not in ("fp32", "bf16"):
+        return None
+    fp32_ms, bf16_ms = entry.get("fp32_ms"), entry.get("bf16_ms")
+    if not all(isinstance(v, int | float) and not isinstance(v, bool) and v > 0 for v in (fp32_ms, bf16_ms)):
+        return None
+    measured = f"measured {str(entry.get('measured', ''))[:19]}"
+    return PrecisionChoice(entry["precision"], "cached", float(fp32_ms), float(bf16_ms), measured)  # type: ignore[arg-type]
+
+
+def _store(key: str, choice: PrecisionChoice) -> None:
+    """Add ``choice`` to the user cache; a cache that cannot be written is skipped (the choice
+    still holds for this process)."""
+    path = _cache_path()
+    try:
+        choices = _read_cache(path)
+        choices[key] = {
+            "precision": choice.precision,
+            "fp32_ms": choice.fp32_ms,
+            "bf16_ms": choice.bf16_ms,
+            "measured": time.strftime("%Y-%m-%d %H:%M:%S"),
+            **cpu_description(),
+        }
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(path, {"format": FORMAT, "choices": choices})
+    except OSError:
+        return
+
+
+def choose_precision(precision: str, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> PrecisionChoice:
+    """The precision to train ``model`` in on batches like ``(x, y)`` (float images in [0, 1]
+    on the model's device, in the memory format training uses).
+
+    ``fp32`` and ``bf16`` are taken as asked; ``auto`` is decided as the module docstring
+    says: by measurement on a CPU, kept per machine and model.
+    """
+    if precision in ("fp32", "bf16"):
+        return PrecisionChoice(precision, "asked")
+    if precision != "auto":
+        raise ConfigError(f"--precision {precision!r}: expected auto, fp32 or bf16")
+    if x.device.type == "cuda":
+        supported = torch.cuda.is_bf16_supported()
+        return PrecisionChoice("bf16" if supported else "fp32", "cuda")
+    key = cache_key(model, x)
+    if key in _choices:
+        return _choices[key]
+    choice = _from_cache(_read_cache(_cache_path()).get(key))
+    if choice is None:
+        try:
+            fp32_ms, bf16_ms = measure_train_step(model, x, y)
+        except RuntimeError as err:  # bf16 unsupported by some layer of this model
+            choice = PrecisionChoice("fp32", "unmeasurable", detail=one_line(str(err))[:200])
+        else:
+            choice = PrecisionChoice(decide(fp32_ms, bf16_ms), "measured", round(fp32_ms, 3), round(bf16_ms, 3))
+            _store(key, choice)
+    _choices[key] = choice
+    return choice
