@@ -9,6 +9,7 @@ under bf16 autocast, interleaved, and picks bf16 only when it is at least
 :data:`BF16_MIN_SPEEDUP` faster: below that, the precision it costs buys too little, and
 timing noise could flip the choice from one run to the next.
 
+The best of 7 steps per precision is compared (other work on the machine only adds time).
 The measurement takes well under a second for MNIST-sized models and is done once: the
 choice is kept for the process and in ``precision.json`` in the user cache
 (``$REDBLUE_CACHE_DIR`` or ``~/.cache/redblue``), keyed by the CPU (model name and bf16/AVX
@@ -16,7 +17,9 @@ flags), the torch version and thread count, the model's architecture (module typ
 shapes) and the batch's shape. So the same command on the same machine trains in the same
 precision and gives the same weights, run after run; ``--precision fp32`` or ``bf16`` skips
 the measurement. It runs on a copy of the model, with the random number generators' state
-restored afterwards, so the training that follows is exactly what it would have been.
+restored afterwards, so the training that follows is exactly what it would have been. A
+measurement taken while other work competed for the CPU (its rounds vary by more than
+:data:`MAX_NOISE`) decides for that process only and is not kept.
 
 On CUDA, ``auto`` is bf16 where the GPU supports it (every GPU with bf16 runs these models
 faster in it).
@@ -25,6 +28,7 @@ faster in it).
 from __future__ import annotations
 
 import copy
+import math
 import statistics
 import time
 from dataclasses import asdict, dataclass
@@ -40,11 +44,16 @@ from redblue.errors import ConfigError, IntegrityError
 from redblue.utils import atomic_write_json, autocast, one_line, read_json, sha256_json
 
 BF16_MIN_SPEEDUP = 1.10
-"""bf16 is chosen only when the training step's median time in fp32 is at least this many
-times its median time under bf16 autocast."""
+"""bf16 is chosen only when the training step's best time in fp32 is at least this many
+times its best time under bf16 autocast."""
 
 ROUNDS = 7
 """Timed training steps per precision (after two warm-up steps each), interleaved."""
+
+MAX_NOISE = 0.25
+"""A measurement whose rounds vary more than this (interquartile range over median) was taken
+while other work competed for the CPU: its choice holds for this process, but it is not kept
+in the user cache, so a later run on a quieter machine measures again."""
 
 FORMAT = "redblue.precision/1"
 CACHE_FILE = "precision.json"
@@ -60,12 +69,15 @@ class PrecisionChoice:
     precision: str
     """``fp32`` or ``bf16``."""
     reason: str
-    """``asked`` (``--precision fp32|bf16``), ``cuda``, ``measured`` (now) or ``cached``
-    (measured by an earlier run on this machine), or ``unmeasurable`` (bf16 failed)."""
+    """``asked`` (``--precision fp32|bf16``), ``cuda``, ``measured`` (now), ``measured-noisy``
+    (now, on a busy machine: not kept), ``cached`` (measured by an earlier run on this
+    machine) or ``unmeasurable`` (the step failed in bf16)."""
     fp32_ms: float | None = None
-    """Median training-step time in fp32, when measured."""
+    """Best training-step time in fp32, when measured."""
     bf16_ms: float | None = None
-    """Median training-step time under bf16 autocast, when measured."""
+    """Best training-step time under bf16 autocast, when measured."""
+    noise: float | None = None
+    """How much the timed rounds varied (see :class:`StepTimes`), when measured now."""
     detail: str = ""
 
     def summary(self) -> dict[str, Any]:
@@ -116,11 +128,29 @@ def _train_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, precision: s
     return time.perf_counter() - start
 
 
-def measure_train_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, rounds: int = ROUNDS) -> tuple[float, float]:
-    """Median milliseconds of one training step (forward, cross-entropy, backward) of a copy of
-    ``model`` on ``(x, y)`` in fp32 and under bf16 autocast: two warm-up steps each, then
-    ``rounds`` timed steps each, alternating which precision goes first. ``model`` and the
-    random number generators are left exactly as they were."""
+@dataclass(frozen=True)
+class StepTimes:
+    """A training step's best time in each precision over the timed rounds, and how noisy the
+    rounds were."""
+
+    fp32_ms: float
+    bf16_ms: float
+    noise: float
+    """The larger of the two precisions' interquartile range over median: about 0.05 on an idle
+    machine, 0.5-1 when other work competes for the cores."""
+
+
+def _noise(times: list[float]) -> float:
+    q1, median, q3 = statistics.quantiles(times, n=4, method="inclusive")
+    return (q3 - q1) / median if median > 0 else math.inf
+
+
+def measure_train_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, rounds: int = ROUNDS) -> StepTimes:
+    """Time one training step (forward, cross-entropy, backward) of a copy of ``model`` on
+    ``(x, y)`` in fp32 and under bf16 autocast: two warm-up steps each, then ``rounds`` timed
+    steps each, alternating which precision goes first. The best time of each is kept (other
+    work on the machine only ever adds time). ``model`` and the random number generators are
+    left exactly as they were."""
     with torch.random.fork_rng(devices=[]):
         twin = copy.deepcopy(model).train()
         for precision in ("fp32", "bf16", "fp32", "bf16"):
@@ -128,12 +158,13 @@ def measure_train_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, round
         times: dict[str, list[float]] = {"fp32": [], "bf16": []}
         for r in range(rounds):
             for precision in ("fp32", "bf16") if r % 2 == 0 else ("bf16", "fp32"):
-                times[precision].append(_train_step(twin, x, y, precision))
-    return statistics.median(times["fp32"]) * 1e3, statistics.median(times["bf16"]) * 1e3
+                times[precision].append(_train_step(twin, x, y, precision) * 1e3)
+    noise = max(_noise(times["fp32"]), _noise(times["bf16"]))
+    return StepTimes(min(times["fp32"]), min(times["bf16"]), round(noise, 3))
 
 
 def decide(fp32_ms: float, bf16_ms: float) -> str:
-    """``bf16`` when it is at least :data:`BF16_MIN_SPEEDUP` times faster, else ``fp32``.
+    """``bf16`` when its step is at least :data:`BF16_MIN_SPEEDUP` times faster, else ``fp32``.
 
     >>> decide(20.0, 15.0), decide(5.5, 5.1), decide(10.0, 12.0)
     ('bf16', 'fp32', 'fp32')
@@ -177,6 +208,7 @@ def _store(key: str, choice: PrecisionChoice) -> None:
             "precision": choice.precision,
             "fp32_ms": choice.fp32_ms,
             "bf16_ms": choice.bf16_ms,
+            "noise": choice.noise,
             "measured": time.strftime("%Y-%m-%d %H:%M:%S"),
             **cpu_description(),
         }
@@ -206,11 +238,16 @@ def choose_precision(precision: str, model: nn.Module, x: torch.Tensor, y: torch
     choice = _from_cache(_read_cache(_cache_path()).get(key))
     if choice is None:
         try:
-            fp32_ms, bf16_ms = measure_train_step(model, x, y)
+            t = measure_train_step(model, x, y)
         except RuntimeError as err:  # bf16 unsupported by some layer of this model
             choice = PrecisionChoice("fp32", "unmeasurable", detail=one_line(str(err))[:200])
         else:
-            choice = PrecisionChoice(decide(fp32_ms, bf16_ms), "measured", round(fp32_ms, 3), round(bf16_ms, 3))
-            _store(key, choice)
+            quiet = t.noise <= MAX_NOISE
+            choice = PrecisionChoice(
+                decide(t.fp32_ms, t.bf16_ms), "measured" if quiet else "measured-noisy",
+                round(t.fp32_ms, 3), round(t.bf16_ms, 3), t.noise,
+            )  # fmt: skip
+            if quiet:
+                _store(key, choice)
     _choices[key] = choice
     return choice
