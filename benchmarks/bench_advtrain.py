@@ -10,7 +10,9 @@ process:
   (bf16 autocast where the CPU has native bf16, + channels_last).
 
 After each run, FGSM accuracy (eps 0.25) on the first 2,000 test images checks that the
-faster run is not a weaker one. Also timed: one epoch of ``fgsm-rs`` (eps 0.3) and of
+faster run is not a weaker one. ``--repeats N`` (3) runs the three compared variants (ART,
+redblue fp32, redblue auto) interleaved, N times each; their epoch time is the median with
+min, max and spread, and the speed-up the ratio of the medians (with the per-repeat range). Also timed: one epoch of ``fgsm-rs`` (eps 0.3) and of
 ``pgd`` (eps 0.3, 10 steps) with redblue, on the original CNN and on ``cnn-wide`` (the
 robust FGSM-RS model of ``docs/adversarial-training.md``). Run:
 
@@ -28,14 +30,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from benchmarks.common import data_dir, peak_rss_mib, write
+from benchmarks.common import data_dir, interleaved, peak_rss_mib, ratio_summary, spread, write
 from redblue.attacks import fgsm
 from redblue.config import DefendConfig, TrainConfig
 from redblue.data import Dataset, load_dataset, to_float
 from redblue.defenses.adversarial import make_recipe
 from redblue.models import build_model
-from redblue.train import accuracy, fit
-from redblue.utils import resolve_precision
+from redblue.train import accuracy, fit, prepare_model, training_precision
 
 N_CHECK = 2000
 
@@ -98,13 +99,30 @@ def redblue_epoch(data: Dataset, cfg: DefendConfig, precision: str, model_name: 
     }
 
 
+def _median_row(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Repeated runs of one variant as one row: the median epoch time with its spread; the
+    accuracies of the first run (each repeat trains from the same seed)."""
+    seconds = spread([r["seconds"] for r in runs])
+    first = runs[0]
+    return {
+        **first,
+        "seconds": seconds["median"],
+        "images_per_s": round(first["images_per_s"] * first["seconds"] / seconds["median"], 1),
+        "seconds_spread": seconds,
+        "accuracies_per_repeat": [[r["clean_accuracy"], r["fgsm_accuracy"]] for r in runs],
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--skip-art", action="store_true", help="time redblue only")
     parser.add_argument("--skip-large", action="store_true", help="skip the cnn-wide rows")
+    parser.add_argument("--repeats", type=int, default=3, help="interleaved runs of the compared variants [default: 3]")
+    parser.add_argument("--train-subset", type=int, default=None, help="first N training images (smoke tests)")
     args = parser.parse_args()
-    data = load_dataset("mnist", data_dir(), download=False)
-    auto = resolve_precision("auto", torch.device("cpu"))
+    data = load_dataset("mnist", data_dir(), download=False).subset(args.train_subset, None)
+    probe = prepare_model(build_model("cnn", seed=0), torch.device("cpu"))
+    auto = training_precision("auto", probe, data, 128)
     original = DefendConfig(recipe="fgsm", eps=0.25, ratio=0.5)
     rows: list[dict[str, Any]] = []
 
@@ -117,33 +135,44 @@ def main() -> None:
             flush=True,
         )
 
-    if not args.skip_art:
-        add(art_epoch(data, 0.25, 0.5))
-    add(redblue_epoch(data, original, "fp32"))
-    if auto != "fp32":
-        add(redblue_epoch(data, original, auto))
+    compared = {
+        "art": lambda: art_epoch(data, 0.25, 0.5),
+        "fp32": lambda: redblue_epoch(data, original, "fp32"),
+        "auto": lambda: redblue_epoch(data, original, "auto"),
+    }
+    variants = [v for v in compared if not (v == "art" and args.skip_art) and not (v == "auto" and auto.precision == "fp32")]
+    runs = interleaved(variants, args.repeats, lambda variant, _repeat: compared[variant]())
+    for run in runs:
+        print(f"  run {run['repeat'] + 1}: {run['variant']} {run['precision']} {run['seconds']:.1f} s", flush=True)
+    for variant in variants:
+        add({**_median_row([r for r in runs if r["side"] == variant]), "side": variant})
     models = ["cnn"] if args.skip_large else ["cnn", "cnn-wide"]
     for model_name in models:
-        add(redblue_epoch(data, DefendConfig(recipe="fgsm-rs", eps=0.3), auto, model_name))
-        add(redblue_epoch(data, DefendConfig(recipe="pgd", eps=0.3, steps=10), auto, model_name))
+        add(redblue_epoch(data, DefendConfig(recipe="fgsm-rs", eps=0.3), "auto", model_name))
+        add(redblue_epoch(data, DefendConfig(recipe="pgd", eps=0.3, steps=10), "auto", model_name))
     payload: dict[str, Any] = {
+        "train_subset": args.train_subset,
         "what": "one epoch of adversarial training, full MNIST train set (60,000), batch 128, Adam 3e-3, CPU; "
         "fgsm = the original recipe (ratio 0.5, eps 0.25); accuracy on the full test set, FGSM accuracy "
-        f"on the first {N_CHECK} test images at the training eps",
-        "auto_precision": auto,
+        f"on the first {N_CHECK} test images at the training eps; the compared variants run {args.repeats} times "
+        "interleaved, their epoch time is the median",
+        "auto_precision": auto.summary(),
+        "repeats": args.repeats,
+        "order": [f"{r['side']}#{r['repeat'] + 1}" for r in runs],
         "rows": rows,
         "peak_rss_mib": round(peak_rss_mib(), 1),
         "target": "redblue fgsm epoch at least 2x faster than ART's, FGSM accuracy not lower",
     }
-    art = next((r for r in rows if r["variant"].startswith("ART")), None)
-    if art is not None:
+    if "art" in variants:
+        art_times = [r["seconds"] for r in runs if r["side"] == "art"]
         for row in rows:
-            if row["variant"] == "redblue fgsm":
-                row["speedup_vs_art"] = round(art["seconds"] / row["seconds"], 2)
-        best = max(r["speedup_vs_art"] for r in rows if "speedup_vs_art" in r)
-        payload["speedup_vs_art"] = best
+            if row.get("side") in ("fp32", "auto"):
+                ours = [r["seconds"] for r in runs if r["side"] == row["side"]]
+                ratio = ratio_summary(art_times, ours)
+                row["speedup_vs_art"] = ratio["median_ratio"]
+                row["speedup_vs_art_pairs"] = [ratio["pair_min"], ratio["pair_max"]]
+        payload["speedup_vs_art"] = max(r["speedup_vs_art"] for r in rows if r.get("speedup_vs_art"))
     write("advtrain", payload)
-
 
 if __name__ == "__main__":
     main()

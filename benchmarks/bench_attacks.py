@@ -5,6 +5,9 @@ images, same model and batch size, by redblue, ART and torchattacks.
 
 FGSM (eps 0.25) and PGD-40 (eps 0.3, step 0.01, no random start: the same work for all
 three). Each (library, attack) runs in its own subprocess so its peak RSS is its own.
+``--repeats N`` (3) runs the libraries interleaved (redblue, ART, torchattacks, redblue, ...)
+per attack; images/s comes from the median time, with min, max and spread, and each speed-up
+is the ratio of the medians with the range of the per-repeat ratios.
 Writes benchmarks/results/bench_attacks.json and prints a Markdown table. Without
 --model, a baseline is trained first (about 30 s) into a temporary folder.
 """
@@ -14,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import subprocess
 import sys
@@ -22,6 +24,10 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script: import benchmarks.common
+
+from benchmarks.common import interleaved, machine, ratio_summary, spread
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results" / "bench_attacks.json"
@@ -143,6 +149,7 @@ def main() -> None:
     parser.add_argument("--data-dir", default=os.environ.get("REDBLUE_DATA_DIR"))
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--n-examples", type=int, default=10_000, help="test images (default: all 10,000)")
+    parser.add_argument("--repeats", type=int, default=3, help="interleaved runs per library and attack (default: 3)")
     parser.add_argument("--worker", nargs=2, metavar=("LIBRARY", "ATTACK"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -169,55 +176,87 @@ def main() -> None:
             cmd += ["--data-dir", args.data_dir]
         subprocess.run(cmd, check=True)
         model = str(out / "models" / "baseline.json")
+    def run(library: str, attack: str) -> dict[str, Any]:
+        cmd = [sys.executable, __file__, "--worker", library, attack, "--model", model, "--device", args.device]
+        cmd += ["--n-examples", str(args.n_examples)]
+        if args.data_dir:
+            cmd += ["--data-dir", args.data_dir]
+        proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        if proc.returncode != 0:
+            print(f"{library} {attack}: failed: {proc.stderr.strip()[-300:]}", file=sys.stderr)
+            return {"library": library, "attack": attack, "error": proc.stderr.strip().splitlines()[-1:]}
+        row: dict[str, Any] = json.loads(proc.stdout.strip().splitlines()[-1])
+        print(f"{library:13s} {attack:7s} {row['images_per_s']:9.0f} img/s", file=sys.stderr, flush=True)
+        return row
+
+    runs: list[dict[str, Any]] = []
+    for attack in ATTACKS:
+        runs += interleaved(LIBRARIES, args.repeats, lambda library, _repeat, attack=attack: run(library, attack))
     rows = []
     for attack in ATTACKS:
         for library in LIBRARIES:
-            cmd = [sys.executable, __file__, "--worker", library, attack, "--model", model, "--device", args.device]
-            cmd += ["--n-examples", str(args.n_examples)]
-            if args.data_dir:
-                cmd += ["--data-dir", args.data_dir]
-            proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
-            if proc.returncode != 0:
-                rows.append({"library": library, "attack": attack, "error": proc.stderr.strip().splitlines()[-1:]})
-                print(f"{library} {attack}: failed: {proc.stderr.strip()[-300:]}", file=sys.stderr)
+            mine = [r for r in runs if r["library"] == library and r["attack"] == attack]
+            done = [r for r in mine if "seconds" in r]
+            if not done:
+                rows.append({"library": library, "attack": attack, "error": mine[0].get("error") if mine else None})
                 continue
-            rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
-            print(f"{library:13s} {attack:7s} {rows[-1]['images_per_s']:9.0f} img/s", file=sys.stderr)
-    speed = {(r["library"], r["attack"]): r.get("images_per_s") for r in rows}
+            seconds = spread([r["seconds"] for r in done])
+            first = done[0]
+            rows.append({
+                "library": library, "attack": attack, "settings": first["settings"], "n": first["n"],
+                "batch_size": first["batch_size"], "repeats": len(done), "seconds": seconds["median"],
+                "seconds_spread": seconds, "images_per_s": first["n"] / seconds["median"],
+                "clean_accuracy": first["clean_accuracy"], "robust_accuracy": first["robust_accuracy"],
+                "accuracy_identical_across_repeats": all(
+                    (r["clean_accuracy"], r["robust_accuracy"]) == (first["clean_accuracy"], first["robust_accuracy"])
+                    for r in done
+                ),
+                "peak_rss_mb": max(r["peak_rss_mb"] for r in done),
+            })  # fmt: skip
     for r in rows:
-        if r["library"] == "redblue" and "images_per_s" in r:
+        if r["library"] == "redblue" and "seconds" in r:
+            ours = [x["seconds"] for x in runs if x["library"] == "redblue" and x["attack"] == r["attack"]]
             for other in ("art", "torchattacks"):
-                ref = speed.get((other, r["attack"]))
-                r[f"speedup_vs_{other}"] = r["images_per_s"] / ref if ref else None
+                theirs = [x.get("seconds") for x in runs if x["library"] == other and x["attack"] == r["attack"]]
+                pairs = [(t, o) for t, o in zip(theirs, ours, strict=False) if t and o]
+                if pairs:
+                    ratio = ratio_summary([t for t, _ in pairs], [o for _, o in pairs])
+                    r[f"speedup_vs_{other}"] = ratio["median_ratio"]
+                    r[f"speedup_vs_{other}_pairs"] = [ratio["pair_min"], ratio["pair_max"]]
     import torch
 
     result = {
         "benchmark": "bench_attacks",
+        "machine": machine(),
         "device": args.device,
         "n_examples": args.n_examples,
+        "repeats": args.repeats,
+        "order": [f"{r['attack']}:{r['library']}#{r['repeat'] + 1}" for r in runs],
         "cpu_threads": torch.get_num_threads(),
-        "machine": platform.machine(),
-        "python": platform.python_version(),
         "torch": torch.__version__,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "rows": rows,
+        "runs": runs,
     }
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(result, indent=2) + "\n")
-    print("| attack | library | images/s | clean acc | robust acc | peak RSS (MB) | redblue speed-up |")
-    print("|---|---|---:|---:|---:|---:|---|")
+    print("| attack | library | images/s (median) | time s, median (min–max) | clean acc | robust acc | peak RSS (MB) | redblue speed-up (medians; per-repeat range) |")
+    print("|---|---|---:|---:|---:|---:|---:|---|")
     for r in rows:
         if "images_per_s" not in r:
-            print(f"| {r['attack']} | {r['library']} | failed | | | | |")
+            print(f"| {r['attack']} | {r['library']} | failed | | | | | |")
             continue
         up = ""
         if r["library"] == "redblue":
-            up = ", ".join(f"{v:.2f}x vs {k[11:]}" for k, v in r.items() if k.startswith("speedup_vs_") and v)
+            up = ", ".join(
+                f"{r[f'speedup_vs_{o}']:.2f}x vs {o} ({r[f'speedup_vs_{o}_pairs'][0]:.2f}–{r[f'speedup_vs_{o}_pairs'][1]:.2f})"
+                for o in ("art", "torchattacks") if r.get(f"speedup_vs_{o}")
+            )
+        t = r["seconds_spread"]
         print(
-            f"| {r['attack']} | {r['library']} | {r['images_per_s']:.0f} | {100 * r['clean_accuracy']:.2f}% | "
-            f"{100 * r['robust_accuracy']:.2f}% | {r['peak_rss_mb']:.0f} | {up} |"
+            f"| {r['attack']} | {r['library']} | {r['images_per_s']:.0f} | {t['median']:.1f} ({t['min']:.1f}–{t['max']:.1f}) | "
+            f"{100 * r['clean_accuracy']:.2f}% | {100 * r['robust_accuracy']:.2f}% | {r['peak_rss_mb']:.0f} | {up} |"
         )
-
 
 if __name__ == "__main__":
     main()

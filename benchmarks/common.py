@@ -1,4 +1,5 @@
-"""Shared benchmark helpers: machine description, timing, peak memory, JSON output."""
+"""Shared benchmark helpers: machine description, timing, interleaved repeats with medians and
+spread, peak memory, JSON output."""
 
 from __future__ import annotations
 
@@ -6,7 +7,9 @@ import json
 import os
 import platform
 import resource
+import statistics
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -16,16 +19,14 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def machine() -> dict[str, Any]:
-    cpu = "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    """The machine a figure was measured on: CPU model and its bf16/AVX flags, cores, threads,
+    versions, GPU."""
+    from redblue.precision import cpu_description
+
+    cpu = cpu_description()
     return {
-        "cpu": cpu,
+        "cpu": cpu["cpu"],
+        "cpu_flags": cpu["flags"],
         "cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__,
@@ -63,3 +64,44 @@ def write(name: str, payload: dict[str, Any]) -> Path:
     path.write_text(json.dumps(payload, indent=2) + "\n")
     print(f"wrote {path}")
     return path
+
+
+def spread(values: Sequence[float]) -> dict[str, Any]:
+    """Median, min, max and the spread ``(max - min) / median`` (percent) of repeated timings.
+
+    >>> spread([2.0, 1.0, 4.0])
+    {'median': 2.0, 'min': 1.0, 'max': 4.0, 'spread_pct': 150.0, 'n': 3, 'values': [2.0, 1.0, 4.0]}
+    """
+    vals = [float(v) for v in values]
+    if not vals:
+        return {"median": None, "min": None, "max": None, "spread_pct": None, "n": 0, "values": []}
+    median = statistics.median(vals)
+    pct = round(100 * (max(vals) - min(vals)) / median, 1) if median else None
+    return {"median": round(median, 3), "min": round(min(vals), 3), "max": round(max(vals), 3),
+            "spread_pct": pct, "n": len(vals), "values": [round(v, 3) for v in vals]}
+
+
+def interleaved(sides: Sequence[str], repeats: int, run: Callable[[str, int], dict[str, Any]]) -> list[dict[str, Any]]:
+    """``run(side, repeat)`` for every side, ``repeats`` times, interleaved: A, B, A, B, ... so a
+    machine that slows down or speeds up during the benchmark slows every side alike. Returns
+    the results in the order they ran, each tagged with ``side`` and ``repeat``."""
+    if repeats < 1:
+        raise SystemExit("--repeats: expected at least 1")
+    results = []
+    for repeat in range(repeats):
+        for side in sides:
+            results.append({**run(side, repeat), "side": side, "repeat": repeat})
+    return results
+
+
+def ratio_summary(slow: Sequence[float], fast: Sequence[float]) -> dict[str, Any]:
+    """How many times faster ``fast`` is than ``slow``: the ratio of the medians (the figure a
+    claim uses) and the range of the per-repeat ratios (pairs that ran next to each other)."""
+    pairs = [s / f for s, f in zip(slow, fast, strict=False) if f > 0]
+    if not pairs:
+        return {"median_ratio": None, "pair_min": None, "pair_max": None}
+    return {
+        "median_ratio": round(statistics.median(slow) / statistics.median(fast), 3),
+        "pair_min": round(min(pairs), 3),
+        "pair_max": round(max(pairs), 3),
+    }
