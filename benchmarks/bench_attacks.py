@@ -27,7 +27,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script: import benchmarks.common
 
-from benchmarks.common import interleaved, machine, ratio_summary, spread
+from benchmarks.common import interleaved, machine, paired, spread
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results" / "bench_attacks.json"
@@ -215,12 +215,10 @@ def main() -> None:
             })  # fmt: skip
     for r in rows:
         if r["library"] == "redblue" and "seconds" in r:
-            ours = [x["seconds"] for x in runs if x["library"] == "redblue" and x["attack"] == r["attack"]]
+            mine = [{**x, "side": x["library"]} for x in runs if x["attack"] == r["attack"]]  # one interleaved run
             for other in ("art", "torchattacks"):
-                theirs = [x.get("seconds") for x in runs if x["library"] == other and x["attack"] == r["attack"]]
-                pairs = [(t, o) for t, o in zip(theirs, ours, strict=False) if t and o]
-                if pairs:
-                    ratio = ratio_summary([t for t, _ in pairs], [o for _, o in pairs])
+                ratio = paired(mine, other, "redblue", lambda x: x["seconds"])
+                if ratio["median_ratio"]:
                     r[f"speedup_vs_{other}"] = ratio["median_ratio"]
                     r[f"speedup_vs_{other}_pairs"] = [ratio["pair_min"], ratio["pair_max"]]
     import torch

@@ -94,14 +94,40 @@ def interleaved(sides: Sequence[str], repeats: int, run: Callable[[str, int], di
     return results
 
 
-def ratio_summary(slow: Sequence[float], fast: Sequence[float]) -> dict[str, Any]:
-    """How many times faster ``fast`` is than ``slow``: the ratio of the medians (the figure a
-    claim uses) and the range of the per-repeat ratios (pairs that ran next to each other)."""
-    pairs = [s / f for s, f in zip(slow, fast, strict=False) if f > 0]
-    if not pairs:
-        return {"median_ratio": None, "pair_min": None, "pair_max": None}
+def ratio_summary(pairs: Sequence[tuple[float | None, float | None]]) -> dict[str, Any]:
+    """How many times faster the second of each ``(slow, fast)`` pair is: pairs are the two
+    sides' runs of the same repeat (next to each other in one interleaved run); pairs where
+    either side failed are dropped. The ratio of the medians (the figure a claim uses) and the
+    range of the per-repeat ratios.
+
+    >>> ratio_summary([(30.0, 10.0), (20.0, 10.0), (None, 5.0), (40.0, 10.0)])
+    {'median_ratio': 3.0, 'pair_min': 2.0, 'pair_max': 4.0, 'pairs': 3}
+    """
+    done = [(float(s), float(f)) for s, f in pairs if s and f]
+    if not done:
+        return {"median_ratio": None, "pair_min": None, "pair_max": None, "pairs": 0}
+    ratios = [s / f for s, f in done]
     return {
-        "median_ratio": round(statistics.median(slow) / statistics.median(fast), 3),
-        "pair_min": round(min(pairs), 3),
-        "pair_max": round(max(pairs), 3),
+        "median_ratio": round(statistics.median(s for s, _ in done) / statistics.median(f for _, f in done), 3),
+        "pair_min": round(min(ratios), 3),
+        "pair_max": round(max(ratios), 3),
+        "pairs": len(done),
     }
+
+
+def by_repeat(runs: Sequence[dict[str, Any]], side: str, value: Callable[[dict[str, Any]], Any]) -> dict[int, Any]:
+    """``value(run)`` of ``side``'s runs by repeat index (None where that run failed)."""
+    out: dict[int, Any] = {}
+    for run in runs:
+        if run["side"] == side:
+            try:
+                out[run["repeat"]] = value(run)
+            except (KeyError, TypeError):
+                out[run["repeat"]] = None
+    return out
+
+
+def paired(runs: Sequence[dict[str, Any]], slow: str, fast: str, value: Callable[[dict[str, Any]], Any]) -> dict[str, Any]:
+    """:func:`ratio_summary` of ``value`` between two sides of one interleaved run, paired by repeat."""
+    a, b = by_repeat(runs, slow, value), by_repeat(runs, fast, value)
+    return ratio_summary([(a[r], b.get(r)) for r in sorted(a)])

@@ -110,6 +110,7 @@ def test_the_choice_is_kept_per_model_and_batch_and_survives_the_process(
     _fake_timer(monkeypatch, 10.0, 20.0)  # would now say fp32
     again = prec.choose_precision("auto", _net(), x, y)
     assert (again.precision, again.reason, again.fp32_ms, again.bf16_ms) == ("bf16", "cached", 20.0, 10.0)
+    assert again.noise is None and again.detail.startswith("measured 20")
 
     # Another batch shape or another architecture is measured for itself.
     other = _fake_timer(monkeypatch, 10.0, 20.0)
@@ -126,33 +127,80 @@ def test_the_choice_is_kept_per_model_and_batch_and_survives_the_process(
         json.dumps({"format": "other", "choices": {}}),
         json.dumps({"format": prec.FORMAT, "choices": "x"}),
         "BAD-ENTRY",
+        "INFINITE-ENTRY",
     ],
 )
 def test_a_damaged_cache_is_measured_again(cache_dir: Path, monkeypatch: pytest.MonkeyPatch, content: str) -> None:
     x, y = _batch()
-    if content == "BAD-ENTRY":  # our format, but an entry that is not a choice
-        key = prec.cache_key(_net(), x)
+    key = prec.cache_key(_net(), x)
+    if content == "BAD-ENTRY":  # our format, but an entry that is not a measurement
         content = json.dumps({"format": prec.FORMAT, "choices": {key: {"precision": "fp16", "fp32_ms": -1}}})
+    if content == "INFINITE-ENTRY":  # JSON that Python reads but cannot write back
+        bad = {"fp32_ms": float("inf"), "bf16_ms": 1.0}
+        content = json.dumps({"format": prec.FORMAT, "choices": {key: bad, "other": {"fp32_ms": float("nan")}}})
     (cache_dir / prec.CACHE_FILE).write_text(content)
     calls = _fake_timer(monkeypatch, 20.0, 10.0)
     choice = prec.choose_precision("auto", _net(), x, y)
     assert (choice.precision, choice.reason) == ("bf16", "measured") and calls == [16]
-    assert json.loads((cache_dir / prec.CACHE_FILE).read_text())["format"] == prec.FORMAT
+    stored = json.loads((cache_dir / prec.CACHE_FILE).read_text())  # rewritten with only sound entries
+    assert stored["format"] == prec.FORMAT and list(stored["choices"]) == [key]
 
 
-def test_a_noisy_measurement_decides_for_this_process_only(cache_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_busy_machine_is_measured_again_and_never_picks_bf16_from_noise(
+    cache_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     x, y = _batch()
-    calls = _fake_timer(monkeypatch, 20.0, 10.0, noise=0.6)  # other work competed for the cores
-    noisy = prec.choose_precision("auto", _net(), x, y)
-    assert (noisy.precision, noisy.reason, noisy.noise) == ("bf16", "measured-noisy", 0.6)
-    assert prec.choose_precision("auto", _net(), x, y) is noisy and calls == [16]  # kept in this process
-    assert not (cache_dir / prec.CACHE_FILE).exists()  # but not for later runs
+    calls = _fake_timer(monkeypatch, 20.0, 10.0, noise=0.6)  # other work competes for the cores every time
+    busy = prec.choose_precision("auto", _net(), x, y)
+    assert (busy.precision, busy.reason, busy.noise) == ("fp32", "measured-noisy", 0.6)
+    assert calls == [16] * prec.ATTEMPTS
+    assert prec.choose_precision("auto", _net(), x, y) is busy and len(calls) == prec.ATTEMPTS  # this process
+    assert not (cache_dir / prec.CACHE_FILE).exists()  # but not kept for later runs
+
     prec._choices.clear()
-    _fake_timer(monkeypatch, 10.0, 20.0, noise=prec.MAX_NOISE)  # a quiet machine: measured again, kept
-    quiet = prec.choose_precision("auto", _net(), x, y)
-    assert (quiet.precision, quiet.reason) == ("fp32", "measured")
+    results = iter([prec.StepTimes(20.0, 10.0, 0.9), prec.StepTimes(20.0, 10.0, prec.MAX_NOISE)])
+    monkeypatch.setattr(prec, "measure_train_step", lambda *a, **k: next(results))
+    settled = prec.choose_precision("auto", _net(), x, y)  # noisy, then quiet: the quiet one decides
+    assert (settled.precision, settled.reason, settled.noise) == ("bf16", "measured", prec.MAX_NOISE)
     (entry,) = json.loads((cache_dir / prec.CACHE_FILE).read_text())["choices"].values()
-    assert entry["precision"] == "fp32" and entry["noise"] == prec.MAX_NOISE
+    assert entry["precision"] == "bf16" and entry["noise"] == prec.MAX_NOISE
+
+
+def test_the_first_measurement_stored_wins(cache_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two runs measuring at once: the one that stores second trains as the cache says."""
+    x, y = _batch()
+    key = prec.cache_key(_net(), x)
+
+    def other_process_stores_first(*args: Any, **kwargs: Any) -> prec.StepTimes:
+        entry = {"precision": "fp32", "fp32_ms": 10.0, "bf16_ms": 12.0, "measured": "2026-01-01 00:00:00"}
+        (cache_dir / prec.CACHE_FILE).write_text(json.dumps({"format": prec.FORMAT, "choices": {key: entry}}))
+        return prec.StepTimes(20.0, 10.0, 0.01)  # this process measured bf16 faster
+
+    monkeypatch.setattr(prec, "measure_train_step", other_process_stores_first)
+    choice = prec.choose_precision("auto", _net(), x, y)
+    assert (choice.precision, choice.reason, choice.fp32_ms) == ("fp32", "cached", 10.0)
+    assert choice.detail == "measured 2026-01-01 00:00:00" and choice.noise is None
+
+
+def test_a_cached_measurement_is_judged_by_todays_rule(cache_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    x, y = _batch()
+    key = prec.cache_key(_net(), x)
+    entry = {"precision": "bf16", "fp32_ms": 10.5, "bf16_ms": 10.0}  # stored under a looser threshold
+    (cache_dir / prec.CACHE_FILE).write_text(json.dumps({"format": prec.FORMAT, "choices": {key: entry}}))
+    calls = _fake_timer(monkeypatch, 20.0, 10.0)
+    choice = prec.choose_precision("auto", _net(), x, y)
+    assert (choice.precision, choice.reason) == ("fp32", "cached") and calls == []  # 1.05x < 1.10x
+
+
+def test_the_key_sees_layer_settings_not_only_shapes() -> None:
+    x, _ = _batch()
+    strided = _net()
+    strided[0].stride = (2, 2)  # same parameters, another architecture
+    frozen = _net()
+    frozen[0].weight.requires_grad_(False)
+    keys = {prec.cache_key(m, x) for m in (_net(), strided, frozen)}
+    assert len(keys) == 3 and prec.cache_key(_net(), x) == prec.cache_key(_net(), x)
+    assert prec.cache_key(_net(), x) != prec.cache_key(_net(), x[:8])
 
 
 def test_a_model_that_fails_in_bf16_trains_in_fp32(cache_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
