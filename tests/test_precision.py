@@ -44,12 +44,14 @@ def _batch(n: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.rand(n, 1, 28, 28, generator=g), torch.randint(0, 10, (n,), generator=g)
 
 
-def _fake_timer(monkeypatch: pytest.MonkeyPatch, fp32_ms: float, bf16_ms: float, noise: float = 0.05) -> list[int]:
+def _fake_timer(
+    monkeypatch: pytest.MonkeyPatch, fp32_ms: float, bf16_ms: float, noise: float = 0.05, others: float | None = 0.0
+) -> list[int]:
     calls: list[int] = []
 
     def fake(model: nn.Module, x: torch.Tensor, y: torch.Tensor, rounds: int = prec.ROUNDS) -> prec.StepTimes:
         calls.append(int(x.shape[0]))
-        return prec.StepTimes(fp32_ms, bf16_ms, noise)
+        return prec.StepTimes(fp32_ms, bf16_ms, noise, others)
 
     monkeypatch.setattr(prec, "measure_train_step", fake)
     return calls
@@ -150,20 +152,50 @@ def test_a_busy_machine_is_measured_again_and_never_picks_bf16_from_noise(
     cache_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     x, y = _batch()
-    calls = _fake_timer(monkeypatch, 20.0, 10.0, noise=0.6)  # other work competes for the cores every time
+    calls = _fake_timer(monkeypatch, 20.0, 10.0, noise=0.9)  # other work competes for the cores every time
     busy = prec.choose_precision("auto", _net(), x, y)
-    assert (busy.precision, busy.reason, busy.noise) == ("fp32", "measured-noisy", 0.6)
+    assert (busy.precision, busy.reason, busy.noise) == ("fp32", "measured-noisy", 0.9)
     assert calls == [16] * prec.ATTEMPTS
     assert prec.choose_precision("auto", _net(), x, y) is busy and len(calls) == prec.ATTEMPTS  # this process
     assert not (cache_dir / prec.CACHE_FILE).exists()  # but not kept for later runs
 
     prec._choices.clear()
-    results = iter([prec.StepTimes(20.0, 10.0, 0.9), prec.StepTimes(20.0, 10.0, prec.MAX_NOISE)])
+    results = iter([prec.StepTimes(20.0, 10.0, 0.9), prec.StepTimes(20.0, 10.0, prec.MAX_NOISE, prec.MAX_OTHERS)])
     monkeypatch.setattr(prec, "measure_train_step", lambda *a, **k: next(results))
     settled = prec.choose_precision("auto", _net(), x, y)  # noisy, then quiet: the quiet one decides
     assert (settled.precision, settled.reason, settled.noise) == ("bf16", "measured", prec.MAX_NOISE)
     (entry,) = json.loads((cache_dir / prec.CACHE_FILE).read_text())["choices"].values()
-    assert entry["precision"] == "bf16" and entry["noise"] == prec.MAX_NOISE
+    assert entry["precision"] == "bf16" and entry["noise"] == prec.MAX_NOISE and entry["others"] == prec.MAX_OTHERS
+
+
+def test_steady_but_shared_cpu_counts_as_busy(cache_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Beside another PyTorch job every step is slow but steady: only the other processes' CPU
+    share shows it, and such a measurement never decides (it said fp32 for the original CNN)."""
+    x, y = _batch()
+    calls = _fake_timer(monkeypatch, 271.0, 252.0, noise=0.05, others=0.5)
+    busy = prec.choose_precision("auto", _net(), x, y)
+    assert (busy.precision, busy.reason, busy.others) == ("fp32", "measured-noisy", 0.5)
+    assert len(calls) == prec.ATTEMPTS and not (cache_dir / prec.CACHE_FILE).exists()
+    assert prec.StepTimes(1.0, 1.0, 0.05, None).quiet  # no /proc/stat: the rounds' spread alone
+    assert not prec.StepTimes(1.0, 1.0, 0.05, prec.MAX_OTHERS + 0.01).quiet
+
+
+def test_other_processes_cpu_share_is_read_from_proc_stat(monkeypatch: pytest.MonkeyPatch) -> None:
+    if prec._machine_busy_s() is None:
+        pytest.skip("no /proc/stat on this system")
+    readings = iter([100.0, 103.0])  # the machine used 3 s of CPU time in all ...
+    monkeypatch.setattr(prec, "_machine_busy_s", lambda: next(readings))
+    monkeypatch.setattr(prec.time, "process_time", lambda: 11.0)  # ... this process 1 s of it
+    monkeypatch.setattr(prec.time, "perf_counter", lambda: 52.0)
+    monkeypatch.setattr(prec.os, "cpu_count", lambda: 2)
+    busy, own, wall = prec._machine_busy_s(), 10.0, 50.0  # over 2 s of wall time on 2 CPUs
+    assert prec._others_share(busy, own, wall) == pytest.approx(2.0 / 4.0)
+
+
+def test_a_real_measurement_reports_its_conditions() -> None:
+    x, y = _batch(32)
+    t = prec.measure_train_step(_net(), x, y, rounds=3)
+    assert t.noise >= 0 and (t.others is None or 0 <= t.others <= 1.5)
 
 
 def test_the_first_measurement_stored_wins(cache_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -234,6 +266,7 @@ def test_fit_records_the_choice_and_trains_the_same_whether_measured_or_cached(
     cache; the weights are identical. The verdict is pinned so a busy machine cannot make the
     two runs train in different precisions."""
     monkeypatch.setattr(prec, "MAX_NOISE", math.inf)
+    monkeypatch.setattr(prec, "MAX_OTHERS", math.inf)
     monkeypatch.setattr(prec, "decide", lambda fp32_ms, bf16_ms: "bf16")
     data = mini.subset(n_train=600, n_test=200)
     cfg = TrainConfig(epochs=1, seed=5, device="cpu", precision="auto", batch_size=64)
