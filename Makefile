@@ -13,6 +13,9 @@ ARGS   ?=
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[dev]'
+	# torchattacks is a reference in the tests and benchmarks; --no-deps because its metadata
+	# asks for torchvision, which would pull a second (CUDA) torch.
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check --no-deps torchattacks==3.5.1
 	@touch $(STAMP)
 
 install: $(STAMP)
@@ -33,7 +36,6 @@ browser:
 	apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver
 
 bench: $(STAMP)
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check --no-deps torchattacks==3.5.1
 	$(BIN)/python -m benchmarks.run_all
 
 clean:

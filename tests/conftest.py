@@ -12,9 +12,10 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 from redblue.artifacts import LoadedModel, load_model
-from redblue.config import TrainConfig
+from redblue.config import DefendConfig, TrainConfig
 from redblue.data import Dataset, load_dataset
-from redblue.stages import train_baseline
+from redblue.results import DefendResult
+from redblue.stages import defend_stage, train_baseline
 
 if TYPE_CHECKING:
     import torch
@@ -39,6 +40,18 @@ def mnist_dir() -> Path:
 @pytest.fixture(scope="session")
 def mnist(mnist_dir: Path) -> Dataset:
     return load_dataset("mnist", mnist_dir, download=False)
+
+
+@pytest.fixture(scope="session")
+def original_recipe(tmp_path_factory: pytest.TempPathFactory, mnist: Dataset) -> tuple[Path, DefendResult]:
+    """The original project's adversarial training (``fgsm``, eps 0.25, half clean / half
+    FGSM) for 2 epochs on full MNIST, evaluated by the defend stage on the first 1,000 test
+    images: (output folder, result). Trained once per session; it looks robust to FGSM and is
+    not (``test_adversarial_training``), and AutoAttack's reference runs on it
+    (``test_autoattack``)."""
+    out = tmp_path_factory.mktemp("original_recipe")
+    defend_cfg = DefendConfig(recipe="fgsm", eps=0.25, ratio=0.5, n_examples=1000)
+    return out, defend_stage(out, mnist, TrainConfig(epochs=2, device="cpu"), defend_cfg, progress=False)
 
 
 @pytest.fixture(scope="session")

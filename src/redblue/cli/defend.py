@@ -86,10 +86,11 @@ def defend(config_file: str | None, out: str, force_retrain: bool, name: str, mo
            **options: Any) -> None:  # fmt: skip
     """Adversarially train a model (or reload it when config and data match) and evaluate it.
 
-    Evaluation at the training eps: clean, FGSM, PGD with restarts, the standard suite
-    (APGD-CE + APGD-T) and the black-box Square attack (1,000 queries), worst case per
-    example over all of them but FGSM, and the eps sweep; the robustness-gap warning fires
-    when FGSM accuracy is far above the strongest attack's.
+    Evaluation at the training eps: clean, FGSM, PGD with restarts and AutoAttack's standard
+    protocol as a cascade (APGD-CE, APGD-T, FAB-T, then the black-box Square attack with
+    5,000 queries, each on the images still robust), worst case per example over all of them
+    but FGSM, and the eps sweep; the robustness-gap warning fires when FGSM accuracy is far
+    above the strongest attack's.
 
     Writes models/NAME.safetensors + models/NAME.json (recipe and settings in the record),
     metrics/NAME_metrics.json and images/NAME_*.png (training curves with clean / FGSM / PGD

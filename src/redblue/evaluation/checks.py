@@ -193,7 +193,8 @@ def _accuracy(mask: torch.Tensor) -> float:
 
 
 SQUARE_QUERIES = 1000
-"""Square's query budget in the checks and in a defended model's evaluation (AutoAttack: 5,000)."""
+"""Square's query budget in the checks when the evaluation ran no Square (AutoAttack, and a
+defended model's evaluation, use 5,000)."""
 
 
 def run_checks(

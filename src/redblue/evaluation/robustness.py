@@ -55,6 +55,7 @@ def evaluate_robustness(
     check_options: dict[str, int] | None = None,
     progress: bool = False,
     keep_adversarial: bool = False,
+    per_attack: dict[str, dict[str, Any]] | None = None,
     **settings: Any,
 ) -> RobustnessResult:
     """Clean accuracy, per-attack and worst-case robust accuracy of ``model`` at ``eps``.
@@ -76,6 +77,8 @@ def evaluate_robustness(
             :func:`redblue.checks.run_checks` (their cost).
         keep_adversarial: keep every image's worst-case adversarial example in
             ``result.adversarial`` (the first attack's example that fooled it, else the last's).
+        per_attack: settings for one attack only, over ``settings`` (``{"square": {"steps":
+            1000}}``: Square's query budget, the other attacks' steps unchanged).
         settings: ``alpha``, ``steps``, ``restarts``, ``random_start``, ``n_targets``,
             ``p_init`` — each applied to the attacks that accept it.
 
@@ -86,6 +89,11 @@ def evaluate_robustness(
     cascade = is_cascade(attacks)
     check_settings(eps=eps, norm=norm, dim=pixels(x))
     _check_settings(settings)
+    overrides = per_attack or {}
+    for name, extra in overrides.items():
+        if name not in names:
+            raise ConfigError(f"settings for {name!r}: not one of the attacks run ({', '.join(names)})")
+        _check_settings(extra)
     if norm == "l2" and "square" in names:
         raise ConfigError("--attack square: implemented for --norm linf only")
     n = int(x.shape[0])
@@ -100,15 +108,16 @@ def evaluate_robustness(
     final = _as_float(x).clone() if keep_adversarial else None
     for name in names:
         seed_everything(seed)
+        attack_settings = {**settings, **overrides.get(name, {})}
         if cascade and worst is not None:
             result, mask, sample = _cascade_step(model, x, y, name, worst, samples[results[-1].attack], eps=eps,
-                                                 norm=norm, batch_size=batch_size, settings=settings,
+                                                 norm=norm, batch_size=batch_size, settings=attack_settings,
                                                  progress=progress, adversarial=final)  # fmt: skip
         else:
             buffer = torch.empty_like(final) if final is not None else None
             result, mask, clean_correct, sample = run_attack(
                 model, x, y, name, eps=eps, norm=norm, batch_size=batch_size,
-                settings=settings, clean_correct=clean_correct, progress=progress, adversarial=buffer,
+                settings=attack_settings, clean_correct=clean_correct, progress=progress, adversarial=buffer,
             )  # fmt: skip
             if final is not None and buffer is not None:
                 # The images still robust before this attack take its result; the others keep
@@ -150,7 +159,8 @@ def evaluate_robustness(
         grid = None if sweep is True else list(sweep)
         outcome.sweep = {
             name: eps_sweep(model, x, y, attack=name, norm=norm, eps_values=grid,
-                            batch_size=batch_size, seed=seed, progress=progress, **settings)
+                            batch_size=batch_size, seed=seed, progress=progress,
+                            **{**settings, **overrides.get(name, {})})
             for name in names
         }  # fmt: skip
         outcome.sweep_n_examples = n

@@ -166,10 +166,10 @@ def _defend_row(name: str, adv: dict[str, Any]) -> dict[str, Any]:
         "fgsm_accuracy": m.get("fgsm_accuracy"),
         "pgd_accuracy": m.get("pgd_accuracy"),
         "standard_accuracy": m.get("standard_accuracy"),
-        "square_accuracy": m.get("square_accuracy"),
+        "autoattack_accuracy": m.get("autoattack_accuracy"),
         "robustness_gap": gap,
         "detail": f"eps {recipe.get('eps')}: FGSM {pct(m.get('fgsm_accuracy'))}, PGD {pct(m.get('pgd_accuracy'))}, "
-        f"standard {pct(m.get('standard_accuracy'))}, Square {pct(m.get('square_accuracy'))} "
+        f"APGD-CE + APGD-T {pct(m.get('standard_accuracy'))}, AutoAttack {pct(m.get('autoattack_accuracy'))} "
         f"on {m.get('n_examples')} test images; robustness gap "
         f"{pct(gap)}" + (f"; warnings: {', '.join(warnings)}" if warnings else ""),
         "warnings": warnings,
