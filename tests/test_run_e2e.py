@@ -91,6 +91,13 @@ def test_quick_run_writes_every_stage_and_the_report(quick_run: tuple[Path, Comp
     assert poison_row["asr"] is not None and poison_row["ra"] is not None
     # The console table ends the run.
     assert "Baseline + FGSM" in result.stdout and "report:" in result.stdout
+    # The blue team's evaluation is the AutoAttack cascade, lightened for --quick as documented.
+    defended = json.loads((out / "metrics" / "advtrain_metrics.json").read_text())
+    attacks = defended["evaluation"]["attacks"]
+    assert list(attacks) == ["fgsm", "pgd", "apgd-ce", "apgd-t", "fab-t", "square"]
+    assert attacks["apgd-t"]["settings"]["n_targets"] == attacks["fab-t"]["settings"]["n_targets"] == 3
+    assert attacks["square"]["settings"]["steps"] == 200 and attacks["apgd-ce"]["settings"]["steps"] == 100
+    assert defended["metrics"]["autoattack_accuracy"] == attacks["square"]["robust_accuracy"]
 
 
 def test_report_is_self_contained_with_every_section(quick_run: tuple[Path, CompletedProcess[str]]) -> None:

@@ -38,6 +38,8 @@ QUICK_TRAIN = 12_000
 QUICK_TEST = 1_000
 QUICK_CHECKS = {"check_examples": 100, "square_examples": 50, "square_queries": 200}
 """--quick: the sanity checks on fewer images, and a shorter Square attack."""
+QUICK_DEFENCE = {**QUICK_CHECKS, "autoattack_targets": 3}
+"""--quick, blue team: also APGD-T and FAB-T with 3 target classes instead of AutoAttack's 9."""
 
 
 @dataclass(frozen=True)
@@ -105,7 +107,7 @@ def run_workflow(wf: Workflow) -> Summary:
             with _timed(timings, "blueteam"):
                 _done(wf.out, defend_stage(
                     wf.out, data, wf.train, wf.defend, data_cfg=wf.data, force_retrain=wf.force_retrain,
-                    progress=wf.progress, check_options=QUICK_CHECKS if wf.run.quick else None,
+                    progress=wf.progress, check_options=QUICK_DEFENCE if wf.run.quick else None,
                 ))  # fmt: skip
         if "poison" in stages:
             with _timed(timings, "poison"):
