@@ -97,7 +97,8 @@ def defend(config_file: str | None, out: str, force_retrain: bool, name: str, mo
     accuracy per epoch).
 
     \b
-    Example (99.2% clean, 87% worst case, about 2 minutes on a 2-core CPU):
+    Example (99.3% clean, 84% under AutoAttack on the first 1,000 test images; about 4 minutes
+    of training and 9 of evaluation on a 2-core CPU):
     redblue defend --recipe fgsm-rs --eps 0.3 --model-name cnn-wide --epochs 15
       --eps-ramp 4 --lr 3e-3 --lr-schedule one-cycle --batch-size 100
 
