@@ -351,7 +351,7 @@ def test_fgsm_recipe_reproduces_the_original_pattern_and_the_gap_warning_fires(
     on both CPU kinds (AMD EPYC avx512_bf16 and Intel Xeon AMX bf16, README); 2 epochs here
     leave wide margins on both sides of the 30 pp gap asserted.
     """
-    _, result = original_recipe  # fgsm, eps 0.25, ratio 0.5, 2 epochs, 1,000 images evaluated
+    _, result = original_recipe  # fgsm, eps 0.25, ratio 0.5, 2 epochs, 500 images evaluated
     m = result["metrics"]
     assert m["clean_accuracy"] >= 0.97
     assert m["fgsm_accuracy"] >= 0.75
