@@ -254,6 +254,16 @@ def test_audit_backdoor_cli_flags_and_repairs_a_users_model(digits_backdoor: dic
     methods = {row["method"]: row for row in result["repairs"]}
     assert set(methods) == {"unlearn", "fine-prune"}
     assert methods["unlearn"]["details"]["classes"] == [7]
+    # the flagged class's trigger was restored (compact) and that is the one unlearning stamped
+    restored = result["restored"]
+    assert restored["classes"] == [7] and restored["smoothness"] == 1.0 and restored["restarts"] == 2
+    assert methods["unlearn"]["details"]["restored_triggers"] == [7]
+    triggers = load_file(out / "metrics" / result["triggers_file"])
+    assert set(triggers) == {"masks", "patterns", "restored_masks", "restored_patterns"}
+    assert float(triggers["restored_masks"][7].sum()) == pytest.approx(restored["l1"][0], rel=1e-5)
+    assert all(float(triggers["restored_masks"][k].abs().sum()) == 0 for k in range(10) if k != 7)
+    assert restored["attack_success_rate"][0] >= 0.99
+    assert "restored (compact) trigger, mask L1 per class 7:" in proc.stdout
     _, asr_before = _rates(model, x_test, y_test)
     for method, row in methods.items():
         saved = out / "models" / f"{row['model']['name']}.safetensors"
@@ -284,6 +294,13 @@ def test_audit_backdoor_cli_flags_and_repairs_a_users_model(digits_backdoor: dic
     for c in alone["classes"]:  # only the paper's rule can flag, by the index written beside it
         assert c["flagged_by"] == (["anomaly-index"] if c["size_ratio"] < 1 and c["anomaly_index"] > 2 else [])
     assert alone["flagged"] == [c["class"] for c in alone["classes"] if c["flagged_by"]]
+    # no restoration (--restore-smoothness 0): the triggers judged are the ones written, none restored
+    plain = run_cli(*common, "--dataset", "data.npz", "--no-strip", "--restore-smoothness", "0", "--name", "plain",
+                    "--out", "out", cwd=tmp_path)  # fmt: skip
+    assert plain.returncode == 0, plain.stderr[-2000:]
+    unrestored = json.loads((out / "metrics" / "plain_metrics.json").read_text())
+    assert unrestored["restored"] is None and unrestored["flagged"] == [7]
+    assert set(load_file(out / "metrics" / unrestored["triggers_file"])) == {"masks", "patterns"}
 
 
 def test_defend_backdoor_screens_a_users_training_set(digits_backdoor: dict, tmp_path: Path) -> None:

@@ -312,6 +312,10 @@ class BackdoorAuditConfig:
     in a row that reach it or miss it. A class is flagged when its mask
     norm's anomaly index is above 2 (the paper's rule) or the norm is under ``size_ratio`` of
     the median norm (redblue's rule for when the MAD test cannot reach 2; 0 turns it off).
+    The norms are judged with the paper's objective; then the triggers of the flagged classes
+    (and ``unlearn_classes``) are restored for the repair with the masks' total variation
+    weighed ``restore_smoothness`` beside their L1 norm (as TABOR does; 0: no restoration, the
+    repair stamps the triggers judged), from ``restore_restarts`` starts per class.
 
     ``strip``: also set STRIP's run-time threshold on the same clean images at false-rejection
     rate ``strip_frr`` (``strip_copies`` superimposed copies per input). ``repair``: remove the
@@ -333,6 +337,8 @@ class BackdoorAuditConfig:
     cost_patience: int = 2
     early_stop: int = 6
     size_ratio: float = 0.25
+    restore_smoothness: float = 1.0
+    restore_restarts: int = 2
     seed: int = 0
     device: str = "auto"
     strip: bool = True
@@ -360,6 +366,8 @@ class BackdoorAuditConfig:
         check_int("cost_patience", self.cost_patience, 1, 1000)
         check_int("early_stop", self.early_stop, 1, 10_000)
         check_float("size_ratio", self.size_ratio, 0.0, 1.0, high_open=True)
+        check_float("restore_smoothness", self.restore_smoothness, 0.0, 1000.0)
+        check_int("restore_restarts", self.restore_restarts, 1, 16)
         check_choice("device", self.device, DEVICES)
         check_int("strip_copies", self.strip_copies, 1, 10_000)
         check_float("strip_frr", self.strip_frr, 0.0, 1.0, low_open=True, high_open=True)

@@ -239,6 +239,7 @@ class BackdoorAuditResult(StageResult):
     repairs: list[dict[str, Any]]
     seconds: float
     versions: dict[str, str]
+    restored: dict[str, Any] | None = None  # the flagged classes' compact triggers (None: none restored)
 
 
 @dataclass(frozen=True)

@@ -295,6 +295,9 @@ def read_indices(path: Path) -> tuple[torch.Tensor, str]:
               help="Also set STRIP's run-time threshold on the clean images. [default: --strip]")
 @click.option("--size-ratio", type=float, default=None,
               help="Also flag a class whose mask norm is under this share of the median (0: the paper's rule alone). [default: 0.25]")
+@click.option("--restore-smoothness", type=float, default=None,
+              help="Restore the flagged classes' triggers with this weight on the masks' total variation "
+                   "beside their L1 norm, for a compact trigger to unlearn (0: no restoration). [default: 1.0]")
 @click.option("--strip-frr", type=float, default=None, help="STRIP's false-rejection rate on clean inputs. [default: 0.01]")
 @click.option("--strip-copies", type=int, default=None, help="Superimposed copies per input in STRIP. [default: 100]")
 @click.option("--repair", default=None,
@@ -323,9 +326,11 @@ def audit_backdoor(model_path: str, out: str, config_file: str | None, name: str
     metrics/NAME_triggers.safetensors (the reversed masks and patterns, hashed) and
     images/NAME_anomaly.png, images/NAME_triggers.png.
 
-    STRIP (Gao et al., ACSAC 2019) sets a run-time threshold on the same clean images.
-    --repair unlearn,fine-prune removes the backdoor from the model alone (Neural Cleanse's
-    unlearning with the reversed triggers; fine-pruning, Liu et al., RAID 2018) on clean
+    The flagged classes' triggers are then restored as compact blobs (the masks' total
+    variation added to their L1 norm, as TABOR does; --restore-smoothness 0 turns it off) and
+    saved beside the others. STRIP (Gao et al., ACSAC 2019) sets a run-time threshold on the
+    same clean images. --repair unlearn,fine-prune removes the backdoor from the model alone
+    (Neural Cleanse's unlearning with the restored triggers; fine-pruning, Liu et al., RAID 2018) on clean
     training images, saves models/NAME_unlearn and models/NAME_fine_prune, and reports clean
     accuracy before and after (and ASR when the model is a redblue poisoned model).
     """
@@ -359,6 +364,13 @@ def audit_backdoor(model_path: str, out: str, config_file: str | None, name: str
                    f"{'flagged' if true['target_flagged'] else 'not flagged'}, "
                    f"{pct(true['mask_mass_on_patch'])} of its reversed mask on the true patch, "
                    f"{pct(true['mask_mass_near_patch'])} on it or within 2 pixels")  # fmt: skip
+    restored = result.get("restored")
+    if restored is not None:
+        sizes = ", ".join(f"{k}: {'none' if v is None else f'{v:.1f}'}" for k, v in zip(restored["classes"], restored["l1"], strict=True))
+        click.echo(f"restored (compact) trigger, mask L1 per class {sizes}"
+                   + ("" if true is None or true.get("restored_mask_mass_on_patch") is None else
+                      f"; the target's: {pct(true['restored_mask_mass_on_patch'])} on the true patch, "
+                      f"{pct(true['restored_mask_mass_near_patch'])} on it or within 2 pixels"))  # fmt: skip
     s = result["strip"]
     if s is not None:
         far = "" if s["far"] is None else f", accepts {pct(s['far'])} of {s['n_triggered']} triggered inputs"

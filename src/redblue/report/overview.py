@@ -263,6 +263,16 @@ def stage_facts(result: dict[str, Any]) -> dict[str, Any]:
                           f"target {true.get('target')} {'flagged' if true.get('target_flagged') else 'NOT flagged'}; "
                           f"{pct(true.get('mask_mass_on_patch'))} of its reversed mask on the true patch, "
                           f"{pct(true.get('mask_mass_near_patch'))} on it or within 2 pixels"))  # fmt: skip
+        restored = result.get("restored") or {}
+        if restored:
+            sizes = ", ".join(f"{k}: {'none' if v is None else f'{v:.1f}'}"
+                              for k, v in zip(restored.get("classes") or [], restored.get("l1") or [], strict=False))  # fmt: skip
+            where = ("" if true.get("restored_mask_mass_on_patch") is None else
+                     f"; the target's: {pct(true.get('restored_mask_mass_on_patch'))} on the true patch, "
+                     f"{pct(true.get('restored_mask_mass_near_patch'))} on it or within 2 pixels")  # fmt: skip
+            facts.append(("Restored triggers (compact, the ones a repair stamps)",
+                          f"mask L1 per class {sizes} (total-variation weight {restored.get('smoothness')}, "
+                          f"{restored.get('restarts')} starts per class){where}"))  # fmt: skip
         strip = result.get("strip") or {}
         if strip:
             far = strip.get("far")

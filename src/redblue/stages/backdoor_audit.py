@@ -60,24 +60,44 @@ NEAR_PATCH = 2
 """Pixels around the true patch that ``mask_mass_near_patch`` also counts."""
 
 
-def _true_trigger(poison_cfg: PoisonConfig | None, masks: torch.Tensor, flagged: list[int]) -> dict[str, Any] | None:
-    """For a redblue poisoned model: its target, patch box, and the share of the target's
-    reversed mask that lies on the true patch, and on it or within ``NEAR_PATCH`` pixels of it
-    (a convolutional model's patch detector also fires on a blob shifted by a pixel or two)."""
-    if poison_cfg is None:
-        return None
-    _, height, width = masks.shape
-    row, col, size = poison_cfg.trigger().box(height, width)
-    mask = masks[poison_cfg.target].double()  # float32 sums in another order can put a share over 1
+def _patch_shares(mask: torch.Tensor, box: tuple[int, int, int]) -> tuple[float, float]:
+    """The share of ``mask`` (H, W) on the patch ``box`` (row, col, size), and on it or within
+    ``NEAR_PATCH`` pixels of it."""
+    row, col, size = box
+    mask = mask.double()  # float32 sums in another order can put a share over 1
     total = float(mask.sum())
+    if total <= 0:
+        return 0.0, 0.0
     on_patch = float(mask[row : row + size, col : col + size].sum())
     top, left = max(row - NEAR_PATCH, 0), max(col - NEAR_PATCH, 0)
     near = float(mask[top : row + size + NEAR_PATCH, left : col + size + NEAR_PATCH].sum())
+    return min(on_patch / total, 1.0), min(near / total, 1.0)
+
+
+def _true_trigger(poison_cfg: PoisonConfig | None, masks: torch.Tensor, flagged: list[int],
+                  restored: torch.Tensor | None = None) -> dict[str, Any] | None:  # fmt: skip
+    """For a redblue poisoned model: its target, patch box, and the share of the target's
+    reversed mask that lies on the true patch, and on it or within ``NEAR_PATCH`` pixels of it
+    (a convolutional model's patch detector also fires on a blob shifted by a pixel or two;
+    ``benchmarks/explore_trigger_shift.py`` measures how far). The same shares of the target's
+    restored mask (``restored``, the restored masks of every class, zero where none) when it
+    has one, else None."""
+    if poison_cfg is None:
+        return None
+    _, height, width = masks.shape
+    box = poison_cfg.trigger().box(height, width)
+    on_patch, near = _patch_shares(masks[poison_cfg.target], box)
+    restored_on: float | None = None
+    restored_near: float | None = None
+    if restored is not None and float(restored[poison_cfg.target].sum()) > 0:
+        restored_on, restored_near = _patch_shares(restored[poison_cfg.target], box)
     return {
         "target": poison_cfg.target,
-        "box": [row, col, size],
-        "mask_mass_on_patch": min(on_patch / total, 1.0) if total > 0 else 0.0,
-        "mask_mass_near_patch": min(near / total, 1.0) if total > 0 else 0.0,
+        "box": list(box),
+        "mask_mass_on_patch": on_patch,
+        "mask_mass_near_patch": near,
+        "restored_mask_mass_on_patch": restored_on,
+        "restored_mask_mass_near_patch": restored_near,
         "target_flagged": poison_cfg.target in flagged,
         "only_target_flagged": flagged == [poison_cfg.target],
     }
@@ -114,6 +134,28 @@ def verdict_text(classes: list[dict[str, Any]], max_index: float | None, size_ra
     much = " much" if all("size-ratio" in c["flagged_by"] for c in flagged) else ""
     return (f"backdoor suspected: {', '.join(parts)} can be reached with a{much} smaller trigger than the others; "
             f"{saved}{notes}")  # fmt: skip
+
+
+def _restore(net: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: BackdoorAuditConfig, classes: list[int],
+             progress: bool) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:  # fmt: skip
+    """The compact triggers of ``classes``: Neural Cleanse again on those classes only, with the
+    masks' total variation in the regulariser and ``cfg.restore_restarts`` starts per class.
+    Masks and patterns of every class (zero where not restored) and, per restored class, its
+    mask norm and checked success rate."""
+    result = neural_cleanse(
+        net, x, y, epochs=cfg.epochs, steps_per_epoch=cfg.steps_per_epoch, batch_size=cfg.batch_size, lr=cfg.lr,
+        init_cost=cfg.init_cost, target_asr=cfg.target_asr, patience=cfg.cost_patience, early_stop=cfg.early_stop,
+        seed=cfg.seed, smoothness=cfg.restore_smoothness, restarts=cfg.restore_restarts, reverse=classes,
+        progress=progress,
+    )  # fmt: skip
+    found = [k for k in classes if math.isfinite(result.l1[k])]
+    masks, patterns = torch.zeros_like(result.masks), torch.zeros_like(result.patterns)
+    masks[found], patterns[found] = result.masks[found], result.patterns[found]
+    meta = {"classes": classes, "smoothness": cfg.restore_smoothness, "restarts": cfg.restore_restarts,
+            "l1": [result.l1[k] if k in found else None for k in classes],
+            "attack_success_rate": [result.attack_success_rate[k] for k in classes],
+            "epochs": result.epochs, "seconds": result.seconds}  # fmt: skip
+    return {"masks": masks, "patterns": patterns}, meta
 
 
 def _poison(loaded: LoadedModel) -> PoisonConfig | None:
@@ -178,8 +220,11 @@ def _repair(
     patterns: torch.Tensor,
     poison: PoisonConfig | None,
     progress: bool,
+    restored_classes: list[int] | None = None,
 ) -> list[dict[str, Any]]:
-    """Every repair of ``cfg.repair`` (all computed before any is saved), saved, and measured."""
+    """Every repair of ``cfg.repair`` (all computed before any is saved), saved, and measured;
+    unlearning stamps ``masks`` and ``patterns`` (of the classes ``restored_classes``: their
+    restored triggers)."""
     x, y, x_val, y_val = repair_split(data, cfg)
     train_cfg = TrainConfig(epochs=cfg.repair_epochs, lr=cfg.repair_lr, seed=cfg.seed, device=cfg.device)
     net = loaded.model
@@ -198,7 +243,8 @@ def _repair(
         pick = torch.tensor(classes)
         result = unlearn(net, x, y, masks[pick], patterns[pick], train_cfg, x_val=x_val, y_val=y_val,
                          share=cfg.unlearn_share, progress=progress)  # fmt: skip
-        result.details.update(classes=classes, classes_without_trigger=[k for k in asked if k not in classes])
+        result.details.update(classes=classes, classes_without_trigger=[k for k in asked if k not in classes],
+                              restored_triggers=[k for k in classes if k in (restored_classes or [])])  # fmt: skip
         done.append((method, result))
     rows: list[dict[str, Any]] = []
     for method, outcome in done:
@@ -300,7 +346,6 @@ def audit_backdoor_stage(
     meta = entry.metadata
     masks, patterns = entry.tensors["masks"], entry.tensors["patterns"]
     triggers_file = f"{name}_triggers.safetensors"
-    triggers_sha256 = write_tensors(out / "metrics" / triggers_file, {"masks": masks, "patterns": patterns}, TRIGGERS_FORMAT)
     names = loaded.record.get("class_names") or (list(data.class_names) if data.class_names else None)
     # the verdict is computed here from the cached norms, so a change of --size-ratio needs no new optimisation
     l1 = torch.tensor([math.inf if v is None else float(v) for v in meta["l1"]], dtype=torch.float64)
@@ -315,6 +360,15 @@ def audit_backdoor_stage(
         for k in range(len(meta["l1"]))
     ]  # fmt: skip
     max_index = verdict.max_index
+    restored = None
+    restore_for = sorted({*flagged, *cfg.unlearn_classes}) if cfg.restore_smoothness > 0 else []
+    if restore_for:
+        restore_inputs = {**nc_inputs, "restore": {"classes": restore_for, "smoothness": cfg.restore_smoothness,
+                                                   "restarts": cfg.restore_restarts}}  # fmt: skip
+        entry_r, _ = cache.get_or_compute("neural_cleanse_restore", restore_inputs,
+                                          lambda: _restore(net, x, y, cfg, restore_for, progress))  # fmt: skip
+        restored = entry_r.metadata
+        masks_r, patterns_r = entry_r.tensors["masks"], entry_r.tensors["patterns"]
     strip_result = None
     if cfg.strip:
         strip_inputs = {"settings": {k: settings[k] for k in ("n_images", "strip_copies", "strip_frr", "seed")},
@@ -323,11 +377,22 @@ def audit_backdoor_stage(
         overlays = to_float(data.x_train[:STRIP_OVERLAYS].to(device)) if data.x_train.shape[0] else x
         strip_result = cache.get_or_compute(
             "strip", strip_inputs, lambda: ({}, _strip(net, x, y, overlays, poison, cfg, progress)))[0].metadata
+    saved = {"masks": masks, "patterns": patterns}
+    if restored is not None:
+        saved.update(restored_masks=masks_r, restored_patterns=patterns_r)
+    triggers_sha256 = write_tensors(out / "metrics" / triggers_file, saved, TRIGGERS_FORMAT)
     before, repairs = None, []
     if cfg.repair:
         test = data.to(device)
         before = _measure(net, test, poison)
-        repairs = _repair(out, name, loaded, test, cfg, flagged, masks.to(device), patterns.to(device), poison, progress)
+        stamp_masks, stamp_patterns, restored_classes = masks, patterns, []
+        if restored is not None:  # a class's restored trigger where it has one, else the one judged
+            have = masks_r.flatten(1).sum(1) > 0
+            stamp_masks = torch.where(have[:, None, None], masks_r, masks)
+            stamp_patterns = torch.where(have[:, None, None, None], patterns_r, patterns)
+            restored_classes = torch.nonzero(have).flatten().tolist()
+        repairs = _repair(out, name, loaded, test, cfg, flagged, stamp_masks.to(device), stamp_patterns.to(device),
+                          poison, progress, restored_classes)  # fmt: skip
     result = BackdoorAuditResult(
         stage="backdoor_audit",
         name=name,
@@ -342,7 +407,8 @@ def audit_backdoor_stage(
         size_ratio=cfg.size_ratio,
         max_anomaly_index=max_index,
         verdict=verdict_text(classes, max_index, cfg.size_ratio),
-        true_trigger=_true_trigger(poison, masks, flagged),
+        true_trigger=_true_trigger(poison, masks, flagged, masks_r if restored is not None else None),
+        restored=restored,
         triggers_file=triggers_file,
         triggers_sha256=triggers_sha256,
         strip=strip_result,
