@@ -7,7 +7,8 @@
   bottom right -> 7, 10%; trained here for ``--epochs`` epochs unless ``--model`` names one)
   and, with ``--clean``, on a clean model: time, epochs run, mask norms, anomaly indices, the
   MAD test's ceiling, size ratios, flagged classes, and the share of the target's mask on the
-  true patch.
+  true patch; then, as ``audit-backdoor`` does, the flagged classes' triggers restored with
+  the total-variation term (its time, and the share of the restored mask on the patch).
 * ART's ``NeuralCleanse`` (``art.defences.transformer.poisoning``) is tried on the same
   PyTorch model through ``PyTorchClassifier``; it builds a ``KerasNeuralCleanse``, which needs
   TensorFlow and Keras, so on this PyTorch-only machine it cannot run: the error is recorded.
@@ -60,6 +61,18 @@ def cleanse(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: Backd
         mask = result.masks[poison.target]
         row["target"] = poison.target
         row["target_mask_on_patch"] = float(mask[top : top + size, left : left + size].sum() / mask.sum())
+    if result.flagged and cfg.restore_smoothness > 0:  # what audit-backdoor does next: restore the flagged triggers
+        restored, restore_seconds = timed(
+            neural_cleanse, model, x, y, epochs=cfg.epochs, steps_per_epoch=cfg.steps_per_epoch,
+            batch_size=cfg.batch_size, lr=cfg.lr, init_cost=cfg.init_cost, target_asr=cfg.target_asr,
+            patience=cfg.cost_patience, early_stop=cfg.early_stop, seed=cfg.seed, smoothness=cfg.restore_smoothness,
+            restarts=cfg.restore_restarts, reverse=result.flagged,
+        )  # fmt: skip
+        row["restore"] = {"classes": result.flagged, "seconds": restore_seconds, "epochs_run": restored.epochs,
+                          "l1": [round(restored.l1[k], 2) for k in result.flagged]}  # fmt: skip
+        if poison is not None and poison.target in result.flagged:
+            mask = restored.masks[poison.target]
+            row["restore"]["target_mask_on_patch"] = float(mask[top : top + size, left : left + size].sum() / mask.sum())
     return row
 
 
@@ -104,7 +117,8 @@ def main() -> None:
     write("neural_cleanse", {
         "settings": {"n_images": cfg.n_images, "epochs": cfg.epochs, "steps_per_epoch": cfg.steps_per_epoch,
                      "batch_size": cfg.batch_size, "cost_patience": cfg.cost_patience, "early_stop": cfg.early_stop,
-                     "size_ratio": cfg.size_ratio},
+                     "size_ratio": cfg.size_ratio, "restore_smoothness": cfg.restore_smoothness,
+                     "restore_restarts": cfg.restore_restarts},
         "redblue": rows,
         "art": art_neural_cleanse(model),
         "peak_rss_mib": peak_rss_mib(),
