@@ -258,6 +258,7 @@ def test_audit_backdoor_cli_flags_and_repairs_a_users_model(digits_backdoor: dic
     restored = result["restored"]
     assert restored["classes"] == [7] and restored["smoothness"] == 1.0 and restored["restarts"] == 2
     assert methods["unlearn"]["details"]["restored_triggers"] == [7]
+    assert methods["unlearn"]["details"]["stamped_l1"] == [pytest.approx(restored["l1"][0], rel=1e-5)]
     triggers = load_file(out / "metrics" / result["triggers_file"])
     assert set(triggers) == {"masks", "patterns", "restored_masks", "restored_patterns"}
     assert float(triggers["restored_masks"][7].sum()) == pytest.approx(restored["l1"][0], rel=1e-5)
@@ -282,6 +283,7 @@ def test_audit_backdoor_cli_flags_and_repairs_a_users_model(digits_backdoor: dic
     html = (out / "report.html").read_text(encoding="utf-8")
     assert "Neural Cleanse" in html and "backdoor suspected" in html
     assert "Removal by unlearning" in html and "Removal by fine-pruning" in html and "STRIP" in html
+    assert "Restored triggers (compact, the ones a repair stamps)" in html and "mask L1 per class 7:" in html
     verified = run_cli("verify", str(out))
     assert verified.returncode == 0, verified.stdout + verified.stderr
     # the paper's rule alone (--size-ratio 0): the same optimisation, reused from the cache, a new verdict

@@ -323,7 +323,8 @@ def audit_backdoor(model_path: str, out: str, config_file: str | None, name: str
     classes' norms are spread widely, as on MNIST). Needs only
     the model (any --model source) and clean labelled test images. Writes
     metrics/NAME_metrics.json (per class: mask L1 norm, anomaly index, flagged; the verdict),
-    metrics/NAME_triggers.safetensors (the reversed masks and patterns, hashed) and
+    metrics/NAME_triggers.safetensors (the reversed masks and patterns, and the restored ones
+    of the flagged classes, hashed) and
     images/NAME_anomaly.png, images/NAME_triggers.png.
 
     The flagged classes' triggers are then restored as compact blobs (the masks' total

@@ -31,8 +31,8 @@ to 0.2%. With the TV term for *every* class the clean classes' norms bunch up an
 flagged clean models' easiest classes more often (docs/backdoor.md), so the norms compared
 stay the paper's.
 
-All classes are optimised at once, as one batch of ``classes x batch_size`` stamped images
-per step on the model's device, with the paper's adaptive cost: raised by 1.5 after
+All classes are optimised at once (each from ``restarts`` starts), as one batch of
+``classes x restarts x batch_size`` stamped images per step on the model's device, with the paper's adaptive cost: raised by 1.5 after
 ``patience`` epochs whose attack success rate reaches ``target_asr``, lowered by 1.5**1.5
 after ``patience`` epochs that miss it. The mask and pattern at the end of an epoch whose
 attack success rate reached ``target_asr`` are a candidate; the trigger kept for a class is its
@@ -54,6 +54,7 @@ Example:
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -216,6 +217,19 @@ def total_variation(masks: torch.Tensor) -> torch.Tensor:
     return down + across
 
 
+def regulariser(masks: torch.Tensor, smoothness: float) -> torch.Tensor:
+    """What the adaptive cost multiplies, one value per mask (K, H, W): ``|m|_1``, plus
+    ``smoothness * TV(m)`` when ``smoothness`` > 0.
+
+    Example:
+        >>> m = torch.zeros(2, 3, 3); m[0, 1, 1] = 1; m[1] = 0.5
+        >>> regulariser(m, 0.0).tolist(), regulariser(m, 1.0).tolist()
+        ([1.0, 4.5], [5.0, 4.5])
+    """
+    l1 = masks.flatten(1).sum(1)
+    return l1 + smoothness * total_variation(masks) if smoothness else l1
+
+
 def stamp(x: torch.Tensor, mask: torch.Tensor, pattern: torch.Tensor) -> torch.Tensor:
     """``(1 - mask) * x + mask * pattern``: images (N, C, H, W), mask (H, W), pattern (C, H, W)."""
     return (1 - mask) * x + mask * pattern
@@ -244,7 +258,7 @@ class _Triggers:
     check costs a forward pass over them, so it runs every ``SETTLE_EVERY`` epochs, before the
     run stops and at the end, from the smallest candidate up: of the candidates offered, the
     same one is kept as if each were checked as it came, for a fraction of the passes (a class
-    holds at most ``SETTLE_EVERY`` candidates at a time).
+    holds at most ``SETTLE_EVERY`` candidates per start at a time).
     """
 
     SETTLE_EVERY = 3
@@ -321,7 +335,8 @@ def neural_cleanse(
         restarts: independent starts per class, optimised side by side in the same batches;
             a class keeps its smallest checked trigger over all of them.
         reverse: the classes whose triggers are reverse-engineered (default all); the others
-            get none (norm inf). Used to restore the triggers of flagged classes.
+            get none (norm inf), and the result flags nothing (anomaly indices 0): the norms
+            of some classes judge nothing. Used to restore the triggers of flagged classes.
 
     Returns:
         A :class:`CleanseResult`.
@@ -385,9 +400,7 @@ def neural_cleanse(
                     stamped = (1 - mask[:, None]) * batch + mask[:, None] * pattern[:, None]
                     logits = model(channels_last(stamped.reshape(rows * batch_size, c, h, w)))
                     ce = F.cross_entropy(logits, targets, reduction="none").view(rows, batch_size).mean(1)
-                    l1 = mask.flatten(1).sum(1)
-                    reg = l1 + smoothness * total_variation(mask) if smoothness else l1
-                    loss = (ce + cost * reg).sum()
+                    loss = (ce + cost * regulariser(mask[:, 0], smoothness)).sum()
                     optimizer.zero_grad(set_to_none=True)
                     loss.backward()
                     optimizer.step()
@@ -423,7 +436,8 @@ def neural_cleanse(
         for p, r in zip(model.parameters(), requires, strict=True):
             p.requires_grad_(r)
     l1_cpu = best.l1.clone()
-    verdict = assess(l1_cpu, size_ratio=size_ratio)
+    # the norms of some classes judge nothing: with reverse, no class is flagged and no index given
+    verdict = assess(l1_cpu if reverse is None else torch.full_like(l1_cpu, math.inf), size_ratio=size_ratio)
     return CleanseResult(
         masks=best.mask.detach().cpu(), patterns=best.pattern.detach().cpu(),
         l1=[float(v) for v in l1_cpu], attack_success_rate=[float(v) for v in best.asr],

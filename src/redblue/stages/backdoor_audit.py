@@ -6,9 +6,14 @@ Needs only the model (any ``--model`` source) and clean labelled images:
   (per class: the reversed mask's L1 norm, its anomaly index, the trigger's success rate,
   flagged or not; the verdict) and ``metrics/<name>_triggers.safetensors`` (the reversed masks
   and patterns, hashed), which the report's trigger grid and anomaly chart are rendered from.
+- **Restoration** of the flagged classes' (and ``unlearn_classes``') triggers as compact blobs
+  (the masks' total variation beside their L1 norm, two starts per class): ``restored_masks``
+  and ``restored_patterns`` in the same file, ``restored`` in the JSON. The judging does not
+  use them.
 - **STRIP** (unless turned off): its run-time threshold set on the same clean images, and its
   false-acceptance rate on triggered images when the trigger is known.
-- **Repair** (``repair``): unlearning with the reversed triggers and/or fine-pruning, each
+- **Repair** (``repair``): unlearning with the restored triggers (the judged ones where none
+  was restored) and/or fine-pruning, each
   fine-tuned on clean training images held out from the audit and saved as
   ``models/<name>_unlearn`` / ``models/<name>_fine_prune``; clean accuracy (all test images)
   before and after, and ASR / RA when the true trigger is known.
@@ -244,7 +249,8 @@ def _repair(
         result = unlearn(net, x, y, masks[pick], patterns[pick], train_cfg, x_val=x_val, y_val=y_val,
                          share=cfg.unlearn_share, progress=progress)  # fmt: skip
         result.details.update(classes=classes, classes_without_trigger=[k for k in asked if k not in classes],
-                              restored_triggers=[k for k in classes if k in (restored_classes or [])])  # fmt: skip
+                              restored_triggers=[k for k in classes if k in (restored_classes or [])],
+                              stamped_l1=[float(masks[k].sum()) for k in classes])  # fmt: skip
         done.append((method, result))
     rows: list[dict[str, Any]] = []
     for method, outcome in done:
