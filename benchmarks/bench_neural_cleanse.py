@@ -31,20 +31,17 @@ from benchmarks.common import data_dir, peak_rss_mib, timed, write
 from redblue.artifacts import load_model
 from redblue.config import BackdoorAuditConfig, PoisonConfig, TrainConfig
 from redblue.data import load_dataset, to_float
-from redblue.defenses.neural_cleanse import assess, neural_cleanse
+from redblue.defenses.neural_cleanse import assess
 from redblue.models import build_model
+from redblue.stages.backdoor_audit import cleanse, patch_shares, restore_options
 from redblue.stages.poison import build_poisoned, poison_config_from_record
 from redblue.train import fit
 from redblue.utils import seed_everything
 
 
-def cleanse(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: BackdoorAuditConfig,
+def measure(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: BackdoorAuditConfig,
             poison: PoisonConfig | None) -> dict[str, Any]:  # fmt: skip
-    result, seconds = timed(
-        neural_cleanse, model, x, y, epochs=cfg.epochs, steps_per_epoch=cfg.steps_per_epoch,
-        batch_size=cfg.batch_size, lr=cfg.lr, init_cost=cfg.init_cost, target_asr=cfg.target_asr,
-        patience=cfg.cost_patience, early_stop=cfg.early_stop, size_ratio=cfg.size_ratio, seed=cfg.seed,
-    )  # fmt: skip
+    result, seconds = timed(cleanse, model, x, y, cfg, size_ratio=cfg.size_ratio)
     verdict = assess(torch.tensor(result.l1, dtype=torch.float64), size_ratio=cfg.size_ratio)
     row: dict[str, Any] = {
         "seconds": seconds,
@@ -56,23 +53,15 @@ def cleanse(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: Backd
         "flagged": result.flagged,
     }
     if poison is not None:
-        _, height, width = result.masks.shape
-        top, left, size = poison.trigger().box(height, width)
-        mask = result.masks[poison.target]
+        box = poison.trigger().box(*result.masks.shape[1:])
         row["target"] = poison.target
-        row["target_mask_on_patch"] = float(mask[top : top + size, left : left + size].sum() / mask.sum())
+        row["target_mask_on_patch"] = patch_shares(result.masks[poison.target], box)[0]
     if result.flagged and cfg.restore_smoothness > 0:  # what audit-backdoor does next: restore the flagged triggers
-        restored, restore_seconds = timed(
-            neural_cleanse, model, x, y, epochs=cfg.epochs, steps_per_epoch=cfg.steps_per_epoch,
-            batch_size=cfg.batch_size, lr=cfg.lr, init_cost=cfg.init_cost, target_asr=cfg.target_asr,
-            patience=cfg.cost_patience, early_stop=cfg.early_stop, seed=cfg.seed, smoothness=cfg.restore_smoothness,
-            restarts=cfg.restore_restarts, reverse=result.flagged,
-        )  # fmt: skip
+        restored, restore_seconds = timed(cleanse, model, x, y, cfg, **restore_options(cfg, result.flagged))
         row["restore"] = {"classes": result.flagged, "seconds": restore_seconds, "epochs_run": restored.epochs,
                           "l1": [round(restored.l1[k], 2) for k in result.flagged]}  # fmt: skip
         if poison is not None and poison.target in result.flagged:
-            mask = restored.masks[poison.target]
-            row["restore"]["target_mask_on_patch"] = float(mask[top : top + size, left : left + size].sum() / mask.sum())
+            row["restore"]["target_mask_on_patch"] = patch_shares(restored.masks[poison.target], box)[0]
     return row
 
 
@@ -111,9 +100,9 @@ def main() -> None:
         model = build_model("cnn")
         fit(model, poisoned, TrainConfig(epochs=args.epochs, device="cpu"), progress=False)
     model.eval()
-    rows = {"poisoned": cleanse(model, x, y, cfg, poison)}
+    rows = {"poisoned": measure(model, x, y, cfg, poison)}
     if args.clean is not None:
-        rows["clean"] = cleanse(load_model(args.clean).model.eval(), x, y, cfg, None)
+        rows["clean"] = measure(load_model(args.clean).model.eval(), x, y, cfg, None)
     write("neural_cleanse", {
         "settings": {"n_images": cfg.n_images, "epochs": cfg.epochs, "steps_per_epoch": cfg.steps_per_epoch,
                      "batch_size": cfg.batch_size, "cost_patience": cfg.cost_patience, "early_stop": cfg.early_stop,

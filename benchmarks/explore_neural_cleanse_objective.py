@@ -25,27 +25,22 @@ from benchmarks.common import data_dir, timed, write
 from redblue.artifacts import load_model
 from redblue.config import BackdoorAuditConfig
 from redblue.data import load_dataset, to_float
-from redblue.defenses.neural_cleanse import neural_cleanse
-from redblue.stages.backdoor_audit import _patch_shares
+from redblue.stages.backdoor_audit import cleanse, patch_shares
 from redblue.stages.poison import poison_config_from_record
 
 
 def explore(path: str, x: torch.Tensor, y: torch.Tensor, args: argparse.Namespace) -> dict[str, Any]:
     loaded = load_model(path)
     cfg = BackdoorAuditConfig()
-    result, seconds = timed(
-        neural_cleanse, loaded.model.eval(), x, y, epochs=cfg.epochs, steps_per_epoch=cfg.steps_per_epoch,
-        batch_size=args.batch_size, lr=cfg.lr, init_cost=cfg.init_cost, target_asr=cfg.target_asr,
-        patience=cfg.cost_patience, early_stop=cfg.early_stop, seed=args.seed, smoothness=args.smoothness,
-        restarts=args.restarts,
-    )  # fmt: skip
+    result, seconds = timed(cleanse, loaded.model.eval(), x, y, cfg, batch_size=args.batch_size, seed=args.seed,
+                            smoothness=args.smoothness, restarts=args.restarts)  # fmt: skip
     row: dict[str, Any] = {"model": path, "seconds": seconds, "epochs_run": result.epochs,
                            "l1": [round(v, 2) for v in result.l1],
                            "anomaly_index": [round(v, 3) for v in result.anomaly_index], "flagged": result.flagged}  # fmt: skip
     if isinstance(loaded.record.get("poison"), dict):
         poison = poison_config_from_record(loaded.record)
         box = poison.trigger().box(int(x.shape[-2]), int(x.shape[-1]))
-        on, near = _patch_shares(result.masks[poison.target], box)
+        on, near = patch_shares(result.masks[poison.target], box)
         row.update(target=poison.target, target_mask_on_patch=on, target_mask_near_patch=near)
     print(row)
     return row

@@ -65,7 +65,7 @@ NEAR_PATCH = 2
 """Pixels around the true patch that ``mask_mass_near_patch`` also counts."""
 
 
-def _patch_shares(mask: torch.Tensor, box: tuple[int, int, int]) -> tuple[float, float]:
+def patch_shares(mask: torch.Tensor, box: tuple[int, int, int]) -> tuple[float, float]:
     """The share of ``mask`` (H, W) on the patch ``box`` (row, col, size), and on it or within
     ``NEAR_PATCH`` pixels of it."""
     row, col, size = box
@@ -91,11 +91,11 @@ def _true_trigger(poison_cfg: PoisonConfig | None, masks: torch.Tensor, flagged:
         return None
     _, height, width = masks.shape
     box = poison_cfg.trigger().box(height, width)
-    on_patch, near = _patch_shares(masks[poison_cfg.target], box)
+    on_patch, near = patch_shares(masks[poison_cfg.target], box)
     restored_on: float | None = None
     restored_near: float | None = None
     if restored is not None and float(restored[poison_cfg.target].sum()) > 0:
-        restored_on, restored_near = _patch_shares(restored[poison_cfg.target], box)
+        restored_on, restored_near = patch_shares(restored[poison_cfg.target], box)
     return {
         "target": poison_cfg.target,
         "box": list(box),
@@ -141,26 +141,36 @@ def verdict_text(classes: list[dict[str, Any]], max_index: float | None, size_ra
             f"{saved}{notes}")  # fmt: skip
 
 
+def cleanse(net: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: BackdoorAuditConfig, *,
+            progress: bool = False, **options: Any) -> CleanseResult:  # fmt: skip
+    """:func:`neural_cleanse` with the audit's settings ``cfg`` (``options`` add to them or
+    override them, e.g. :func:`restore_options`). The stage and the benchmarks call this, so
+    the judging they run is the same."""
+    settings: dict[str, Any] = {
+        "epochs": cfg.epochs, "steps_per_epoch": cfg.steps_per_epoch, "batch_size": cfg.batch_size, "lr": cfg.lr,
+        "init_cost": cfg.init_cost, "target_asr": cfg.target_asr, "patience": cfg.cost_patience,
+        "early_stop": cfg.early_stop, "seed": cfg.seed,
+    }  # fmt: skip
+    return neural_cleanse(net, x, y, **{**settings, **options}, progress=progress)
+
+
+def restore_options(cfg: BackdoorAuditConfig, classes: list[int]) -> dict[str, Any]:
+    """The options of :func:`cleanse` that restore ``classes``' triggers as compact blobs: the
+    masks' total variation in the regulariser, ``cfg.restore_restarts`` starts per class."""
+    return {"smoothness": cfg.restore_smoothness, "restarts": cfg.restore_restarts, "reverse": classes}
+
+
 def _restore(net: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: BackdoorAuditConfig, classes: list[int],
              progress: bool) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:  # fmt: skip
-    """The compact triggers of ``classes``: Neural Cleanse again on those classes only, with the
-    masks' total variation in the regulariser and ``cfg.restore_restarts`` starts per class.
-    Masks and patterns of every class (zero where not restored) and, per restored class, its
-    mask norm and checked success rate."""
-    result = neural_cleanse(
-        net, x, y, epochs=cfg.epochs, steps_per_epoch=cfg.steps_per_epoch, batch_size=cfg.batch_size, lr=cfg.lr,
-        init_cost=cfg.init_cost, target_asr=cfg.target_asr, patience=cfg.cost_patience, early_stop=cfg.early_stop,
-        seed=cfg.seed, smoothness=cfg.restore_smoothness, restarts=cfg.restore_restarts, reverse=classes,
-        progress=progress,
-    )  # fmt: skip
-    found = [k for k in classes if math.isfinite(result.l1[k])]
-    masks, patterns = torch.zeros_like(result.masks), torch.zeros_like(result.patterns)
-    masks[found], patterns[found] = result.masks[found], result.patterns[found]
+    """The compact triggers of ``classes`` (:func:`restore_options`). Masks and patterns of
+    every class (zero where none was restored) and, per restored class, its mask norm (None
+    where none was found) and checked success rate."""
+    result = cleanse(net, x, y, cfg, progress=progress, **restore_options(cfg, classes))
     meta = {"classes": classes, "smoothness": cfg.restore_smoothness, "restarts": cfg.restore_restarts,
-            "l1": [result.l1[k] if k in found else None for k in classes],
+            "l1": [result.l1[k] if math.isfinite(result.l1[k]) else None for k in classes],
             "attack_success_rate": [result.attack_success_rate[k] for k in classes],
             "epochs": result.epochs, "seconds": result.seconds}  # fmt: skip
-    return {"masks": masks, "patterns": patterns}, meta
+    return {"masks": result.masks, "patterns": result.patterns}, meta
 
 
 def _poison(loaded: LoadedModel) -> PoisonConfig | None:
@@ -337,11 +347,7 @@ def audit_backdoor_stage(
     poison = _poison(loaded)
 
     def compute() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-        result: CleanseResult = neural_cleanse(
-            net, x, y, epochs=cfg.epochs, steps_per_epoch=cfg.steps_per_epoch, batch_size=cfg.batch_size, lr=cfg.lr,
-            init_cost=cfg.init_cost, target_asr=cfg.target_asr, patience=cfg.cost_patience, early_stop=cfg.early_stop,
-            seed=cfg.seed, progress=progress,
-        )  # fmt: skip
+        result = cleanse(net, x, y, cfg, progress=progress)
         meta = {"l1": [v if math.isfinite(v) else None for v in result.l1], "asr": result.attack_success_rate,
                 "epochs": result.epochs, "seconds": result.seconds, "params": result.params}  # fmt: skip
         return {"masks": result.masks, "patterns": result.patterns}, meta
