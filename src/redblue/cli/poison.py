@@ -22,6 +22,7 @@ from redblue.cli.common import (
     model_options,
     output_options,
     pop_model_options,
+    render_stage_plots,
     save_effective_config,
     split_list,
     train_options,
@@ -39,7 +40,7 @@ from redblue.config import (
 from redblue.errors import ConfigError
 from redblue.model_sources import ModelOptions, is_record, parse_ints
 from redblue.poison.trigger import PATTERNS
-from redblue.report.stage_plots import render_stage_plots
+from redblue.report.summary import restored_text, true_trigger_text
 from redblue.stages import (
     audit_backdoor_stage,
     defend_backdoor_stage,
@@ -361,17 +362,9 @@ def audit_backdoor(model_path: str, out: str, config_file: str | None, name: str
     click.echo(f"{result['name']}: {result['verdict']} ({result['seconds']:.1f} s)")
     true = result["true_trigger"]
     if true is not None:
-        click.echo(f"true trigger (from the record): target {true['target']} "
-                   f"{'flagged' if true['target_flagged'] else 'not flagged'}, "
-                   f"{pct(true['mask_mass_on_patch'])} of its reversed mask on the true patch, "
-                   f"{pct(true['mask_mass_near_patch'])} on it or within 2 pixels")  # fmt: skip
-    restored = result.get("restored")
-    if restored is not None:
-        sizes = ", ".join(f"{k}: {'none' if v is None else f'{v:.1f}'}" for k, v in zip(restored["classes"], restored["l1"], strict=True))
-        click.echo(f"restored (compact) trigger, mask L1 per class {sizes}"
-                   + ("" if true is None or true.get("restored_mask_mass_on_patch") is None else
-                      f"; the target's: {pct(true['restored_mask_mass_on_patch'])} on the true patch, "
-                      f"{pct(true['restored_mask_mass_near_patch'])} on it or within 2 pixels"))  # fmt: skip
+        click.echo(f"true trigger (from the record): {true_trigger_text(true)}")
+    if result.get("restored") is not None:
+        click.echo(f"restored (compact) trigger, {restored_text(result['restored'], true)}")
     s = result["strip"]
     if s is not None:
         far = "" if s["far"] is None else f", accepts {pct(s['far'])} of {s['n_triggered']} triggered inputs"

@@ -13,7 +13,17 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from redblue.report.summary import ASR_REMOVED, BACKDOOR_TOOK, attack_label, count, dig, first, model_label
+from redblue.report.summary import (
+    ASR_REMOVED,
+    BACKDOOR_TOOK,
+    attack_label,
+    count,
+    dig,
+    first,
+    model_label,
+    restored_text,
+    true_trigger_text,
+)
 from redblue.utils import pct
 
 NORM_LABELS = {"linf": "L∞", "l2": "L2"}
@@ -259,20 +269,10 @@ def stage_facts(result: dict[str, Any]) -> dict[str, Any]:
             ("Time", _seconds(result.get("seconds"))),
         ]  # fmt: skip
         if true:
-            facts.append(("True trigger (from the poisoned model's record)",
-                          f"target {true.get('target')} {'flagged' if true.get('target_flagged') else 'NOT flagged'}; "
-                          f"{pct(true.get('mask_mass_on_patch'))} of its reversed mask on the true patch, "
-                          f"{pct(true.get('mask_mass_near_patch'))} on it or within 2 pixels"))  # fmt: skip
+            facts.append(("True trigger (from the poisoned model's record)", true_trigger_text(true)))
         restored = result.get("restored") or {}
         if restored:
-            sizes = ", ".join(f"{k}: {'none' if v is None else f'{v:.1f}'}"
-                              for k, v in zip(restored.get("classes") or [], restored.get("l1") or [], strict=False))  # fmt: skip
-            where = ("" if true.get("restored_mask_mass_on_patch") is None else
-                     f"; the target's: {pct(true.get('restored_mask_mass_on_patch'))} on the true patch, "
-                     f"{pct(true.get('restored_mask_mass_near_patch'))} on it or within 2 pixels")  # fmt: skip
-            facts.append(("Restored triggers (compact, the ones a repair stamps)",
-                          f"mask L1 per class {sizes} (total-variation weight {restored.get('smoothness')}, "
-                          f"{restored.get('restarts')} starts per class){where}"))  # fmt: skip
+            facts.append(("Restored triggers (compact, the ones a repair stamps)", restored_text(restored, true)))
         strip = result.get("strip") or {}
         if strip:
             far = strip.get("far")

@@ -214,6 +214,25 @@ def backdoor_outcome(result: dict[str, Any]) -> str:
     return "removed" if after <= ASR_REMOVED else "not removed"
 
 
+def true_trigger_text(true: dict[str, Any]) -> str:
+    """A poisoned model's true trigger against the reversed one, in words (CLI and report)."""
+    return (f"target {true.get('target')} {'flagged' if true.get('target_flagged') else 'NOT flagged'}; "
+            f"{pct(true.get('mask_mass_on_patch'))} of its reversed mask on the true patch, "
+            f"{pct(true.get('mask_mass_near_patch'))} on it or within 2 pixels")  # fmt: skip
+
+
+def restored_text(restored: dict[str, Any], true: dict[str, Any] | None) -> str:
+    """The restored (compact) triggers of a backdoor audit in words (CLI and report): each
+    class's mask norm and, for a poisoned model, where the target's lies."""
+    sizes = ", ".join(f"{k}: {'none' if v is None else f'{v:.1f}'}"
+                      for k, v in zip(restored.get("classes") or [], restored.get("l1") or [], strict=False))  # fmt: skip
+    where = ("" if not true or true.get("restored_mask_mass_on_patch") is None else
+             f"; the target's: {pct(true.get('restored_mask_mass_on_patch'))} on the true patch, "
+             f"{pct(true.get('restored_mask_mass_near_patch'))} on it or within 2 pixels")  # fmt: skip
+    return (f"mask L1 per class {sizes} (total-variation weight {restored.get('smoothness')}, "
+            f"{restored.get('restarts')} starts per class){where}")
+
+
 def _backdoor_row(result: dict[str, Any]) -> dict[str, Any]:
     method = result.get("method")
     det = result.get("detection") or {}
