@@ -99,7 +99,9 @@ def test_choice_options_list_their_choices(cli: Cli, tmp_path: Path) -> None:
 
 
 def test_run_gives_the_blue_team_the_red_team_eps_unless_defend_says_otherwise(cli: Cli, tmp_path: Path) -> None:
-    """``--eps`` / ``[run] eps`` set the blue team's eps too; ``[defend] eps`` or ``--defend-eps`` win."""
+    """``--eps`` / ``[run] eps`` set the blue team's eps too; ``[defend] eps`` or ``--defend-eps`` win.
+    The runs share one output folder: the baseline they train is the same, so the later runs
+    reuse it, and each writes its own ``run_config.json``."""
     fast = ("--stages", "baseline", "--dataset", "mnist-mini", "--epochs", "1", "--device", "cpu", "--quick")
     cases = [
         ((), "", (0.25, 200)),
@@ -111,8 +113,9 @@ def test_run_gives_the_blue_team_the_red_team_eps_unless_defend_says_otherwise(c
     for i, (args, text, (eps, n_examples)) in enumerate(cases):
         config = tmp_path / f"c{i}.toml"
         config.write_text(text, encoding="utf-8")
-        out = tmp_path / f"out{i}"
+        out = tmp_path / "out"
         proc = cli("run", *fast, *args, "--config", str(config), "--out", str(out))
         assert proc.returncode == 0, proc.stderr
+        assert ("reusing" in proc.stderr) == (i > 0), proc.stderr
         defend = json.loads((out / "metrics" / "run_config.json").read_text())["defend"]
         assert (defend["eps"], defend["n_examples"]) == (eps, min(n_examples, 200)), (args, text)

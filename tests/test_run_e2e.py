@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -133,8 +134,20 @@ def test_report_rerenders_from_json_alone(quick_run: tuple[Path, CompletedProces
 def test_interrupted_run_resumes_to_the_same_summary(
     quick_run: tuple[Path, CompletedProcess[str]], tmp_path: Path, cli: Cli
 ) -> None:
+    """A run killed with kill -9 in its poison stage, between the poisoned model and its
+    detectors, then run again: it reuses what was finished and ends with the same summary as
+    the uninterrupted run. The run starts from a copy of that run's folder without its poison
+    stage (the earlier stages are reused, as after any interruption), which keeps the test
+    to the stages it interrupts and resumes."""
     reference, _ = quick_run
     out = tmp_path / "out"
+    shutil.copytree(reference, out)
+    removed = [*(out / "models").glob("poisoned*"), *(out / "metrics").glob("backdoor_defense_*"),
+               *(out / "metrics" / name for name in ("poison_metrics.json", "metrics_summary.json", "run_config.json")),
+               out / "report.html", out / "report.md"]  # fmt: skip
+    for path in removed:
+        path.unlink()
+    shutil.rmtree(out / "cache" / "detection")
     env = {**os.environ}
     proc = subprocess.Popen(
         [sys.executable, "-m", "redblue", "run", "--quick", "--out", str(out), "--device", "cpu"],
@@ -142,7 +155,7 @@ def test_interrupted_run_resumes_to_the_same_summary(
     )
     try:
         deadline = time.monotonic() + 600
-        while not (out / "metrics" / "pgd_metrics.json").exists():
+        while not (out / "metrics" / "poison_metrics.json").exists():
             assert proc.poll() is None, "run ended before it could be interrupted"
             assert time.monotonic() < deadline
             time.sleep(0.2)
@@ -155,6 +168,7 @@ def test_interrupted_run_resumes_to_the_same_summary(
         if proc.poll() is None:
             proc.kill()
     assert not (out / "metrics" / "metrics_summary.json").exists()
+    assert not (out / "metrics" / "backdoor_defense_spectral_metrics.json").exists()  # killed before its detectors ended
     resumed = cli("run", "--quick", "--out", str(out), "--device", "cpu")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "reusing" in resumed.stderr
