@@ -47,7 +47,8 @@ def original_recipe(tmp_path_factory: pytest.TempPathFactory, mnist: Dataset) ->
     """The original project's adversarial training (``fgsm``, eps 0.25, half clean / half
     FGSM) for 2 epochs on full MNIST, evaluated by the defend stage on the first 500 test
     images: (output folder, result). Trained once per session; it looks robust to FGSM and is
-    not (``test_adversarial_training``)."""
+    not (``test_adversarial_training``), and the agreement with the reference AutoAttack is
+    checked on its model (``test_autoattack``)."""
     out = tmp_path_factory.mktemp("original_recipe")
     defend_cfg = DefendConfig(recipe="fgsm", eps=0.25, ratio=0.5, n_examples=500)
     return out, defend_stage(out, mnist, TrainConfig(epochs=2, device="cpu"), defend_cfg, progress=False)

@@ -26,6 +26,7 @@ from redblue.data import Dataset, to_float
 from redblue.errors import ConfigError
 from redblue.evaluation import evaluate_robustness
 from redblue.evaluation.robustness import per_class_accuracy
+from redblue.results import DefendResult
 
 Cli = Callable[..., CompletedProcess[str]]
 
@@ -210,3 +211,47 @@ def test_per_attack_settings_reach_only_their_attack(tiny_model_dir: Path, mini:
         evaluate_robustness(model, x, y, attacks="pgd", eps=0.1, checks=False, per_attack={"square": {"steps": 7}})
     with pytest.raises(ConfigError, match="unknown"):
         evaluate_robustness(model, x, y, attacks="square", eps=0.1, checks=False, per_attack={"square": {"queries": 7}})
+
+
+@pytest.mark.slow
+def test_autoattack_is_no_weaker_than_the_reference_assembled_from_torchattacks(
+    mnist: Dataset, original_recipe: tuple[Path, DefendResult]
+) -> None:
+    """The agreement the AutoAttack issue asks for, on a redblue defended model and full MNIST:
+    on the first 1,000 test images, redblue's AutoAttack robust accuracy (the cascade that
+    ``defend`` runs: APGD-CE, APGD-T, FAB-T, Square with 5,000 queries, the paper's settings)
+    is at most 0.5 pp above the reference's: torchattacks 3.5.1's attacks with the paper's
+    settings in a ``MultiAttack`` (``benchmarks/bench_autoattack.py``; not its ``AutoAttack``
+    class, which runs 10 APGD steps).
+
+    The reference attacks the images redblue left robust, and may break at most 5 of them
+    (0.5 pp of 1,000). That is the stricter form of the same bound: the reference's robust
+    images on all 1,000 include those of redblue's it cannot break, so its accuracy is at
+    least ours minus the share it breaks here. It also keeps the test to about two minutes:
+    on this model (the original recipe, FGSM-trained at eps 0.25) the reference spends most
+    of its time running APGD-CE's 100 steps on images redblue's APGD-CE stops on once fooled
+    (both sides 4.50% on these images in ``results/autoattack_original_recipe.json``; the
+    robust cnn-wide comparison, 84.10% against 84.20%, is the benchmark's)."""
+    from benchmarks.bench_autoattack import reference_autoattack  # the benchmark's reference, one definition
+
+    out, _ = original_recipe
+    model = load_model(out / "models" / "advtrain.json").model.eval()
+    x, y = to_float(mnist.x_test[:1000]), mnist.y_test[:1000]
+    ours = evaluate_robustness(model, x, y, attacks="autoattack", eps=0.25, batch_size=1000, checks=False,
+                               keep_adversarial=True)  # fmt: skip
+    assert [a.attack for a in ours.attacks] == ["apgd-ce", "apgd-t", "fab-t", "square"]
+    assert ours.attacks[-1].settings["steps"] == 5000 and ours.attacks[1].settings["n_targets"] == 9
+    x_ours = ours.adversarial
+    assert x_ours is not None
+    assert float((x_ours - x).abs().amax()) <= 0.25 + 1e-6 and 0.0 <= float(x_ours.min()) <= float(x_ours.max()) <= 1.0
+    with torch.no_grad():
+        clean = model(x).argmax(1) == y
+        robust = clean & (model(x_ours).argmax(1) == y)
+    assert int(robust.sum()) == round(ours.robust_accuracy * len(y))  # the figure is what its images give
+    kept = torch.nonzero(robust).flatten()
+    assert 0 < kept.numel() < int(clean.sum()) - 500  # a weak model with something left for the later attacks
+    x_ref = reference_autoattack(model, x[kept], y[kept], eps=0.25, batch_size=1000)
+    assert float((x_ref - x[kept]).abs().amax()) <= 0.25 + 1e-5 and 0.0 <= float(x_ref.min()) <= float(x_ref.max()) <= 1.0
+    with torch.no_grad():
+        broken = int((model(x_ref).argmax(1) != y[kept]).sum())
+    assert broken <= 5, f"the reference broke {broken} of the {kept.numel()} images redblue's AutoAttack left robust"
