@@ -17,11 +17,11 @@ from redblue.cli.common import (
     load_model_and_data,
     model_options,
     pop_model_options,
-    render_stage_plots,
     save_effective_config,
 )
 from redblue.config import AttackConfig, DataConfig, build, load_toml
 from redblue.errors import ConfigError
+from redblue.report.stage_plots import render_stage_plots
 from redblue.stages import attack_stage, load_data
 from redblue.utils import output_lock, resolve_device
 from redblue.validate import check_name

@@ -289,12 +289,3 @@ def gate_failures(fail_under: float | None, fail_on_warning: bool, robust_accura
 def check_gate(fail_under: float | None) -> None:
     if fail_under is not None and not (0.0 <= fail_under <= 100.0):
         raise ConfigError(f"--fail-under {fail_under:g}: must be in [0, 1] (a fraction) or (1, 100] (a percentage)")
-
-
-def render_stage_plots(out: Path, result: Any) -> list[Path]:
-    """The plots of a finished stage's ``result`` (:func:`redblue.report.stage_plots.render_stage_plots`).
-    Matplotlib is imported here, once a stage has something to draw, so that a command that
-    is refused at its input, ``--help`` and ``scan`` answer without loading it."""
-    from redblue.report.stage_plots import render_stage_plots as render
-
-    return render(out, result)

@@ -14,12 +14,12 @@ from redblue.cli.common import (
     optional_model_options,
     output_options,
     pop_model_options,
-    render_stage_plots,
     save_effective_config,
     train_options,
 )
 from redblue.config import RECIPES, DefendConfig, build
 from redblue.errors import ConfigError
+from redblue.report.stage_plots import render_stage_plots
 from redblue.stages import check_fine_tune, defend_stage, load_data
 from redblue.utils import output_lock, resolve_device
 from redblue.validate import check_name

@@ -22,7 +22,6 @@ from redblue.cli.common import (
     model_options,
     output_options,
     pop_model_options,
-    render_stage_plots,
     save_effective_config,
     split_list,
     train_options,
@@ -40,6 +39,7 @@ from redblue.config import (
 from redblue.errors import ConfigError
 from redblue.model_sources import ModelOptions, is_record, parse_ints
 from redblue.poison.trigger import PATTERNS
+from redblue.report.stage_plots import render_stage_plots
 from redblue.report.summary import restored_text, true_trigger_text
 from redblue.stages import (
     audit_backdoor_stage,

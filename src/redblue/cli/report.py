@@ -8,6 +8,9 @@ import click
 
 from redblue.cli.common import DEFAULT_OUT
 from redblue.errors import RedblueError
+from redblue.report.render import render_report, sweep_summaries, valid_sweep_summaries
+from redblue.report.stage_plots import render_all_plots
+from redblue.report.sweep_plots import render_sweep_plots
 from redblue.utils import output_lock
 
 
@@ -20,10 +23,6 @@ def report(out: str) -> None:
     Nothing is re-computed: plots and report are built from the JSON result files (and the
     example files they name) only.
     """
-    from redblue.report.render import render_report, sweep_summaries, valid_sweep_summaries
-    from redblue.report.stage_plots import render_all_plots  # matplotlib: imported when a report is drawn
-    from redblue.report.sweep_plots import render_sweep_plots
-
     folder = Path(out)
     if not (folder / "metrics").is_dir() and not sweep_summaries(folder):
         raise RedblueError(f"{folder / 'metrics'}: no metrics folder (run a stage first, e.g. 'redblue run --out {out}')")

@@ -20,6 +20,7 @@ from redblue.cli.common import (
 )
 from redblue.config import RECIPES, RUN_STAGES, BackdoorDefenseConfig, DefendConfig, PoisonConfig, RunConfig, build
 from redblue.errors import IntegrityError
+from redblue.pipeline import Workflow, run_workflow
 from redblue.report.summary import console_table
 from redblue.utils import read_json
 
@@ -107,8 +108,6 @@ def run(
     poison_cfg = build(PoisonConfig, file, {"rate": rate, "target": target, "size": size}, "poison")
     backdoor_cfg = build(BackdoorDefenseConfig, file, {}, "backdoor")
     out_dir = check_output_dir(out)
-    from redblue.pipeline import Workflow, run_workflow  # matplotlib: imported once the options are checked
-
     summary = run_workflow(
         Workflow(
             out=Path(out_dir),

@@ -7,7 +7,10 @@ from pathlib import Path
 import click
 
 from redblue.cli.common import DEFAULT_OUT, check_output_dir
+from redblue.report.render import render_report
+from redblue.report.sweep_plots import main_metric, render_sweep_plots, sorted_rows
 from redblue.stages import load_data
+from redblue.sweep import load_grid, run_sweep
 from redblue.utils import output_lock, pct
 
 
@@ -31,10 +34,6 @@ def sweep(grid_file: Path, out: str, ray_address: str | None) -> None:
     OUT/sweeps/NAME/sweep_summary.json, its plots, and the sweep section of OUT/report.html.
     Exit code 1 when a cell failed (the others still run), 2 for a bad grid file.
     """
-    from redblue.report.render import render_report  # matplotlib (and Ray): imported when a sweep runs
-    from redblue.report.sweep_plots import main_metric, render_sweep_plots, sorted_rows
-    from redblue.sweep import load_grid, run_sweep
-
     grid = load_grid(grid_file)  # every cell checked before anything is loaded or run
     out_dir = check_output_dir(out).absolute()  # cells may run in another folder (a Ray worker's)
     with output_lock(out_dir):

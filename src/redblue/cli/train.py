@@ -14,11 +14,11 @@ from redblue.cli.common import (
     model_options,
     output_options,
     pop_model_options,
-    render_stage_plots,
     save_effective_config,
     train_options,
 )
 from redblue.config import DataConfig, build, load_toml
+from redblue.report.stage_plots import render_stage_plots
 from redblue.stages import evaluate_stage, load_data, train_baseline
 from redblue.utils import output_lock, resolve_device
 from redblue.validate import check_name

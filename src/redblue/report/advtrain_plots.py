@@ -6,12 +6,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt
-
-from redblue.report.plots import legend_below, save_figure
+from redblue.report.plots import legend_below, pyplot, save_figure
 
 _CURVES = (
     ("test_accuracy", "clean (test)", "-"),
@@ -25,6 +20,7 @@ def robust_training_curves(
     history: Sequence[dict[str, Any]], title: str, path: Path, *, restored_epoch: int | None = None
 ) -> Path:
     """Loss, and clean / FGSM / PGD accuracy per epoch; marks the epoch the guard restored."""
+    plt = pyplot()
     epochs = [h["epoch"] for h in history]
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10.5, 3.8))
     ax_loss.plot(epochs, [h["loss"] for h in history], marker="o")
@@ -44,6 +40,7 @@ def robust_training_curves(
 
 def robustness_bars(accuracies: dict[str, float], title: str, path: Path) -> Path:
     """Bar chart of accuracy (%) per attack, e.g. clean, FGSM, PGD, standard, worst case."""
+    plt = pyplot()
     names = list(accuracies)
     values = [100 * accuracies[n] for n in names]
     fig, ax = plt.subplots(figsize=(1.2 * len(names) + 2.5, 3.6))
@@ -57,6 +54,7 @@ def robustness_bars(accuracies: dict[str, float], title: str, path: Path) -> Pat
 
 def eps_sweep(sweep: dict[str, Sequence[float]], title: str, path: Path) -> Path:
     """Accuracy (%) against eps, one line per attack (``sweep["eps"]`` is the x axis)."""
+    plt = pyplot()
     eps = list(sweep["eps"])
     fig, ax = plt.subplots(figsize=(5.5, 3.8))
     for name, values in sweep.items():

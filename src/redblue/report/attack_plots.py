@@ -11,14 +11,10 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import matplotlib
 import torch
 from safetensors.torch import load_file
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt
-
-from redblue.report.plots import legend_below, save_figure
+from redblue.report.plots import legend_below, pyplot, save_figure
 from redblue.utils import sha256_file
 from redblue.validate import FILE_NAME_PATTERN, is_safe_name
 
@@ -66,6 +62,7 @@ def adversarial_grid(
 ) -> Path:
     """Clean images (top row) over adversarial ones (bottom row), each with its prediction
     (red when wrong); grey or RGB by the images' channels."""
+    plt = pyplot()
     clean, adv, y = samples["clean"], samples[attack], samples["y"]
     clean_pred, adv_pred = samples["pred_clean"], samples[f"pred_{attack}"]
     n = int(clean.shape[0])
@@ -87,6 +84,7 @@ def adversarial_grid(
 def perturbation_heatmap(samples: Mapping[str, torch.Tensor], attack: str, eps: float, title: str, path: Path) -> Path:
     """The perturbation ``x_adv − x`` of each example (averaged over colour channels), blue
     (darker) to red (brighter), each labelled with its L∞ size; an unchanged image says why."""
+    plt = pyplot()
     full = samples[attack].float() - samples["clean"].float()
     delta = full.mean(1)  # one map per image; its label gives the L∞ size over all channels
     n = int(delta.shape[0])
@@ -115,6 +113,7 @@ def adversarial_by_class(
 ) -> Path:
     """One row per class: the worst-case adversarial examples of its first ``per_class`` test
     images, each titled with the model's prediction (red when the attack fooled it)."""
+    plt = pyplot()
     x, y, pred = tensors["adversarial.x"], tensors["adversarial.y"], tensors["adversarial.pred"]
     classes = sorted({int(c) for c in y.tolist()})
     fig, axes = plt.subplots(max(len(classes), 1), per_class, figsize=(1.15 * per_class + 0.9, 1.3 * max(len(classes), 1) + 0.7),
@@ -139,6 +138,7 @@ def adversarial_by_class(
 
 def accuracy_vs_eps(sweep: Mapping[str, Sequence[Mapping[str, float]]], norm: str, title: str, path: Path) -> Path:
     """Robust accuracy (%) against eps, one line per attack."""
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(5.5, 3.8))
     for attack, points in sweep.items():
         ax.plot([p["eps"] for p in points], [100 * p["robust_accuracy"] for p in points], marker="o", label=attack)

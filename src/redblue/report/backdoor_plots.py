@@ -5,14 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import matplotlib
 import numpy as np
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt
-
 from redblue.report.attack_plots import LABEL_PT
-from redblue.report.plots import legend_below, save_figure
+from redblue.report.plots import legend_below, pyplot, save_figure
 from redblue.utils import pct
 
 
@@ -28,6 +24,7 @@ def _show(ax: Any, image: Any, pixel_max: float) -> None:
 def clean_vs_triggered(result: dict[str, Any], path: Path) -> Path:
     """Top row: clean test images with the model's prediction; bottom row: the same images
     with the trigger, and the prediction (red when it is the target)."""
+    plt = pyplot()
     ex = result["examples"]
     target = result["metrics"]["target"]
     n = len(ex["clean"])
@@ -57,6 +54,7 @@ def clean_vs_triggered(result: dict[str, Any], path: Path) -> Path:
 
 def trigger_image(result: dict[str, Any], path: Path) -> Path:
     """The trigger alone, stamped on a black image."""
+    plt = pyplot()
     ex = result["examples"]
     trig = result["trigger"]
     fig, ax = plt.subplots(figsize=(3, 3))
@@ -72,6 +70,7 @@ def trigger_image(result: dict[str, Any], path: Path) -> Path:
 
 def triggered_predictions(result: dict[str, Any], path: Path) -> Path:
     """Bar chart: how many triggered non-target test images were predicted as each class."""
+    plt = pyplot()
     m = result["metrics"]
     counts = m["triggered_predicted_counts"]
     target = m["target"]
@@ -91,6 +90,7 @@ def triggered_predictions(result: dict[str, Any], path: Path) -> Path:
 
 def asr_vs_rate(sweep: dict[str, Any], path: Path) -> Path:
     """ASR, RA and clean accuracy against the poison rate (log axis; rate 0 drawn at the left edge)."""
+    plt = pyplot()
     points = sorted(sweep["points"], key=lambda p: p["rate"])
     positive = [p["rate"] for p in points if p["rate"] > 0]
     floor = min(positive) / 3 if positive else 1e-4
@@ -117,6 +117,7 @@ def asr_vs_rate(sweep: dict[str, Any], path: Path) -> Path:
 def defense_summary(result: dict[str, Any], path: Path) -> Path:
     """Clean accuracy / ASR / RA of the poisoned model and after removing the flagged examples and
     retraining, with the detector's precision and recall in the title."""
+    plt = pyplot()
     before = result["before"]
     after = result.get("after") or {}
     labels = {"clean_accuracy": "clean acc.", "asr": "ASR", "ra": "RA"}
@@ -147,6 +148,7 @@ def anomaly_chart(result: dict[str, Any], path: Path) -> Path:
     """Neural Cleanse: the L1 norm of each class's reversed mask (bars, red when flagged) against
     the size-ratio line, and its anomaly index against the threshold line and the MAD test's
     ceiling (the index of a trigger of size 0)."""
+    plt = pyplot()
     classes = result["classes"]
     labels = [str(c.get("name") or c["class"]) for c in classes]
     l1 = [c["l1"] if c["l1"] is not None else 0.0 for c in classes]
@@ -180,6 +182,7 @@ def anomaly_chart(result: dict[str, Any], path: Path) -> Path:
 
 def reversed_triggers(result: dict[str, Any], masks: Any, patterns: Any, path: Path) -> Path:
     """Each class's reversed trigger (mask x pattern) and its mask, titled with the L1 norm."""
+    plt = pyplot()
     classes = result["classes"]
     n = len(classes)
     fig, axes = plt.subplots(2, max(n, 1), figsize=(1.25 * max(n, 1) + 0.6, 3.3), squeeze=False)

@@ -5,19 +5,30 @@ from __future__ import annotations
 import io
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
-
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt
-from matplotlib.figure import Figure
+from typing import TYPE_CHECKING, Any
 
 from redblue.utils import atomic_write_bytes
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+
+def pyplot() -> Any:
+    """``matplotlib.pyplot`` on the non-interactive Agg backend, imported by the first plot
+    drawn rather than with this package: loading matplotlib takes about half a second, which
+    every command that draws nothing (``--help``, ``scan``, ``verify``, a refused input)
+    would otherwise pay."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
 
 
 def save_figure(fig: Figure, path: Path) -> Path:
     """Render ``fig`` to PNG and write it atomically."""
+    plt = pyplot()
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
     plt.close(fig)
@@ -35,6 +46,7 @@ def legend_below(ax: Any, *, fontsize: int = 8, offset: float = 0.16) -> None:
 
 def training_curves(history: Sequence[dict[str, Any]], title: str, path: Path) -> Path:
     """Loss and accuracy (train, test and any ``*_accuracy`` extras) per epoch."""
+    plt = pyplot()
     epochs = [h["epoch"] for h in history]
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 3.8))
     ax_loss.plot(epochs, [h["loss"] for h in history], marker="o")
@@ -52,6 +64,7 @@ def training_curves(history: Sequence[dict[str, Any]], title: str, path: Path) -
 
 def confusion_matrix(matrix: Sequence[Sequence[int]], title: str, path: Path) -> Path:
     """Confusion matrix heat-map with counts (rows: true class, columns: predicted)."""
+    plt = pyplot()
     n = len(matrix)
     fig, ax = plt.subplots(figsize=(5.2, 4.6))
     image = ax.imshow(matrix, cmap="Blues")
@@ -70,6 +83,7 @@ def confusion_matrix(matrix: Sequence[Sequence[int]], title: str, path: Path) ->
 def models_accuracy_vs_eps(curves: Sequence[dict[str, Any]], path: Path) -> Path:
     """Every evaluated model's robust accuracy (%) against eps in one chart: one colour per
     model, one line style per attack; the legend sits below the axes, covering nothing."""
+    plt = pyplot()
     models = list(dict.fromkeys(c["model"] for c in curves))
     attacks = list(dict.fromkeys(c["attack"] for c in curves))
     styles = ["-", "--", ":", "-."]

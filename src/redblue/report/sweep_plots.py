@@ -13,12 +13,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt
-
-from redblue.report.plots import save_figure
+from redblue.report.plots import pyplot, save_figure
 
 METRIC_ORDER = ("robust_accuracy", "asr", "clean_accuracy")
 """The main metric of a sweep: the first of these that its finished cells report."""
@@ -56,6 +51,7 @@ def sorted_rows(summary: Mapping[str, Any]) -> list[dict[str, Any]]:
 
 def metric_vs_axis(summary: Mapping[str, Any], path: Path) -> Path | None:
     """The main metric against the numeric axis (eps first), one line per other-axes value."""
+    plt = pyplot()
     metric = main_metric(summary)
     axes: dict[str, list[Any]] = summary["axes"]
     numeric = [k for k, values in axes.items() if all(_is_number(v) for v in values) and len(values) > 1]
@@ -85,6 +81,7 @@ def metric_vs_axis(summary: Mapping[str, Any], path: Path) -> Path | None:
 
 def heatmap(summary: Mapping[str, Any], path: Path) -> Path | None:
     """For a grid of exactly two axes: the main metric in every cell, annotated."""
+    plt = pyplot()
     metric = main_metric(summary)
     axes: dict[str, list[Any]] = summary["axes"]
     if metric is None or len(axes) != 2:
