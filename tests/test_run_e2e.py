@@ -144,7 +144,8 @@ def test_interrupted_run_resumes_to_the_same_summary(
     shutil.copytree(reference, out)
     removed = [*(out / "models").glob("poisoned*"), *(out / "metrics").glob("backdoor_defense_*"),
                *(out / "metrics" / name for name in ("poison_metrics.json", "metrics_summary.json", "run_config.json")),
-               out / "report.html", out / "report.md"]  # fmt: skip
+               *(out / "images").glob("poison_*"), *(out / "images").glob("backdoor_defense_*"),
+               out / "report.html", out / "report.md", out / "run_timings.json"]  # fmt: skip
     for path in removed:
         path.unlink()
     shutil.rmtree(out / "cache" / "detection")
@@ -169,9 +170,11 @@ def test_interrupted_run_resumes_to_the_same_summary(
             proc.kill()
     assert not (out / "metrics" / "metrics_summary.json").exists()
     assert not (out / "metrics" / "backdoor_defense_spectral_metrics.json").exists()  # killed before its detectors ended
+    weights = (out / "models" / "poisoned.safetensors").read_bytes()  # trained by the killed run
     resumed = cli("run", "--quick", "--out", str(out), "--device", "cpu")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "reusing" in resumed.stderr
+    assert f"reusing {out / 'models' / 'poisoned.json'}" in resumed.stderr  # the killed run's model, not retrained
+    assert (out / "models" / "poisoned.safetensors").read_bytes() == weights
     mine = json.loads((out / "metrics" / "metrics_summary.json").read_text())
     theirs = json.loads((reference / "metrics" / "metrics_summary.json").read_text())
     assert _numbers(mine) == _numbers(theirs)
