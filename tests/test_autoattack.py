@@ -224,14 +224,16 @@ def test_autoattack_is_no_weaker_than_the_reference_assembled_from_torchattacks(
     settings in a ``MultiAttack`` (``benchmarks/bench_autoattack.py``; not its ``AutoAttack``
     class, which runs 10 APGD steps).
 
-    The reference attacks the images redblue left robust, and may break at most 5 of them
-    (0.5 pp of 1,000). That is the stricter form of the same bound: the reference's robust
-    images on all 1,000 include those of redblue's it cannot break, so its accuracy is at
-    least ours minus the share it breaks here. It also keeps the test to about two minutes:
-    on this model (the original recipe, FGSM-trained at eps 0.25) the reference spends most
-    of its time running APGD-CE's 100 steps on images redblue's APGD-CE stops on once fooled
-    (both sides 4.50% on these images in ``results/autoattack_original_recipe.json``; the
-    robust cnn-wide comparison, 84.10% against 84.20%, is the benchmark's)."""
+    Checked image by image, which is stricter than comparing the two figures: the reference
+    attacks every image redblue left robust and may break at most 5 of them (0.5 pp of
+    1,000), so no more than 0.5 pp of redblue's robust accuracy is robustness the reference
+    can take away. (Its figure on all 1,000 can differ from that bound by chance only: its
+    random starts depend on the batch.) Beside them, 20 images redblue broke show that the
+    reference attacks at all. On this model (the original recipe, FGSM-trained at eps 0.25)
+    this takes about 75 s where the reference on all 1,000 images took 97-116 s: its APGD-CE
+    runs 100 steps on every image, redblue's stops on each once it is fooled (both sides
+    4.50% on these images in ``results/autoattack_original_recipe.json``; the robust cnn-wide
+    comparison, 84.10% against 84.20%, is the benchmark's)."""
     from benchmarks.bench_autoattack import reference_autoattack  # the benchmark's reference, one definition
 
     out, _ = original_recipe
@@ -240,6 +242,7 @@ def test_autoattack_is_no_weaker_than_the_reference_assembled_from_torchattacks(
     ours = evaluate_robustness(model, x, y, attacks="autoattack", eps=0.25, batch_size=1000, checks=False,
                                keep_adversarial=True)  # fmt: skip
     assert [a.attack for a in ours.attacks] == ["apgd-ce", "apgd-t", "fab-t", "square"]
+    assert ours.attacks[0].settings["steps"] == ours.attacks[1].settings["steps"] == ours.attacks[2].settings["steps"] == 100
     assert ours.attacks[-1].settings["steps"] == 5000 and ours.attacks[1].settings["n_targets"] == 9
     x_ours = ours.adversarial
     assert x_ours is not None
@@ -250,8 +253,12 @@ def test_autoattack_is_no_weaker_than_the_reference_assembled_from_torchattacks(
     assert int(robust.sum()) == round(ours.robust_accuracy * len(y))  # the figure is what its images give
     kept = torch.nonzero(robust).flatten()
     assert 0 < kept.numel() < int(clean.sum()) - 500  # a weak model with something left for the later attacks
-    x_ref = reference_autoattack(model, x[kept], y[kept], eps=0.25, batch_size=1000)
-    assert float((x_ref - x[kept]).abs().amax()) <= 0.25 + 1e-5 and 0.0 <= float(x_ref.min()) <= float(x_ref.max()) <= 1.0
+    broken_by_us = torch.nonzero(clean & ~robust).flatten()[:20]
+    both = torch.cat([kept, broken_by_us])
+    x_ref = reference_autoattack(model, x[both], y[both], eps=0.25, batch_size=1000)
+    assert float((x_ref - x[both]).abs().amax()) <= 0.25 + 1e-5 and 0.0 <= float(x_ref.min()) <= float(x_ref.max()) <= 1.0
     with torch.no_grad():
-        broken = int((model(x_ref).argmax(1) != y[kept]).sum())
+        fooled = model(x_ref).argmax(1) != y[both]
+    assert int(fooled[kept.numel():].sum()) >= 18, "the reference failed on images redblue's cascade breaks"
+    broken = int(fooled[: kept.numel()].sum())
     assert broken <= 5, f"the reference broke {broken} of the {kept.numel()} images redblue's AutoAttack left robust"
