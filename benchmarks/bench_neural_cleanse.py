@@ -22,6 +22,7 @@ Run:
 from __future__ import annotations
 
 import argparse
+import math
 from pathlib import Path
 from typing import Any
 
@@ -60,8 +61,9 @@ def measure(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: Backd
         restored, restore_seconds = timed(cleanse, model, x, y, cfg, **restore_options(cfg, result.flagged))
         row["restore"] = {"classes": result.flagged, "seconds": restore_seconds, "epochs_run": restored.epochs,
                           "l1": [round(restored.l1[k], 2) for k in result.flagged]}  # fmt: skip
-        if poison is not None and poison.target in result.flagged:
-            row["restore"]["target_mask_on_patch"] = patch_shares(restored.masks[poison.target], box)[0]
+        if poison is not None and poison.target in result.flagged:  # None where no trigger was restored
+            row["restore"]["target_mask_on_patch"] = (patch_shares(restored.masks[poison.target], box)[0]
+                                                      if math.isfinite(restored.l1[poison.target]) else None)  # fmt: skip
     return row
 
 
