@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import nbformat
@@ -20,6 +21,9 @@ def test_walkthrough_notebook_runs_end_to_end(tmp_path: Path) -> None:
     text = "".join(o.get("text", "") for o in outputs if o.get("output_type") == "stream")
     assert "clean test accuracy" in text and "clean accuracy" in text and "report.html" in text
     assert "pixels changed per image: [16, 16, 16, 16]" in text
+    # the walkthrough's backdoor takes, so the removal that follows removes something
+    asr = re.search(r"ASR ([0-9.]+)%", text)
+    assert asr is not None and float(asr.group(1)) >= 80.0, text
     images = [o for o in outputs if o.get("output_type") == "display_data" and "image/png" in o.get("data", {})]
     assert len(images) >= 3
     # The committed notebook carries no outputs (they are produced here, from real runs).
