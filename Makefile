@@ -28,8 +28,9 @@ lint: $(STAMP)
 	$(BIN)/mypy
 	$(BIN)/bandit --quiet --recursive src --severity-level medium
 
+# pytest on every core; tests that share a costly fixture stay on one worker (tests/conftest.py).
 test: lint
-	$(BIN)/pytest $(ARGS)
+	$(BIN)/pytest -n auto --dist loadgroup $(ARGS)
 
 # Debian's Chromium and its driver, for the report's browser test (skipped without them).
 browser:

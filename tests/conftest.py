@@ -21,6 +21,58 @@ if TYPE_CHECKING:
     import torch
 
 
+SHARED_FIXTURES = ("quick_run", "original_recipe", "baseline_dir")
+"""Session fixtures that take a minute or more to build. Under pytest-xdist (``make test``
+runs ``-n auto --dist loadgroup``) each worker builds its own copy of every session or module
+fixture its tests use, so the tests that share one of these, or one module-scoped fixture,
+run on the same worker (``xdist_group``), which builds it once; every other test goes to
+whichever worker is free."""
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Under pytest-xdist the workers share the CPU's cores: each worker's PyTorch, and the CLI
+    subprocesses it starts (through ``OMP_NUM_THREADS``), gets its share of them, instead of
+    every worker running as many threads as there are cores and slowing all of them down."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1:
+        import torch
+
+        threads = max(1, (os.cpu_count() or 1) // workers)
+        os.environ["OMP_NUM_THREADS"] = str(threads)
+        torch.set_num_threads(threads)
+
+
+def _costly_fixtures(item: pytest.Item) -> list[str]:
+    """The fixtures of ``item`` that one worker should build once: the shared session ones
+    and any module-scoped one (named with its module)."""
+    names = [name for name in SHARED_FIXTURES if name in getattr(item, "fixturenames", ())]
+    info = getattr(item, "_fixtureinfo", None)
+    for name, defs in (getattr(info, "name2fixturedefs", None) or {}).items():
+        if defs and defs[-1].scope == "module":
+            names.append(f"{item.path.name}::{name}")
+    return names
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Tests linked through a costly fixture (directly or through another test) form one group,
+    named by its first fixture."""
+    parent: dict[str, str] = {}
+
+    def root(name: str) -> str:
+        while parent.setdefault(name, name) != name:
+            name = parent[name]
+        return name
+
+    costly = {item.nodeid: _costly_fixtures(item) for item in items}
+    for names in costly.values():
+        for other in names[1:]:
+            parent[root(other)] = root(names[0])
+    for item in items:
+        if costly[item.nodeid]:
+            item.add_marker(pytest.mark.xdist_group(root(costly[item.nodeid][0])))
+
+
 @pytest.fixture(autouse=True)
 def _isolated_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
     """Tests never read or write the user's cache, and never download by accident."""
