@@ -11,6 +11,10 @@ images still classified correctly. Both adversarial sets are checked against the
     REDBLUE_DATA_DIR=../shared/datasets .venv/bin/python -m benchmarks.bench_autoattack \\
         --model secure_ai_outputs/models/advtrain.json [--n-examples 1000] [--eps 0.3]
 
+With ``--redblue-metrics secure_ai_outputs/metrics/advtrain_metrics.json`` (a ``defend`` run's
+evaluation of the same model on the same first N images) only the reference runs, and its
+robust accuracy is compared with the figure ``defend`` wrote (issue 17's agreement check).
+
 Writes ``benchmarks/results/autoattack.json`` (``--name`` to change it): both robust
 accuracies, both times, redblue's per-attack running accuracy, the machine. Target (issue
 "AutoAttack-grade evaluation"): redblue ≥ 3× faster, robust accuracy not higher by more than
@@ -20,6 +24,7 @@ accuracies, both times, redblue's per-attack running accuracy, the machine. Targ
 from __future__ import annotations
 
 import argparse
+import json
 import time
 from pathlib import Path
 from typing import Any
@@ -57,6 +62,34 @@ def _score(model: torch.nn.Module, x: torch.Tensor, x_adv: torch.Tensor, y: torc
     return {"clean_accuracy": float(clean.float().mean()), "robust_accuracy": float((clean & adv).float().mean())}
 
 
+def _redblue(args: argparse.Namespace, loaded: Any, model: torch.nn.Module, x_u8: torch.Tensor,
+             y: torch.Tensor) -> dict[str, Any]:  # fmt: skip
+    """redblue's AutoAttack on the images: run now and timed, or read from ``--redblue-metrics``
+    (after checking that it evaluated these weights at this eps on this many images)."""
+    if args.redblue_metrics:
+        saved = json.loads(Path(args.redblue_metrics).read_text(encoding="utf-8"))
+        m = saved["metrics"]
+        same = (saved["model"]["weights_sha256"] == loaded.record["weights_sha256"]
+                and saved["config"]["defend"]["eps"] == args.eps and m["n_examples"] == args.n_examples)  # fmt: skip
+        if not same:
+            raise SystemExit(f"{args.redblue_metrics}: another model, eps or image count than --model/--eps/--n-examples")
+        print(f"redblue autoattack (from {args.redblue_metrics}): robust {100 * m['autoattack_accuracy']:.2f}%")
+        return {"from": str(args.redblue_metrics), "seconds": None, "clean_accuracy": m["examples_clean_accuracy"],
+                "robust_accuracy": m["autoattack_accuracy"]}  # fmt: skip
+    start = time.perf_counter()
+    ours = evaluate_robustness(model, x_u8, y, attacks="autoattack", eps=args.eps, batch_size=args.batch_size,
+                               checks=False)  # fmt: skip
+    redblue_s = time.perf_counter() - start
+    print(f"redblue autoattack: robust {100 * ours.robust_accuracy:.2f}% in {redblue_s:.1f} s")
+    return {
+        "seconds": redblue_s,
+        "clean_accuracy": ours.clean_accuracy,
+        "robust_accuracy": ours.robust_accuracy,
+        "running": {a.attack: {"robust_accuracy": a.robust_accuracy, "n_attacked": a.n_attacked,
+                               "n_fooled": a.n_fooled, "seconds": a.seconds} for a in ours.attacks},
+    }  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="a defended model's .json record")
@@ -64,6 +97,12 @@ def main() -> None:
     parser.add_argument("--eps", type=float, default=0.3)
     parser.add_argument("--batch-size", type=int, default=500)
     parser.add_argument("--skip-reference", action="store_true")
+    parser.add_argument(
+        "--redblue-metrics",
+        default=None,
+        help="take redblue's AutoAttack figure from this defend metrics JSON (the same model, eps and first "
+        "--n-examples images) instead of running the cascade again: the reference alone runs",
+    )
     parser.add_argument("--name", default="autoattack", help="results/NAME.json")
     parser.add_argument("--note", default="", help="a remark stored with the results (e.g. 'smoke run')")
     args = parser.parse_args()
@@ -74,20 +113,8 @@ def main() -> None:
     x_u8, y = data.x_test[: args.n_examples], data.y_test[: args.n_examples]
     x = to_float(x_u8.clone())
 
-    start = time.perf_counter()
-    ours = evaluate_robustness(model, x_u8, y, attacks="autoattack", eps=args.eps, batch_size=args.batch_size,
-                               checks=False)  # fmt: skip
-    redblue_s = time.perf_counter() - start
-    rows: dict[str, Any] = {
-        "redblue": {
-            "seconds": redblue_s,
-            "clean_accuracy": ours.clean_accuracy,
-            "robust_accuracy": ours.robust_accuracy,
-            "running": {a.attack: {"robust_accuracy": a.robust_accuracy, "n_attacked": a.n_attacked,
-                                   "n_fooled": a.n_fooled, "seconds": a.seconds} for a in ours.attacks},
-        }
-    }
-    print(f"redblue autoattack: robust {100 * ours.robust_accuracy:.2f}% in {redblue_s:.1f} s")
+    rows: dict[str, Any] = {"redblue": _redblue(args, loaded, model, x_u8, y)}
+    redblue_robust, redblue_s = rows["redblue"]["robust_accuracy"], rows["redblue"]["seconds"]
     if not args.skip_reference:
         # A fresh copy: evaluate_robustness left ours in channels_last, the reference gets it as loaded.
         reference = load_model(Path(args.model), device="cpu").model.eval()
@@ -96,11 +123,12 @@ def main() -> None:
         x_adv = reference_autoattack(reference, x, y, args.eps, args.batch_size)
         reference_s = time.perf_counter() - start
         rows["torchattacks"] = {"seconds": reference_s, **_score(model, x, x_adv, y, args.eps)}
-        gap = 100 * (ours.robust_accuracy - rows["torchattacks"]["robust_accuracy"])
-        rows["speedup"] = reference_s / redblue_s
+        gap = 100 * (redblue_robust - rows["torchattacks"]["robust_accuracy"])
+        rows["speedup"] = reference_s / redblue_s if redblue_s else None
         rows["robust_gap_pp"] = gap
+        speed = f"redblue {rows['speedup']:.2f}x faster, " if rows["speedup"] else "redblue "
         print(f"torchattacks reference: robust {100 * rows['torchattacks']['robust_accuracy']:.2f}% in "
-              f"{reference_s:.1f} s; redblue {rows['speedup']:.2f}x faster, {gap:+.2f} pp")  # fmt: skip
+              f"{reference_s:.1f} s; {speed}{gap:+.2f} pp")  # fmt: skip
     write(args.name, {
         "settings": {"model": str(args.model), "model_name": loaded.record.get("model_name"),
                      "weights_sha256": loaded.record.get("weights_sha256"), "n_examples": args.n_examples,

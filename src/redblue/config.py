@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import tomllib
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -157,16 +158,19 @@ def build(
     file: ConfigFile | dict[str, Any] | None,
     overrides: dict[str, Any],
     where: str = "",
+    *,
+    base: Mapping[str, Any] | None = None,
 ) -> T:
     """``cls`` from section ``where`` of a config file, overridden by CLI options (``None``
-    means not given). An unknown key or a value of the wrong type in the file is one line
-    naming the file, the section and the key, and what is accepted."""
+    means not given), on top of ``base`` (a preset's settings, which both override). An
+    unknown key or a value of the wrong type in the file is one line naming the file, the
+    section and the key, and what is accepted."""
     if isinstance(file, ConfigFile):
         section, origin = file.section(where), str(file.path)
     else:
         section, origin = file, "config"
     fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
-    values: dict[str, Any] = {}
+    values: dict[str, Any] = dict(base or {})
     from_file: dict[str, str] = {}
     for key, value in (section or {}).items():
         k = key.replace("-", "_")
@@ -199,6 +203,46 @@ RECIPES = ("fgsm", "fgsm-rs", "pgd", "trades")
 
 
 @dataclass(frozen=True)
+class Preset:
+    """A named adversarial-training recipe: the training and defence settings that the
+    project's own measurements chose (``docs/adversarial-training.md``). Settings given on
+    the command line or in the config file override the preset's."""
+
+    name: str
+    summary: str
+    train: Mapping[str, Any]
+    defend: Mapping[str, Any]
+
+
+PRESETS: dict[str, Preset] = {
+    "mnist-robust": Preset(
+        name="mnist-robust",
+        summary="TRADES (beta 6, 10 steps) on cnn-wide at eps 0.3, evaluated with AutoAttack on all "
+        "10,000 test images",
+        train={"model_name": "cnn-wide", "epochs": 15, "batch_size": 100, "lr": 3e-3, "lr_schedule": "one-cycle"},
+        defend={"recipe": "trades", "eps": 0.3, "steps": 10, "beta": 6.0, "eps_ramp": 4, "n_examples": 10_000},
+    ),
+}
+"""``--preset`` (``defend`` and ``run``, or ``preset = "..."`` in the config file's [defend])."""
+
+
+def find_preset(name: str | None, file: ConfigFile) -> Preset | None:
+    """The preset named by ``--preset`` (``name``), else by ``preset`` in the config file's
+    [defend] section; None when neither names one. An unknown name is a ConfigError naming
+    where it was given."""
+    where = "--preset"
+    if name is None:
+        value = (file.section("defend") or {}).get("preset")
+        if value is None:
+            return None
+        where = f"{file.path}: [defend] preset ="
+        name = value
+    if not isinstance(name, str) or name not in PRESETS:
+        raise ConfigError(f"{where} {name!r}: expected one of {', '.join(PRESETS)}")
+    return PRESETS[name]
+
+
+@dataclass(frozen=True)
 class DefendConfig:
     """Adversarial training: the recipe, its threat model (L-inf, pixel units) and its guard.
 
@@ -206,6 +250,8 @@ class DefendConfig:
     PGD and TRADES take 2.5·eps/steps. ``ratio`` (share of each batch replaced by
     adversarial images) applies to the ``fgsm`` recipe only. ``guard`` defaults to on for
     every recipe but ``fgsm`` (the original project's recipe, reproduced as it was).
+    ``preset`` names the :data:`PRESETS` entry the settings started from (a label: the
+    settings themselves are the other fields).
     """
 
     recipe: str = "fgsm-rs"
@@ -220,9 +266,12 @@ class DefendConfig:
     guard_size: int = 1000
     guard_steps: int = 10
     n_examples: int = 1000
+    preset: str | None = None
 
     def __post_init__(self) -> None:
         check_choice("recipe", self.recipe, RECIPES)
+        if self.preset is not None:
+            check_choice("preset", self.preset, list(PRESETS))
         check_float("eps", self.eps, 0.0, 1.0, low_open=True)
         if self.alpha is not None:
             check_float("alpha", self.alpha, 0.0, None, low_open=True)

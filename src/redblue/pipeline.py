@@ -53,6 +53,8 @@ class Workflow:
     defend: DefendConfig
     poison: PoisonConfig
     backdoor: BackdoorDefenseConfig
+    defend_train: TrainConfig | None = None
+    """The blue team's training when it differs from ``train`` (a preset's); None: ``train``."""
     force_retrain: bool = False
     progress: bool = True
 
@@ -70,6 +72,7 @@ def quick_configs(wf: Workflow) -> Workflow:
             pgd_alpha=max(wf.run.pgd_alpha, 2.5 * wf.run.eps / min(wf.run.pgd_steps, 10)),
         ),
         train=replace(wf.train, epochs=1),
+        defend_train=replace(wf.defend_train, epochs=1) if wf.defend_train is not None else None,
         defend=replace(wf.defend, n_examples=min(wf.defend.n_examples, 200), guard_size=min(wf.defend.guard_size, 200)),
     )
 
@@ -106,7 +109,7 @@ def run_workflow(wf: Workflow) -> Summary:
         if "blueteam" in stages:
             with _timed(timings, "blueteam"):
                 _done(wf.out, defend_stage(
-                    wf.out, data, wf.train, wf.defend, data_cfg=wf.data, force_retrain=wf.force_retrain,
+                    wf.out, data, wf.defend_train or wf.train, wf.defend, data_cfg=wf.data, force_retrain=wf.force_retrain,
                     progress=wf.progress, check_options=QUICK_DEFENCE if wf.run.quick else None,
                 ))  # fmt: skip
         if "poison" in stages:
@@ -122,6 +125,7 @@ def run_workflow(wf: Workflow) -> Summary:
                 "data": asdict(wf.data),
                 "train": asdict(wf.train),
                 "defend": asdict(wf.defend),
+                **({"defend_train": asdict(wf.defend_train)} if wf.defend_train is not None else {}),
                 "poison": asdict(wf.poison),
                 "backdoor": asdict(wf.backdoor),
             },

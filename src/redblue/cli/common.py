@@ -12,7 +12,18 @@ import click
 import torch
 
 from redblue.artifacts import LoadedModel
-from redblue.config import LR_SCHEDULES, PRECISIONS, ConfigFile, DataConfig, TrainConfig, build, load_toml
+from redblue.config import (
+    LR_SCHEDULES,
+    PRECISIONS,
+    PRESETS,
+    ConfigFile,
+    DataConfig,
+    Preset,
+    TrainConfig,
+    build,
+    find_preset,
+    load_toml,
+)
 from redblue.data import Dataset, to_float
 from redblue.errors import ConfigError
 from redblue.model_sources import (
@@ -114,6 +125,30 @@ def output_options(func: F) -> F:
     ):
         func = option(func)
     return func
+
+
+def preset_option(func: F) -> F:
+    """--preset: a named adversarial-training recipe (``redblue.config.PRESETS``)."""
+    names = "; ".join(f"{p.name}: {p.summary}" for p in PRESETS.values())
+    return click.option(
+        "--preset",
+        type=click.Choice(list(PRESETS)),
+        default=None,
+        help=f"A recipe chosen by the project's measurements ({names}; docs/adversarial-training.md). "
+        "Options and config-file settings given with it override its settings. [default: none]",
+    )(func)
+
+
+def preset_train_config(
+    preset_name: str | None, file: ConfigFile, options: dict[str, Any]
+) -> tuple[Preset | None, TrainConfig | None]:
+    """(the preset named by --preset or the file's [defend] preset, the training config of the
+    model it trains: the preset's settings under the file's [train] and the options), or
+    (None, None) when no preset is named."""
+    preset = find_preset(preset_name, file)
+    if preset is None:
+        return None, None
+    return preset, build(TrainConfig, file, options, "train", base=preset.train)
 
 
 def load_configs(

@@ -14,6 +14,8 @@ from redblue.cli.common import (
     optional_model_options,
     output_options,
     pop_model_options,
+    preset_option,
+    preset_train_config,
     save_effective_config,
     train_options,
 )
@@ -74,6 +76,7 @@ from redblue.validate import check_name
     default=None,
     help="Test images attacked in the robustness evaluation (clean accuracy uses all). [default: 1000]",
 )
+@preset_option
 @data_options
 @train_options
 @output_options
@@ -83,7 +86,7 @@ from redblue.validate import check_name
     "FILE.py:FUNCTION with --weights (saved as its own state dict, models/NAME.safetensors). [default: none]",
 )  # fmt: skip
 def defend(config_file: str | None, out: str, force_retrain: bool, name: str, model_path: str | None,
-           **options: Any) -> None:  # fmt: skip
+           preset: str | None, **options: Any) -> None:  # fmt: skip
     """Adversarially train a model (or reload it when config and data match) and evaluate it.
 
     Evaluation at the training eps: clean, FGSM, PGD with restarts and AutoAttack's standard
@@ -103,6 +106,11 @@ def defend(config_file: str | None, out: str, force_retrain: bool, name: str, mo
       --eps-ramp 4 --lr 3e-3 --lr-schedule one-cycle --batch-size 100
 
     \b
+    The robust MNIST preset (TRADES on cnn-wide at eps 0.3, then AutoAttack on all 10,000
+    test images; docs/adversarial-training.md says what it reaches and costs):
+    redblue defend --preset mnist-robust --name robust
+
+    \b
     Fine-tune your own model on your own training data (see "Audit your own model"):
     redblue defend --model net.py:build --weights net.safetensors --dataset data.npz
       --recipe fgsm-rs --eps 0.1 --epochs 5
@@ -111,7 +119,14 @@ def defend(config_file: str | None, out: str, force_retrain: bool, name: str, mo
     if model_path is not None and options.get("model_name") is not None:
         raise ConfigError("--model-name: not used with --model (fine-tuning keeps the given model's architecture)")
     file, data_cfg, train_cfg = load_configs(config_file, options, ("defend",))
-    defend_cfg = build(DefendConfig, file, options, "defend")
+    chosen, preset_train = preset_train_config(preset, file, options)
+    if chosen is not None and model_path is not None:
+        raise ConfigError(f"--preset {chosen.name}: not used with --model (a preset trains its own architecture)")
+    train_cfg = preset_train or train_cfg
+    if chosen is None:
+        defend_cfg = build(DefendConfig, file, options, "defend")
+    else:
+        defend_cfg = build(DefendConfig, file, {**options, "preset": chosen.name}, "defend", base=chosen.defend)
     check_name("name", name)
     device = resolve_device(train_cfg.device)
     out_dir = check_output_dir(out)

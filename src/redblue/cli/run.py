@@ -15,6 +15,8 @@ from redblue.cli.common import (
     gate_options,
     load_configs,
     output_options,
+    preset_option,
+    preset_train_config,
     split_list,
     train_options,
 )
@@ -53,7 +55,10 @@ DEFEND_RESULT = "advtrain"
     default=None,
     help="Blue-team adversarial-training recipe: fgsm (the original's), fgsm-rs, pgd or trades. [default: fgsm-rs]",
 )
-@click.option("--defend-eps", type=float, default=None, help="Adversarial-training eps. [default: the red-team eps]")
+@click.option(
+    "--defend-eps", type=float, default=None, help="Adversarial-training eps. [default: the preset's, else the red-team eps]"
+)
+@preset_option
 @click.option(
     "--rate", type=float, default=None, help="Poisoned share of the non-target training images. [default: 0.1]"
 )
@@ -75,6 +80,7 @@ def run(
     eps: float | None,
     recipe: str | None,
     defend_eps: float | None,
+    preset: str | None,
     rate: float | None,
     target: int | None,
     size: int | None,
@@ -91,6 +97,11 @@ def run(
     OUT/report.html + OUT/report.md. Config file sections: [data], [train], [run],
     [defend], [poison], [backdoor].
 
+    --preset (or preset = "..." in [defend]) gives the blue team the preset's architecture,
+    schedule, recipe, eps and evaluation size (recorded as defend_train in
+    metrics/run_config.json); the baseline and the other stages keep the usual training.
+    Values you give (options, [train], [defend], --eps and --n-examples) win over the preset's.
+
     CI gate: --fail-under applies to the blue team's defended model (its worst case over the
     whole evaluation), or to the red team's worst case on the baseline when the blue team is
     not among the stages; --fail-on-warning to every warning of those results. Exit 1 when
@@ -101,10 +112,19 @@ def run(
     run_cfg = build(RunConfig, file, {"stages": split_list(stages), "quick": quick, "eps": eps, "n_examples": n_examples},
                     "run")
     # The blue team defaults to the red team's eps and image count; [defend] and the options win.
+    # A preset's eps and image count win over the red team's defaults, not over values given.
+    chosen, defend_train = preset_train_config(preset, file, options)
     in_file = {k.replace("-", "_") for k in file.section("defend") or {}}
-    defaults = {k: v for k, v in (("eps", run_cfg.eps), ("n_examples", run_cfg.n_examples)) if k not in in_file}
+    in_run = {k.replace("-", "_") for k in file.section("run") or {}}
+    stated = {"eps": eps is not None or "eps" in in_run, "n_examples": n_examples is not None or "n_examples" in in_run}
+    defaults = {
+        k: v for k, v in (("eps", run_cfg.eps), ("n_examples", run_cfg.n_examples))
+        if k not in in_file and (chosen is None or k not in chosen.defend or stated[k])
+    }  # fmt: skip
     given = {k: v for k, v in (("recipe", recipe), ("eps", defend_eps)) if v is not None}
-    defend_cfg = build(DefendConfig, file, {**defaults, **given}, "defend")
+    if chosen is not None:
+        given["preset"] = chosen.name
+    defend_cfg = build(DefendConfig, file, {**defaults, **given}, "defend", base=chosen.defend if chosen else None)
     poison_cfg = build(PoisonConfig, file, {"rate": rate, "target": target, "size": size}, "poison")
     backdoor_cfg = build(BackdoorDefenseConfig, file, {}, "backdoor")
     out_dir = check_output_dir(out)
@@ -115,6 +135,7 @@ def run(
             data=data_cfg,
             train=train_cfg,
             defend=defend_cfg,
+            defend_train=defend_train,
             poison=poison_cfg,
             backdoor=backdoor_cfg,
             force_retrain=force_retrain,

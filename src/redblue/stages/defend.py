@@ -39,7 +39,7 @@ from redblue.stages.common import (
     training_cache_key,
     write_result,
 )
-from redblue.utils import library_versions, resolve_device, sha256_json
+from redblue.utils import atomic_write_json, library_versions, resolve_device, sha256_json
 from redblue.validate import check_name
 
 
@@ -48,6 +48,7 @@ def defense_cache_key(name: str, train_cfg: TrainConfig, defend_cfg: DefendConfi
     defence setting but the evaluation-only ones."""
     settings = dataclasses.asdict(defend_cfg)
     settings.pop("n_examples", None)
+    settings.pop("preset", None)  # a label: the same settings train the same model
     settings.update(alpha=defend_cfg.step_size, guard=defend_cfg.guarded)
     return training_cache_key(name, train_cfg, data, extra={"defend": settings})
 
@@ -259,6 +260,7 @@ def defend_stage(
     }  # fmt: skip
     result_key = sha256_json({"stage": "defend", "model_key": key, **evaluation_inputs})
     if (cached := cached_result(out, name, result_key, DefendResult)) is not None:
+        record_robustness(out, name, cached)
         return cached
 
     def evaluate_model() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -290,4 +292,27 @@ def defend_stage(
         reused=trained.reused,
     )
     write_result(out, name, result)
+    record_robustness(out, name, result)
     return result
+
+
+def record_robustness(out: Path, name: str, result: DefendResult) -> None:
+    """Write what the latest evaluation measured into the model's own JSON
+    (``models/<name>.json``, key ``robustness``), so the record handed on with the weights
+    says how robust they are, by which protocol, on how many test images; the full account
+    stays in ``metrics/<name>_metrics.json``."""
+    _, json_path = model_paths(out, name)
+    record = read_record(json_path)
+    m = result.metrics
+    robustness = {
+        "threat_model": {"norm": "linf", "eps": result.config["defend"]["eps"], "pixels": "[0, 1]"},
+        "protocol": "AutoAttack standard (APGD-CE, APGD-T, FAB-T, Square 5,000 queries), with PGD-40 x3 in the worst case",
+        "n_examples": m["n_examples"],
+        "clean_accuracy": m["clean_accuracy"],
+        "autoattack_accuracy": m["autoattack_accuracy"],
+        "robust_accuracy": m["robust_accuracy"],
+        "warnings": [w["id"] for w in result.warnings],
+        "metrics": f"metrics/{name}_metrics.json",
+    }
+    if record.get("robustness") != robustness:  # a rerun that reuses the evaluation writes nothing
+        atomic_write_json(json_path, {**record, "robustness": robustness})

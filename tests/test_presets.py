@@ -1,0 +1,121 @@
+"""``--preset`` (``defend``, ``run`` and ``[defend] preset`` in the config file): a named
+recipe whose settings sit under the config file's and the options' (issue 17)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from redblue.artifacts import load_model
+from redblue.config import PRESETS, DefendConfig, TrainConfig, build, find_preset, load_toml
+from redblue.errors import ConfigError
+
+Cli = Callable[..., subprocess.CompletedProcess[str]]
+ROBUST = PRESETS["mnist-robust"]
+
+
+def test_the_robust_preset_is_the_documented_recipe() -> None:
+    """The settings docs/adversarial-training.md reports for ``--preset mnist-robust``."""
+    train = build(TrainConfig, None, {}, base=ROBUST.train)
+    defend = build(DefendConfig, None, {"preset": ROBUST.name}, base=ROBUST.defend)
+    assert (train.model_name, train.batch_size, train.lr, train.lr_schedule) == ("cnn-wide", 100, 3e-3, "one-cycle")
+    assert (defend.recipe, defend.eps, defend.steps, defend.beta, defend.step_size) == ("trades", 0.3, 10, 6.0, 0.075)
+    assert defend.n_examples == 10_000 and defend.guarded and defend.preset == "mnist-robust"
+    docs = (Path(__file__).resolve().parents[1] / "docs" / "adversarial-training.md").read_text(encoding="utf-8")
+    assert "--preset mnist-robust" in docs and f"--epochs {train.epochs} --eps-ramp {defend.eps_ramp}" in docs
+
+
+def test_the_file_and_the_options_override_the_preset(tmp_path: Path) -> None:
+    config = tmp_path / "c.toml"
+    config.write_text("[train]\nepochs = 3\n[defend]\npreset = 'mnist-robust'\nbeta = 3.0\n", encoding="utf-8")
+    file = load_toml(config, ("train", "defend"))
+    preset = find_preset(None, file)
+    assert preset is ROBUST and find_preset("mnist-robust", load_toml(None)) is ROBUST
+    train = build(TrainConfig, file, {"lr": 1e-3}, "train", base=preset.train)
+    defend = build(DefendConfig, file, {"steps": 5}, "defend", base=preset.defend)
+    assert (train.model_name, train.epochs, train.lr) == ("cnn-wide", 3, 1e-3)  # preset, file, option
+    assert (defend.recipe, defend.beta, defend.steps, defend.preset) == ("trades", 3.0, 5, "mnist-robust")
+    assert find_preset(None, load_toml(None)) is None
+
+
+@pytest.mark.parametrize("text", ["[defend]\npreset = 'mnist-robustest'\n", "[defend]\npreset = 3\n"])
+def test_an_unknown_preset_in_the_file_names_the_file(tmp_path: Path, text: str) -> None:
+    config = tmp_path / "c.toml"
+    config.write_text(text, encoding="utf-8")
+    with pytest.raises(ConfigError, match=r"c\.toml: \[defend\] preset = .*: expected one of mnist-robust$"):
+        find_preset(None, load_toml(config, ("defend",)))
+
+
+def test_an_unknown_preset_is_one_line_and_exit_2(cli: Cli, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    for command in ("defend", "run"):
+        proc = cli(command, "--preset", "mnist-robustest", "--dataset", "mnist-mini", "--out", str(out))
+        assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+        assert "Invalid value for '--preset': 'mnist-robustest' is not 'mnist-robust'" in proc.stderr
+    refused = cli("defend", "--preset", "mnist-robust", "--model", "net.py:build", "--out", str(out))
+    assert refused.returncode == 2
+    assert refused.stderr.strip() == "redblue: error: --preset mnist-robust: not used with --model (a preset trains its own architecture)"
+    assert not out.exists()
+
+
+def test_defend_with_the_preset_trains_and_records_it(cli: Cli, tmp_path: Path) -> None:
+    """The preset's recipe and architecture reach the trained model; the options given beside
+    it (a short run here) win, and the record names the preset."""
+    out = tmp_path / "out"
+    proc = cli("defend", "--preset", "mnist-robust", "--dataset", "mnist-mini", "--epochs", "1", "--batch-size", "200",
+               "--guard-size", "200", "--n-examples", "20", "--device", "cpu", "--out", str(out), "--name", "robust")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.startswith("robust (trades, eps 0.3): clean "), proc.stdout
+    record = json.loads((out / "models" / "robust.json").read_text())
+    assert record["model_name"] == "cnn-wide"
+    train, defend = record["config"]["train"], record["config"]["defend"]
+    assert (train["model_name"], train["lr_schedule"], train["lr"], train["epochs"], train["batch_size"]) == (
+        "cnn-wide", "one-cycle", 3e-3, 1, 200,
+    )  # fmt: skip
+    assert (defend["preset"], defend["recipe"], defend["eps"], defend["beta"], defend["steps"]) == (
+        "mnist-robust", "trades", 0.3, 6.0, 10,
+    )  # fmt: skip
+    assert record["training"]["recipe"] == {"recipe": "trades", "eps": 0.3, "eps_ramp": ROBUST.defend["eps_ramp"],
+                                            "alpha": 0.075, "steps": 10, "beta": 6.0}  # fmt: skip
+    metrics = json.loads((out / "metrics" / "robust_metrics.json").read_text())["metrics"]
+    assert metrics["n_examples"] == 20 and 0.0 <= metrics["autoattack_accuracy"] <= metrics["examples_clean_accuracy"]
+    robustness = json.loads((out / "models" / "robust.json").read_text())["robustness"]  # the record says it too
+    assert robustness["threat_model"] == {"norm": "linf", "eps": 0.3, "pixels": "[0, 1]"}
+    assert robustness["n_examples"] == 20 and robustness["metrics"] == "metrics/robust_metrics.json"
+    for key in ("clean_accuracy", "autoattack_accuracy", "robust_accuracy"):
+        assert robustness[key] == metrics[key]
+    assert load_model(out / "models" / "robust.json").record["robustness"] == robustness  # still loads, hash-verified
+
+
+def test_run_gives_the_preset_to_the_blue_team_only(cli: Cli, tmp_path: Path) -> None:
+    """``run --preset``: the blue team trains with the preset (its own training config in
+    ``run_config.json``), the baseline with the usual one; the preset's eps and image count
+    win over the red team's defaults, not over values given."""
+    fast = ("--stages", "baseline", "--dataset", "mnist-mini", "--epochs", "1", "--device", "cpu")
+    cases = [
+        (("--preset", "mnist-robust"), "", (0.3, 10_000, 6.0)),
+        (("--preset", "mnist-robust", "--eps", "0.2", "--n-examples", "50"), "", (0.2, 50, 6.0)),
+        ((), "[run]\neps = 0.25\n[defend]\npreset = 'mnist-robust'\nbeta = 3.0\n", (0.25, 10_000, 3.0)),
+        (("--preset", "mnist-robust", "--defend-eps", "0.1"), "[defend]\neps = 0.2\n", (0.1, 10_000, 6.0)),
+    ]
+    for i, (args, text, (eps, n_examples, beta)) in enumerate(cases):
+        config = tmp_path / f"c{i}.toml"
+        config.write_text(text, encoding="utf-8")
+        out = tmp_path / "out"
+        proc = cli("run", *fast, *args, "--config", str(config), "--out", str(out))
+        assert proc.returncode == 0, proc.stderr
+        recorded = json.loads((out / "metrics" / "run_config.json").read_text())
+        defend, blue, red = recorded["defend"], recorded["defend_train"], recorded["train"]
+        assert (defend["preset"], defend["recipe"], defend["eps"], defend["n_examples"], defend["beta"]) == (
+            "mnist-robust", "trades", eps, n_examples, beta,
+        ), (args, text)  # fmt: skip
+        assert (blue["model_name"], blue["lr_schedule"], blue["epochs"]) == ("cnn-wide", "one-cycle", 1)  # --epochs 1 wins
+        assert (red["model_name"], red["lr_schedule"], red["epochs"]) == ("cnn", "cosine", 1)
+    plain = cli("run", *fast, "--out", str(tmp_path / "out"))
+    assert plain.returncode == 0, plain.stderr
+    recorded = json.loads((tmp_path / "out" / "metrics" / "run_config.json").read_text())
+    assert "defend_train" not in recorded and recorded["defend"]["preset"] is None
