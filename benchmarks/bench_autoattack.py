@@ -33,6 +33,7 @@ import torch
 
 from benchmarks.common import data_dir, peak_rss_mib, write
 from redblue.artifacts import load_model
+from redblue.attacks import DEFAULTS
 from redblue.data import load_dataset, to_float
 from redblue.evaluation import evaluate_robustness
 
@@ -69,10 +70,17 @@ def _redblue(args: argparse.Namespace, loaded: Any, model: torch.nn.Module, x_u8
     if args.redblue_metrics:
         saved = json.loads(Path(args.redblue_metrics).read_text(encoding="utf-8"))
         m = saved["metrics"]
+        attacks = saved["evaluation"]["attacks"]
         same = (saved["model"]["weights_sha256"] == loaded.record["weights_sha256"]
-                and saved["config"]["defend"]["eps"] == args.eps and m["n_examples"] == args.n_examples)  # fmt: skip
+                and saved["config"]["defend"]["eps"] == args.eps and m["n_examples"] == args.n_examples
+                and saved["dataset"]["name"] == "mnist")  # fmt: skip
         if not same:
-            raise SystemExit(f"{args.redblue_metrics}: another model, eps or image count than --model/--eps/--n-examples")
+            raise SystemExit(f"{args.redblue_metrics}: another model, eps, image count or dataset than "
+                             "--model/--eps/--n-examples on MNIST")  # fmt: skip
+        full = all(attacks[a]["settings"].get(k) == DEFAULTS[a][k]
+                   for a, k in (("apgd-t", "n_targets"), ("fab-t", "n_targets"), ("square", "steps")))  # fmt: skip
+        if not full:
+            raise SystemExit(f"{args.redblue_metrics}: a reduced AutoAttack (--quick), not the standard protocol")
         print(f"redblue autoattack (from {args.redblue_metrics}): robust {100 * m['autoattack_accuracy']:.2f}%")
         return {"from": str(args.redblue_metrics), "seconds": None, "clean_accuracy": m["examples_clean_accuracy"],
                 "robust_accuracy": m["autoattack_accuracy"]}  # fmt: skip
@@ -103,9 +111,11 @@ def main() -> None:
         help="take redblue's AutoAttack figure from this defend metrics JSON (the same model, eps and first "
         "--n-examples images) instead of running the cascade again: the reference alone runs",
     )
-    parser.add_argument("--name", default="autoattack", help="results/NAME.json")
+    parser.add_argument("--name", default=None, help="results/NAME.json [default: autoattack, or autoattack_agreement "
+                        "with --redblue-metrics]")  # fmt: skip
     parser.add_argument("--note", default="", help="a remark stored with the results (e.g. 'smoke run')")
     args = parser.parse_args()
+    args.name = args.name or ("autoattack_agreement" if args.redblue_metrics else "autoattack")
 
     data = load_dataset("mnist", Path(data_dir()), download=False)
     loaded = load_model(Path(args.model), device="cpu")

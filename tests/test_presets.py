@@ -6,13 +6,29 @@ from __future__ import annotations
 import json
 import subprocess
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
+from redblue import pipeline
 from redblue.artifacts import load_model
-from redblue.config import PRESETS, DefendConfig, TrainConfig, build, find_preset, load_toml
+from redblue.config import (
+    PRESETS,
+    BackdoorDefenseConfig,
+    DataConfig,
+    DefendConfig,
+    PoisonConfig,
+    RunConfig,
+    TrainConfig,
+    build,
+    find_preset,
+    load_toml,
+)
+from redblue.data import Dataset
 from redblue.errors import ConfigError
+from redblue.stages.defend import defense_cache_key
+from redblue.sweep import load_grid
 
 Cli = Callable[..., subprocess.CompletedProcess[str]]
 ROBUST = PRESETS["mnist-robust"]
@@ -70,7 +86,8 @@ def test_defend_with_the_preset_trains_and_records_it(cli: Cli, tmp_path: Path) 
                "--guard-size", "200", "--n-examples", "20", "--device", "cpu", "--out", str(out), "--name", "robust")  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.startswith("robust (trades, eps 0.3): clean "), proc.stdout
-    record = json.loads((out / "models" / "robust.json").read_text())
+    saved = (out / "models" / "robust.json").read_bytes()
+    record = json.loads(saved)
     assert record["model_name"] == "cnn-wide"
     train, defend = record["config"]["train"], record["config"]["defend"]
     assert (train["model_name"], train["lr_schedule"], train["lr"], train["epochs"], train["batch_size"]) == (
@@ -81,10 +98,16 @@ def test_defend_with_the_preset_trains_and_records_it(cli: Cli, tmp_path: Path) 
     )  # fmt: skip
     assert record["training"]["recipe"] == {"recipe": "trades", "eps": 0.3, "eps_ramp": ROBUST.defend["eps_ramp"],
                                             "alpha": 0.075, "steps": 10, "beta": 6.0}  # fmt: skip
+    rerun = cli("defend", "--preset", "mnist-robust", "--dataset", "mnist-mini", "--epochs", "1", "--batch-size", "200",
+                "--guard-size", "200", "--n-examples", "20", "--device", "cpu", "--out", str(out), "--name", "robust")  # fmt: skip
+    assert rerun.returncode == 0 and "reusing" in rerun.stderr, rerun.stderr[-2000:]
+    assert (out / "models" / "robust.json").read_bytes() == saved  # the record's robustness entry is not rewritten
     metrics = json.loads((out / "metrics" / "robust_metrics.json").read_text())["metrics"]
     assert metrics["n_examples"] == 20 and 0.0 <= metrics["autoattack_accuracy"] <= metrics["examples_clean_accuracy"]
     robustness = json.loads((out / "models" / "robust.json").read_text())["robustness"]  # the record says it too
     assert robustness["threat_model"] == {"norm": "linf", "eps": 0.3, "pixels": "[0, 1]"}
+    assert robustness["protocol"] == "AutoAttack standard" and robustness["attacks"]["square"]["steps"] == 5000
+    assert robustness["attacks"]["apgd-t"]["n_targets"] == robustness["attacks"]["fab-t"]["n_targets"] == 9
     assert robustness["n_examples"] == 20 and robustness["metrics"] == "metrics/robust_metrics.json"
     for key in ("clean_accuracy", "autoattack_accuracy", "robust_accuracy"):
         assert robustness[key] == metrics[key]
@@ -101,6 +124,7 @@ def test_run_gives_the_preset_to_the_blue_team_only(cli: Cli, tmp_path: Path) ->
         (("--preset", "mnist-robust", "--eps", "0.2", "--n-examples", "50"), "", (0.2, 50, 6.0)),
         ((), "[run]\neps = 0.25\n[defend]\npreset = 'mnist-robust'\nbeta = 3.0\n", (0.25, 10_000, 3.0)),
         (("--preset", "mnist-robust", "--defend-eps", "0.1"), "[defend]\neps = 0.2\n", (0.1, 10_000, 6.0)),
+        (("--preset", "mnist-robust"), "[run]\nn_examples = 300\n[defend]\neps = 0.2\n", (0.2, 300, 6.0)),
     ]
     for i, (args, text, (eps, n_examples, beta)) in enumerate(cases):
         config = tmp_path / f"c{i}.toml"
@@ -119,3 +143,52 @@ def test_run_gives_the_preset_to_the_blue_team_only(cli: Cli, tmp_path: Path) ->
     assert plain.returncode == 0, plain.stderr
     recorded = json.loads((tmp_path / "out" / "metrics" / "run_config.json").read_text())
     assert "defend_train" not in recorded and recorded["defend"]["preset"] is None
+
+
+def test_the_preset_is_a_label_outside_the_models_key(mini: Dataset) -> None:
+    """The same settings train the same model with or without the preset's name."""
+    train = build(TrainConfig, None, {}, base=ROBUST.train)
+    plain = build(DefendConfig, None, {}, base=ROBUST.defend)
+    labelled = replace(plain, preset="mnist-robust")
+    assert defense_cache_key("robust", train, labelled, mini) == defense_cache_key("robust", train, plain, mini)
+    assert defense_cache_key("robust", train, replace(plain, beta=3.0), mini) != defense_cache_key("robust", train, plain, mini)
+
+
+def test_the_pipeline_trains_the_blue_team_with_the_presets_config(mini: Dataset, tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    """``run``'s blue team gets ``defend_train``; ``--quick`` shortens it to one epoch without
+    an eps ramp (a 4-epoch ramp in 1 epoch would never reach the eps it is evaluated at)."""
+    seen: list[tuple[TrainConfig, DefendConfig]] = []
+
+    class StopError(Exception):
+        pass
+
+    def fake_defend(out: Path, data: Dataset, train_cfg: TrainConfig, defend_cfg: DefendConfig, **_: object) -> None:
+        seen.append((train_cfg, defend_cfg))
+        raise StopError
+
+    monkeypatch.setattr(pipeline, "defend_stage", fake_defend)
+    monkeypatch.setattr(pipeline, "load_data", lambda *a, **k: mini)
+    blue = build(TrainConfig, None, {}, base=ROBUST.train)
+    defend = build(DefendConfig, None, {"preset": ROBUST.name}, base=ROBUST.defend)
+    for quick in (False, True):
+        wf = pipeline.Workflow(out=tmp_path / str(quick), run=RunConfig(stages=("blueteam",), quick=quick), data=DataConfig(),
+                               train=TrainConfig(), defend=defend, poison=PoisonConfig(), backdoor=BackdoorDefenseConfig(),
+                               defend_train=blue, progress=False)  # fmt: skip
+        with pytest.raises(StopError):
+            pipeline.run_workflow(wf)
+    (full_train, full_defend), (quick_train, quick_defend) = seen
+    assert full_train == blue and full_defend == defend
+    assert (quick_train.model_name, quick_train.epochs, quick_defend.eps_ramp, quick_defend.recipe) == ("cnn-wide", 1, 0, "trades")
+
+
+def test_a_sweep_grid_applies_the_preset_in_every_cell(tmp_path: Path) -> None:
+    path = tmp_path / "grid.toml"
+    path.write_text('[sweep]\nstage = "defend"\n[defend]\npreset = "mnist-robust"\n[axes]\n"defend.beta" = [3.0, 6.0]\n'
+                    '"train.epochs" = [1]\n', encoding="utf-8")  # fmt: skip
+    grid = load_grid(path)
+    for cell in grid.cells:
+        train, defend = cell.configs["train"], cell.configs["defend"]
+        assert (train.model_name, train.epochs, train.lr_schedule) == ("cnn-wide", 1, "one-cycle")
+        assert (defend.recipe, defend.eps, defend.preset) == ("trades", 0.3, "mnist-robust")
+    assert sorted(c.configs["defend"].beta for c in grid.cells) == [3.0, 6.0]

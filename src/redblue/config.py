@@ -12,6 +12,7 @@ import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any, TypeVar
 
 from redblue.attacks import expand
@@ -219,11 +220,17 @@ PRESETS: dict[str, Preset] = {
         name="mnist-robust",
         summary="TRADES (beta 6, 10 steps) on cnn-wide at eps 0.3, evaluated with AutoAttack on all "
         "10,000 test images",
-        train={"model_name": "cnn-wide", "epochs": 15, "batch_size": 100, "lr": 3e-3, "lr_schedule": "one-cycle"},
-        defend={"recipe": "trades", "eps": 0.3, "steps": 10, "beta": 6.0, "eps_ramp": 4, "n_examples": 10_000},
+        train=MappingProxyType(
+            {"model_name": "cnn-wide", "epochs": 15, "batch_size": 100, "lr": 3e-3, "lr_schedule": "one-cycle"}
+        ),
+        defend=MappingProxyType(
+            {"recipe": "trades", "eps": 0.3, "steps": 10, "beta": 6.0, "eps_ramp": 4, "n_examples": 10_000}
+        ),
     ),
 }
-"""``--preset`` (``defend`` and ``run``, or ``preset = "..."`` in the config file's [defend])."""
+"""``--preset`` (``defend`` and ``run``, or ``preset = "..."`` in the [defend] section of a config
+file or a sweep grid). Its settings are measured choices, not guarantees:
+``docs/adversarial-training.md`` says what was measured and what was not."""
 
 
 def find_preset(name: str | None, file: ConfigFile) -> Preset | None:

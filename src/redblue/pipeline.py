@@ -73,7 +73,10 @@ def quick_configs(wf: Workflow) -> Workflow:
         ),
         train=replace(wf.train, epochs=1),
         defend_train=replace(wf.defend_train, epochs=1) if wf.defend_train is not None else None,
-        defend=replace(wf.defend, n_examples=min(wf.defend.n_examples, 200), guard_size=min(wf.defend.guard_size, 200)),
+        # One epoch: a ramp longer than that would never reach the eps the model is evaluated at.
+        defend=replace(
+            wf.defend, n_examples=min(wf.defend.n_examples, 200), guard_size=min(wf.defend.guard_size, 200), eps_ramp=0
+        ),
     )
 
 

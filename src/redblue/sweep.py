@@ -59,6 +59,7 @@ from redblue.config import (
     PoisonConfig,
     TrainConfig,
     build,
+    find_preset,
     load_toml,
 )
 from redblue.data import Dataset
@@ -243,7 +244,10 @@ def load_grid(path: str | Path, data: Dataset | None = None) -> Grid:
                 sections[section][setting] = value
         where = ", ".join(f"{k} = {v!r}" for k, v in point.items())
         try:
-            configs = {s: build(SECTION_CLASSES[s], ConfigFile(grid_path, sections), {}, s) for s in sections}
+            cell_file = ConfigFile(grid_path, sections)
+            preset = find_preset(None, cell_file) if "defend" in sections else None
+            bases = {"train": preset.train, "defend": preset.defend} if preset is not None else {}
+            configs = {s: build(SECTION_CLASSES[s], cell_file, {}, s, base=bases.get(s)) for s in sections}
         except ConfigError as exc:
             raise ConfigError(f"{exc} (in the cell {where})") from None
         model_path = None

@@ -134,8 +134,9 @@ def preset_option(func: F) -> F:
         "--preset",
         type=click.Choice(list(PRESETS)),
         default=None,
-        help=f"A recipe chosen by the project's measurements ({names}; docs/adversarial-training.md). "
-        "Options and config-file settings given with it override its settings. [default: none]",
+        help=f"A named adversarial-training recipe ({names}; what it reaches and what was measured: "
+        "docs/adversarial-training.md). Options and config-file settings given with it override its settings. "
+        "[default: none]",
     )(func)
 
 

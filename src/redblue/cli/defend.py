@@ -74,7 +74,8 @@ from redblue.validate import check_name
     "--n-examples",
     type=int,
     default=None,
-    help="Test images attacked in the robustness evaluation (clean accuracy uses all). [default: 1000]",
+    help="Test images attacked in the robustness evaluation (clean accuracy uses all). "
+    "[default: 1000; 10,000 with --preset mnist-robust]",
 )
 @preset_option
 @data_options
@@ -107,7 +108,7 @@ def defend(config_file: str | None, out: str, force_retrain: bool, name: str, mo
 
     \b
     The robust MNIST preset (TRADES on cnn-wide at eps 0.3, then AutoAttack on all 10,000
-    test images; docs/adversarial-training.md says what it reaches and costs):
+    test images; docs/adversarial-training.md says what was measured):
     redblue defend --preset mnist-robust --name robust
 
     \b
@@ -121,7 +122,8 @@ def defend(config_file: str | None, out: str, force_retrain: bool, name: str, mo
     file, data_cfg, train_cfg = load_configs(config_file, options, ("defend",))
     chosen, preset_train = preset_train_config(preset, file, options)
     if chosen is not None and model_path is not None:
-        raise ConfigError(f"--preset {chosen.name}: not used with --model (a preset trains its own architecture)")
+        given = f"--preset {chosen.name}" if preset is not None else f"{file.path}: [defend] preset = {chosen.name!r}"
+        raise ConfigError(f"{given}: not used with --model (a preset trains its own architecture)")
     train_cfg = preset_train or train_cfg
     if chosen is None:
         defend_cfg = build(DefendConfig, file, options, "defend")

@@ -56,7 +56,11 @@ DEFEND_RESULT = "advtrain"
     help="Blue-team adversarial-training recipe: fgsm (the original's), fgsm-rs, pgd or trades. [default: fgsm-rs]",
 )
 @click.option(
-    "--defend-eps", type=float, default=None, help="Adversarial-training eps. [default: the preset's, else the red-team eps]"
+    "--defend-eps",
+    type=float,
+    default=None,
+    help="Adversarial-training eps. [default: the red-team eps when given (--eps, [run] eps), else the preset's, "
+    "else 0.25]",
 )
 @preset_option
 @click.option(
@@ -67,7 +71,8 @@ DEFEND_RESULT = "advtrain"
     "--n-examples",
     type=int,
     default=None,
-    help="Test images attacked by PGD, the standard suite and the blue team's evaluation. [default: 1000]",
+    help="Test images attacked by PGD, the standard suite and the blue team's evaluation. "
+    "[default: 1000; the blue team's is 10,000 with --preset mnist-robust]",
 )
 @click.option("--size", type=int, default=None, help="Trigger patch size in pixels. [default: 4]")
 @gate_options

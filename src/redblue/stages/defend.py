@@ -258,7 +258,8 @@ def defend_stage(
         "weights": weights, "eps": defend_cfg.eps, "n_examples": n_eval, "seed": train_cfg.seed,
         "checks": check_options, "data": data.identity(), "protocol": "fgsm,pgd,autoattack",
     }  # fmt: skip
-    result_key = sha256_json({"stage": "defend", "model_key": key, **evaluation_inputs})
+    # The preset is a label outside the model's key; the result JSON that names it is keyed by it.
+    result_key = sha256_json({"stage": "defend", "model_key": key, **evaluation_inputs, "preset": defend_cfg.preset})
     if (cached := cached_result(out, name, result_key, DefendResult)) is not None:
         record_robustness(out, name, cached)
         return cached
@@ -304,15 +305,20 @@ def record_robustness(out: Path, name: str, result: DefendResult) -> None:
     _, json_path = model_paths(out, name)
     record = read_record(json_path)
     m = result.metrics
+    attacks = result.evaluation["attacks"]
+    settings = {a: attacks[a]["settings"] for a in ("pgd", "apgd-ce", "apgd-t", "fab-t", "square") if a in attacks}
+    standard = all(settings.get(a, {}).get(k) == DEFAULTS[a][k]
+                   for a, k in (("apgd-t", "n_targets"), ("fab-t", "n_targets"), ("square", "steps")))  # fmt: skip
     robustness = {
         "threat_model": {"norm": "linf", "eps": result.config["defend"]["eps"], "pixels": "[0, 1]"},
-        "protocol": "AutoAttack standard (APGD-CE, APGD-T, FAB-T, Square 5,000 queries), with PGD-40 x3 in the worst case",
+        "protocol": "AutoAttack standard" if standard else "AutoAttack reduced (--quick: fewer targets and queries)",
+        "attacks": settings,
         "n_examples": m["n_examples"],
         "clean_accuracy": m["clean_accuracy"],
         "autoattack_accuracy": m["autoattack_accuracy"],
         "robust_accuracy": m["robust_accuracy"],
         "warnings": [w["id"] for w in result.warnings],
-        "metrics": f"metrics/{name}_metrics.json",
+        "metrics": f"metrics/{name}_metrics.json",  # in the output folder, beside models/
     }
     if record.get("robustness") != robustness:  # a rerun that reuses the evaluation writes nothing
         atomic_write_json(json_path, {**record, "robustness": robustness})
