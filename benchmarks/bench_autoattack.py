@@ -33,9 +33,8 @@ import torch
 
 from benchmarks.common import data_dir, peak_rss_mib, write
 from redblue.artifacts import load_model
-from redblue.attacks import DEFAULTS
 from redblue.data import load_dataset, to_float
-from redblue.evaluation import evaluate_robustness
+from redblue.evaluation import evaluate_robustness, is_standard_autoattack
 
 
 def reference_autoattack(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float,
@@ -77,9 +76,7 @@ def _redblue(args: argparse.Namespace, loaded: Any, model: torch.nn.Module, x_u8
         if not same:
             raise SystemExit(f"{args.redblue_metrics}: another model, eps, image count or dataset than "
                              "--model/--eps/--n-examples on MNIST")  # fmt: skip
-        full = all(attacks[a]["settings"].get(k) == DEFAULTS[a][k]
-                   for a, k in (("apgd-t", "n_targets"), ("fab-t", "n_targets"), ("square", "steps")))  # fmt: skip
-        if not full:
+        if not is_standard_autoattack(attacks):
             raise SystemExit(f"{args.redblue_metrics}: a reduced AutoAttack (--quick), not the standard protocol")
         print(f"redblue autoattack (from {args.redblue_metrics}): robust {100 * m['autoattack_accuracy']:.2f}%")
         return {"from": str(args.redblue_metrics), "seconds": None, "clean_accuracy": m["examples_clean_accuracy"],

@@ -24,7 +24,7 @@ from redblue.artifacts import load_model
 from redblue.attacks import CASCADES, DEFAULTS, expand, is_cascade
 from redblue.data import Dataset, to_float
 from redblue.errors import ConfigError
-from redblue.evaluation import evaluate_robustness
+from redblue.evaluation import evaluate_robustness, is_standard_autoattack
 from redblue.evaluation.robustness import per_class_accuracy
 from redblue.results import DefendResult
 
@@ -38,6 +38,18 @@ def test_autoattack_is_the_standard_version_with_the_papers_settings() -> None:
     assert DEFAULTS["apgd-t"] == {"steps": 100, "restarts": 1, "n_targets": 9}
     assert DEFAULTS["fab-t"] == {"steps": 100, "restarts": 1, "n_targets": 9}
     assert DEFAULTS["square"]["steps"] == 5000 and DEFAULTS["square"]["restarts"] == 1
+
+
+def test_only_the_papers_settings_count_as_the_standard_protocol() -> None:
+    """What the model record's ``protocol`` and the reference benchmark's refusal rest on."""
+    standard = {a: {"settings": {"eps": 0.3, "norm": "linf", **DEFAULTS[a]}} for a in CASCADES["autoattack"]}
+    assert is_standard_autoattack(standard)
+    assert is_standard_autoattack({**standard, "pgd": {"settings": {"steps": 40}}})  # extra attacks do not matter
+    for attack, key, value in (("apgd-t", "n_targets", 3), ("fab-t", "n_targets", 3), ("square", "steps", 1000),
+                               ("apgd-ce", "steps", 10), ("fab-t", "restarts", 2)):  # fmt: skip
+        reduced = {**standard, attack: {"settings": {**standard[attack]["settings"], key: value}}}
+        assert not is_standard_autoattack(reduced), (attack, key)
+    assert not is_standard_autoattack({a: v for a, v in standard.items() if a != "square"})
 
 
 def test_per_class_accuracy_by_hand() -> None:

@@ -23,6 +23,7 @@ from redblue.config import (
     TrainConfig,
     build,
     find_preset,
+    preset_bases,
     load_toml,
 )
 from redblue.data import Dataset
@@ -56,6 +57,19 @@ def test_the_file_and_the_options_override_the_preset(tmp_path: Path) -> None:
     assert (train.model_name, train.epochs, train.lr) == ("cnn-wide", 3, 1e-3)  # preset, file, option
     assert (defend.recipe, defend.beta, defend.steps, defend.preset) == ("trades", 3.0, 5, "mnist-robust")
     assert find_preset(None, load_toml(None)) is None
+
+
+def test_the_preset_bases_cover_training_and_defence_and_carry_the_label(tmp_path: Path) -> None:
+    """The one place defend, run and sweep grids read a preset from."""
+    assert preset_bases(None, load_toml(None)) == (None, {})
+    config = tmp_path / "c.toml"
+    config.write_text("[defend]\npreset = 'mnist-robust'\n", encoding="utf-8")
+    for name, file in (("mnist-robust", load_toml(None)), (None, load_toml(config, ("defend",)))):
+        preset, bases = preset_bases(name, file)
+        assert preset is ROBUST and set(bases) == {"train", "defend"}
+        assert dict(bases["train"]) == dict(ROBUST.train)
+        assert dict(bases["defend"]) == {**ROBUST.defend, "preset": "mnist-robust"}
+        assert build(DefendConfig, None, {}, base=bases["defend"]).preset == "mnist-robust"
 
 
 @pytest.mark.parametrize("text", ["[defend]\npreset = 'mnist-robustest'\n", "[defend]\npreset = 3\n"])

@@ -249,6 +249,17 @@ def find_preset(name: str | None, file: ConfigFile) -> Preset | None:
     return PRESETS[name]
 
 
+def preset_bases(name: str | None, file: ConfigFile) -> tuple[Preset | None, dict[str, Mapping[str, Any]]]:
+    """The preset named by ``--preset`` or the file's [defend] ``preset`` (:func:`find_preset`)
+    and the settings it lays under each config section, for :func:`build`'s ``base``: its
+    ``train`` and its ``defend`` settings, the latter with the preset's name as the label.
+    ``(None, {})`` when no preset is named."""
+    preset = find_preset(name, file)
+    if preset is None:
+        return None, {}
+    return preset, {"train": preset.train, "defend": MappingProxyType({**preset.defend, "preset": preset.name})}
+
+
 @dataclass(frozen=True)
 class DefendConfig:
     """Adversarial training: the recipe, its threat model (L-inf, pixel units) and its guard.

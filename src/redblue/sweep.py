@@ -59,8 +59,8 @@ from redblue.config import (
     PoisonConfig,
     TrainConfig,
     build,
-    find_preset,
     load_toml,
+    preset_bases,
 )
 from redblue.data import Dataset
 from redblue.errors import ConfigError, IntegrityError, RedblueError
@@ -245,8 +245,7 @@ def load_grid(path: str | Path, data: Dataset | None = None) -> Grid:
         where = ", ".join(f"{k} = {v!r}" for k, v in point.items())
         try:
             cell_file = ConfigFile(grid_path, sections)
-            preset = find_preset(None, cell_file) if "defend" in sections else None
-            bases = {"train": preset.train, "defend": preset.defend} if preset is not None else {}
+            _, bases = preset_bases(None, cell_file) if "defend" in sections else (None, {})
             configs = {s: build(SECTION_CLASSES[s], cell_file, {}, s, base=bases.get(s)) for s in sections}
         except ConfigError as exc:
             raise ConfigError(f"{exc} (in the cell {where})") from None

@@ -18,10 +18,8 @@ from redblue.config import (
     PRESETS,
     ConfigFile,
     DataConfig,
-    Preset,
     TrainConfig,
     build,
-    find_preset,
     load_toml,
 )
 from redblue.data import Dataset, to_float
@@ -138,18 +136,6 @@ def preset_option(func: F) -> F:
         "docs/adversarial-training.md). Options and config-file settings given with it override its settings. "
         "[default: none]",
     )(func)
-
-
-def preset_train_config(
-    preset_name: str | None, file: ConfigFile, options: dict[str, Any]
-) -> tuple[Preset | None, TrainConfig | None]:
-    """(the preset named by --preset or the file's [defend] preset, the training config of the
-    model it trains: the preset's settings under the file's [train] and the options), or
-    (None, None) when no preset is named."""
-    preset = find_preset(preset_name, file)
-    if preset is None:
-        return None, None
-    return preset, build(TrainConfig, file, options, "train", base=preset.train)
 
 
 def load_configs(

@@ -9,17 +9,15 @@ import click
 from redblue.cli.common import (
     check_output_dir,
     data_options,
-    load_configs,
     load_model_for,
     optional_model_options,
     output_options,
     pop_model_options,
     preset_option,
-    preset_train_config,
     save_effective_config,
     train_options,
 )
-from redblue.config import RECIPES, DefendConfig, build
+from redblue.config import RECIPES, DataConfig, DefendConfig, TrainConfig, build, load_toml, preset_bases
 from redblue.errors import ConfigError
 from redblue.report.stage_plots import render_stage_plots
 from redblue.stages import check_fine_tune, defend_stage, load_data
@@ -119,16 +117,14 @@ def defend(config_file: str | None, out: str, force_retrain: bool, name: str, mo
     model_opts = pop_model_options(options)
     if model_path is not None and options.get("model_name") is not None:
         raise ConfigError("--model-name: not used with --model (fine-tuning keeps the given model's architecture)")
-    file, data_cfg, train_cfg = load_configs(config_file, options, ("defend",))
-    chosen, preset_train = preset_train_config(preset, file, options)
+    file = load_toml(config_file, ("data", "train", "defend"))
+    chosen, bases = preset_bases(preset, file)  # the preset's settings lie under the file's and the options'
     if chosen is not None and model_path is not None:
         given = f"--preset {chosen.name}" if preset is not None else f"{file.path}: [defend] preset = {chosen.name!r}"
         raise ConfigError(f"{given}: not used with --model (a preset trains its own architecture)")
-    train_cfg = preset_train or train_cfg
-    if chosen is None:
-        defend_cfg = build(DefendConfig, file, options, "defend")
-    else:
-        defend_cfg = build(DefendConfig, file, {**options, "preset": chosen.name}, "defend", base=chosen.defend)
+    data_cfg = build(DataConfig, file, options, "data")
+    train_cfg = build(TrainConfig, file, options, "train", base=bases.get("train"))
+    defend_cfg = build(DefendConfig, file, options, "defend", base=bases.get("defend"))
     check_name("name", name)
     device = resolve_device(train_cfg.device)
     out_dir = check_output_dir(out)

@@ -16,11 +16,20 @@ from redblue.cli.common import (
     load_configs,
     output_options,
     preset_option,
-    preset_train_config,
     split_list,
     train_options,
 )
-from redblue.config import RECIPES, RUN_STAGES, BackdoorDefenseConfig, DefendConfig, PoisonConfig, RunConfig, build
+from redblue.config import (
+    RECIPES,
+    RUN_STAGES,
+    BackdoorDefenseConfig,
+    DefendConfig,
+    PoisonConfig,
+    RunConfig,
+    TrainConfig,
+    build,
+    preset_bases,
+)
 from redblue.errors import IntegrityError
 from redblue.pipeline import Workflow, run_workflow
 from redblue.report.summary import console_table
@@ -118,7 +127,8 @@ def run(
                     "run")
     # The blue team defaults to the red team's eps and image count; [defend] and the options win.
     # A preset's eps and image count win over the red team's defaults, not over values given.
-    chosen, defend_train = preset_train_config(preset, file, options)
+    chosen, bases = preset_bases(preset, file)
+    defend_train = build(TrainConfig, file, options, "train", base=bases["train"]) if chosen is not None else None
     in_file = {k.replace("-", "_") for k in file.section("defend") or {}}
     in_run = {k.replace("-", "_") for k in file.section("run") or {}}
     stated = {"eps": eps is not None or "eps" in in_run, "n_examples": n_examples is not None or "n_examples" in in_run}
@@ -127,9 +137,7 @@ def run(
         if k not in in_file and (chosen is None or k not in chosen.defend or stated[k])
     }  # fmt: skip
     given = {k: v for k, v in (("recipe", recipe), ("eps", defend_eps)) if v is not None}
-    if chosen is not None:
-        given["preset"] = chosen.name
-    defend_cfg = build(DefendConfig, file, {**defaults, **given}, "defend", base=chosen.defend if chosen else None)
+    defend_cfg = build(DefendConfig, file, {**defaults, **given}, "defend", base=bases.get("defend"))
     poison_cfg = build(PoisonConfig, file, {"rate": rate, "target": target, "size": size}, "poison")
     backdoor_cfg = build(BackdoorDefenseConfig, file, {}, "backdoor")
     out_dir = check_output_dir(out)

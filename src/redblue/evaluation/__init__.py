@@ -8,7 +8,13 @@
 """
 
 from redblue.evaluation.checks import CHECKS, SQUARE_QUERIES, run_checks
-from redblue.evaluation.robustness import DEFAULT_SWEEP, SWEEP_CAP, eps_sweep, evaluate_robustness
+from redblue.evaluation.robustness import (
+    DEFAULT_SWEEP,
+    SWEEP_CAP,
+    eps_sweep,
+    evaluate_robustness,
+    is_standard_autoattack,
+)
 from redblue.evaluation.runner import (
     N_SAMPLES,
     AttackResult,
@@ -28,6 +34,7 @@ __all__ = [
     "RobustnessResult",
     "eps_sweep",
     "evaluate_robustness",
+    "is_standard_autoattack",
     "run_attack",
     "run_checks",
     "sample_predictions",

@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 from torch import nn
 
-from redblue.attacks import expand, is_cascade, resolve_settings
+from redblue.attacks import CASCADES, DEFAULTS, expand, is_cascade, resolve_settings
 from redblue.attacks.projection import check_settings, pixels
 from redblue.errors import ConfigError
 from redblue.evaluation.checks import run_checks
@@ -38,6 +39,17 @@ DEFAULT_SWEEP = {
 """Default eps grids: 0, 0.05, ..., 0.4 (L∞) and 0, 0.5, ..., 4 (L2)."""
 SWEEP_CAP = {"linf": 1.0, "l2": 10.0}
 """The sweep continues past its grid (same spacing) until accuracy is 0, up to this eps."""
+
+
+def is_standard_autoattack(attacks: Mapping[str, Mapping[str, Any]]) -> bool:
+    """Whether an evaluation ran AutoAttack's standard protocol: every attack of the
+    ``autoattack`` cascade present with the paper's settings (:data:`redblue.attacks.DEFAULTS`),
+    not a reduced one such as ``--quick``'s (fewer targets and queries). ``attacks`` is a result
+    JSON's ``evaluation.attacks``: attack name to an entry with its ``settings``."""
+    return all(
+        name in attacks and all(attacks[name]["settings"].get(key) == value for key, value in DEFAULTS[name].items())
+        for name in CASCADES["autoattack"]
+    )
 
 
 def evaluate_robustness(

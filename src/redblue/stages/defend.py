@@ -23,7 +23,7 @@ from redblue.config import DataConfig, DefendConfig, TrainConfig
 from redblue.data import Dataset, to_float
 from redblue.defenses.adversarial import train_defended
 from redblue.errors import ConfigError
-from redblue.evaluation import DEFAULT_SWEEP, eps_sweep, evaluate_robustness, run_checks
+from redblue.evaluation import DEFAULT_SWEEP, eps_sweep, evaluate_robustness, is_standard_autoattack, run_checks
 from redblue.evaluation.robustness import per_class_accuracy
 from redblue.results import DefendResult
 from redblue.stages.baseline import clean_metrics
@@ -307,11 +307,9 @@ def record_robustness(out: Path, name: str, result: DefendResult) -> None:
     m = result.metrics
     attacks = result.evaluation["attacks"]
     settings = {a: attacks[a]["settings"] for a in ("pgd", "apgd-ce", "apgd-t", "fab-t", "square") if a in attacks}
-    standard = all(settings.get(a, {}).get(k) == DEFAULTS[a][k]
-                   for a, k in (("apgd-t", "n_targets"), ("fab-t", "n_targets"), ("square", "steps")))  # fmt: skip
     robustness = {
         "threat_model": {"norm": "linf", "eps": result.config["defend"]["eps"], "pixels": "[0, 1]"},
-        "protocol": "AutoAttack standard" if standard else "AutoAttack reduced (--quick: fewer targets and queries)",
+        "protocol": "AutoAttack standard" if is_standard_autoattack(attacks) else "AutoAttack reduced (--quick: fewer targets and queries)",
         "attacks": settings,
         "n_examples": m["n_examples"],
         "clean_accuracy": m["clean_accuracy"],
