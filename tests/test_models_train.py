@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch import nn
 
 from redblue.config import TrainConfig
 from redblue.data import Dataset
@@ -56,6 +57,17 @@ def test_every_registered_model_maps_pixels_to_logits(name: str) -> None:
     out = build_model(name).eval()(torch.rand(3, 1, 28, 28))
     assert out.shape == (3, 10)
     assert not torch.allclose(out.softmax(1).sum(1), out.sum(1))  # logits, not probabilities
+
+
+def test_the_smooth_wide_model_is_cnn_wide_with_silu() -> None:
+    """Same weights from the same seed, every ReLU a SiLU, so a different function."""
+    smooth, wide = build_model("cnn-wide-silu", seed=0), build_model("cnn-wide", seed=0)
+    a, b = smooth.state_dict(), wide.state_dict()
+    assert list(a) == list(b) and all(torch.equal(a[k], b[k]) for k in a)
+    kinds = [type(m) for m in smooth.modules()]
+    assert nn.ReLU not in kinds and kinds.count(nn.SiLU) == [type(m) for m in wide.modules()].count(nn.ReLU) == 3
+    x = torch.rand(2, 1, 28, 28)
+    assert not torch.allclose(smooth.eval()(x), wide.eval()(x))
 
 
 def test_unknown_model_is_a_config_error() -> None:

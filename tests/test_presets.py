@@ -23,8 +23,8 @@ from redblue.config import (
     TrainConfig,
     build,
     find_preset,
-    preset_bases,
     load_toml,
+    preset_bases,
 )
 from redblue.data import Dataset
 from redblue.errors import ConfigError

@@ -99,7 +99,7 @@ def train_options(func: F) -> F:
                 "--model-name",
                 type=click.Choice(list(MODELS)),
                 default=None,
-                help="Architecture from the model registry: cnn, cnn-keras (the same network in Keras's slower layer order), cnn-small, cnn-wide or cnn-large. [default: cnn]",
+                help="Architecture from the model registry: cnn, cnn-keras (the same network in Keras's slower layer order), cnn-small, cnn-wide, cnn-wide-silu (cnn-wide with SiLU activations) or cnn-large. [default: cnn]",
             ),
         ]
     ):
