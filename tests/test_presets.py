@@ -139,6 +139,7 @@ def test_run_gives_the_preset_to_the_blue_team_only(cli: Cli, tmp_path: Path) ->
         ((), "[run]\neps = 0.25\n[defend]\npreset = 'mnist-robust'\nbeta = 3.0\n", (0.25, 10_000, 3.0)),
         (("--preset", "mnist-robust", "--defend-eps", "0.1"), "[defend]\neps = 0.2\n", (0.1, 10_000, 6.0)),
         (("--preset", "mnist-robust"), "[run]\nn_examples = 300\n[defend]\neps = 0.2\n", (0.2, 300, 6.0)),
+        (("--preset", "mnist-robust"), "[defend]\npreset = 'mnist-robustest'\n", (0.3, 10_000, 6.0)),  # the option wins
     ]
     for i, (args, text, (eps, n_examples, beta)) in enumerate(cases):
         config = tmp_path / f"c{i}.toml"

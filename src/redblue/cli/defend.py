@@ -118,13 +118,14 @@ def defend(config_file: str | None, out: str, force_retrain: bool, name: str, mo
     if model_path is not None and options.get("model_name") is not None:
         raise ConfigError("--model-name: not used with --model (fine-tuning keeps the given model's architecture)")
     file = load_toml(config_file, ("data", "train", "defend"))
+    data_cfg = build(DataConfig, file, options, "data")
     chosen, bases = preset_bases(preset, file)  # the preset's settings lie under the file's and the options'
     if chosen is not None and model_path is not None:
         given = f"--preset {chosen.name}" if preset is not None else f"{file.path}: [defend] preset = {chosen.name!r}"
         raise ConfigError(f"{given}: not used with --model (a preset trains its own architecture)")
-    data_cfg = build(DataConfig, file, options, "data")
     train_cfg = build(TrainConfig, file, options, "train", base=bases.get("train"))
-    defend_cfg = build(DefendConfig, file, options, "defend", base=bases.get("defend"))
+    # --preset's label wins over the file's, as its settings do
+    defend_cfg = build(DefendConfig, file, {**options, "preset": preset}, "defend", base=bases.get("defend"))
     check_name("name", name)
     device = resolve_device(train_cfg.device)
     out_dir = check_output_dir(out)

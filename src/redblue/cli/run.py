@@ -136,7 +136,7 @@ def run(
         k: v for k, v in (("eps", run_cfg.eps), ("n_examples", run_cfg.n_examples))
         if k not in in_file and (chosen is None or k not in chosen.defend or stated[k])
     }  # fmt: skip
-    given = {k: v for k, v in (("recipe", recipe), ("eps", defend_eps)) if v is not None}
+    given = {k: v for k, v in (("recipe", recipe), ("eps", defend_eps), ("preset", preset)) if v is not None}
     defend_cfg = build(DefendConfig, file, {**defaults, **given}, "defend", base=bases.get("defend"))
     poison_cfg = build(PoisonConfig, file, {"rate": rate, "target": target, "size": size}, "poison")
     backdoor_cfg = build(BackdoorDefenseConfig, file, {}, "backdoor")
