@@ -372,8 +372,9 @@ class BackdoorAuditConfig:
     """Neural Cleanse on a model and clean images (``redblue audit-backdoor``).
 
     ``n_images`` clean test images (the first ones) feed the optimisation; at most ``epochs`` x
-    ``steps_per_epoch`` steps of ``batch_size`` images per class, stopped early once no class's
-    trigger has shrunk by 1% for ``early_stop`` epochs; ``target_asr`` is the attack success
+    ``steps_per_epoch`` steps of ``batch_size`` images per class and start, from ``restarts``
+    independent starts per class side by side (each class keeps its smallest checked trigger),
+    stopped early once no class's trigger has shrunk by 1% for ``early_stop`` epochs; ``target_asr`` is the attack success
     rate a reversed trigger must reach on all those images of the other classes (checked, not
     only on the batches), and the L1 cost changes after ``cost_patience`` epochs
     in a row that reach it or miss it. A class is flagged when its mask
@@ -397,7 +398,8 @@ class BackdoorAuditConfig:
     n_images: int = 1000
     epochs: int = 70
     steps_per_epoch: int = 30
-    batch_size: int = 16
+    batch_size: int = 8
+    restarts: int = 2
     lr: float = 0.1
     init_cost: float = 1e-3
     target_asr: float = 0.99
@@ -427,6 +429,7 @@ class BackdoorAuditConfig:
         check_int("epochs", self.epochs, 1, 10_000)
         check_int("steps_per_epoch", self.steps_per_epoch, 1, 100_000)
         check_int("batch_size", self.batch_size, 1, 100_000)
+        check_int("restarts", self.restarts, 1, 16)
         check_float("lr", self.lr, 0.0, None, low_open=True)
         check_float("init_cost", self.init_cost, 0.0, None, low_open=True)
         check_float("target_asr", self.target_asr, 0.0, 1.0, low_open=True)

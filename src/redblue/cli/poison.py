@@ -288,7 +288,10 @@ def read_indices(path: Path) -> tuple[torch.Tensor, str]:
                    "for this many epochs. [default: 6]")
 @click.option("--cost-patience", type=int, default=None,
               help="Epochs in a row that reach (or miss) --target-asr before the L1 cost changes. [default: 2]")
-@click.option("--batch-size", type=int, default=None, help="Images per class per step. [default: 16]")
+@click.option("--batch-size", type=int, default=None, help="Images per class and start per step. [default: 8]")
+@click.option("--restarts", type=int, default=None,
+              help="Independent starts per class, optimised side by side; each class keeps its smallest "
+                   "checked trigger. [default: 2]")
 @click.option("--target-asr", type=float, default=None,
               help="Success rate a reversed trigger must reach on all the --n-images of the other classes. [default: 0.99]")
 @click.option("--seed", type=int, default=None, help="Seeds the initialisation and the batches. [default: 0]")

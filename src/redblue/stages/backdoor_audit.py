@@ -147,7 +147,8 @@ def cleanse(net: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: Backdoo
     override them, e.g. :func:`restore_options`). The stage and the benchmarks call this, so
     the judging they run is the same."""
     settings: dict[str, Any] = {
-        "epochs": cfg.epochs, "steps_per_epoch": cfg.steps_per_epoch, "batch_size": cfg.batch_size, "lr": cfg.lr,
+        "epochs": cfg.epochs, "steps_per_epoch": cfg.steps_per_epoch, "batch_size": cfg.batch_size,
+        "restarts": cfg.restarts, "lr": cfg.lr,
         "init_cost": cfg.init_cost, "target_asr": cfg.target_asr, "patience": cfg.cost_patience,
         "early_stop": cfg.early_stop, "seed": cfg.seed,
     }  # fmt: skip
@@ -330,8 +331,8 @@ def audit_backdoor_stage(
     weights = str(loaded.record.get("weights_sha256"))
     settings = dataclasses.asdict(cfg)
     settings.pop("device")
-    nc_settings = {k: settings[k] for k in ("n_images", "epochs", "steps_per_epoch", "batch_size", "lr", "init_cost",
-                                            "target_asr", "cost_patience", "early_stop", "seed")}  # fmt: skip
+    nc_settings = {k: settings[k] for k in ("n_images", "epochs", "steps_per_epoch", "batch_size", "restarts", "lr",
+                                            "init_cost", "target_asr", "cost_patience", "early_stop", "seed")}  # fmt: skip
     key = sha256_json({"stage": "backdoor_audit", "algorithm": ALGORITHM, "settings": settings, "weights": weights,
                        "data": data.identity()})
     cached = cached_result(out, name, key, BackdoorAuditResult)
