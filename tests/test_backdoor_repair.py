@@ -225,7 +225,7 @@ def test_audit_backdoor_cli_flags_and_repairs_a_users_model(digits_backdoor: dic
              x_test=_u8(x_test), y_test=y_test.numpy())  # fmt: skip
     np.savez(tmp_path / "test_only.npz", x_test=_u8(x_test), y_test=y_test.numpy())
     common = ["audit-backdoor", "--model", "net.py:build", "--weights", "suspect.safetensors", "--epochs", "20",
-              "--steps-per-epoch", "20", "--batch-size", "16", "--device", "cpu", "--strip-copies", "16"]  # fmt: skip
+              "--steps-per-epoch", "20", "--batch-size", "8", "--device", "cpu", "--strip-copies", "16"]  # fmt: skip
     refused = run_cli(*common, "--dataset", "test_only.npz", "--repair", "unlearn", "--out", "none", cwd=tmp_path)
     assert refused.returncode == 2 and "needs clean training images" in refused.stderr
     assert "Traceback" not in refused.stderr and not (tmp_path / "none" / "metrics").exists()
