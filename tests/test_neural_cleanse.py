@@ -205,6 +205,47 @@ def test_kept_trigger_is_the_smallest_candidate_that_passes_on_all_images() -> N
     assert success_rate(Threshold(), images, zero, pattern, 1, chunk=4) == pytest.approx(1 / 6)
 
 
+def test_check_gives_up_early_looks_at_past_misses_first_and_keeps_the_verdict() -> None:
+    """The check of a candidate stops once more images stay unmoved than ``target_asr``
+    allows, and the next check of that class looks at those images first; the verdict and a
+    passing trigger's rate are the full check's (by hand on a stub model: an image moves to
+    class 1 when its pixel sum is over 2.5)."""
+    from redblue.defenses.neural_cleanse import _Triggers, allowed_misses, hits
+
+    class Threshold(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            s = x.flatten(1).sum(1)
+            return torch.stack([torch.zeros_like(s), s - 2.5], dim=1)
+
+    assert [allowed_misses(n, 0.99) for n in (1, 99, 100, 200, 900)] == [0, 0, 1, 2, 9]
+    assert allowed_misses(10, 0.5) == 5 and allowed_misses(10, 1.0) == 0 and allowed_misses(0, 0.9) == 0
+    images = torch.zeros(10, 1, 2, 2)
+    images[6:, 0, 0, :] = 1.0  # images 6-9 are brighter: a mask of 0.5 everywhere moves them
+    zero, pattern = torch.zeros(2, 2), torch.ones(1, 2, 2)
+    half, most = torch.full((2, 2), 0.5), torch.full((2, 2), 0.75)
+    assert hits(Threshold(), images, half, pattern, 1, chunk=3).tolist() == [False] * 6 + [True] * 4
+    assert hits(Threshold(), images, half, pattern, 1, chunk=3, max_misses=2).tolist() == [False] * 3  # gave up
+    assert hits(Threshold(), images, most, pattern, 1, index=torch.tensor([9, 8]), chunk=1, max_misses=0).numel() == 2
+    assert hits(Threshold(), images, zero, pattern, 1, index=torch.tensor([9, 8]), chunk=1, max_misses=0).numel() == 1
+    triggers = _Triggers(Threshold(), images, [torch.arange(0, 1), torch.arange(0, 10)], target_asr=0.5)
+    triggers.CHUNK = 2
+    triggers.offer(1, 2.0, half, pattern)  # moves 4 of 10: fails (at most 5 misses allowed)
+    triggers.settle(1)
+    assert not torch.isfinite(triggers.l1[1])
+    assert triggers.order[1].tolist() == list(range(10))  # gave up after 6 misses in 3 chunks: they stay first
+    triggers.order[1] = triggers.order[1].flip(0)  # the moved images first: the check runs to the end
+    triggers.offer(1, 2.0, half, pattern)
+    triggers.settle(1)
+    assert not torch.isfinite(triggers.l1[1]) and triggers.order[1][:6].tolist() == [5, 4, 3, 2, 1, 0]  # misses moved first
+    triggers.offer(1, 3.0, most, pattern)  # moves all: passes, with the full check's rate
+    triggers.settle(1)
+    assert float(triggers.l1[1]) == 3.0 and float(triggers.asr[1]) == 1.0
+    other = _Triggers(Threshold(), images, [torch.arange(0, 1), torch.arange(4, 10)], target_asr=0.5)
+    other.offer(1, 2.0, half, pattern)  # moves 4 of 6 (images 6-9): a pass below 1
+    other.settle(1)
+    assert float(other.l1[1]) == 2.0 and float(other.asr[1]) == pytest.approx(4 / 6)
+
+
 def test_total_variation_by_hand() -> None:
     """Neighbouring differences down and across: an isolated pixel inside the image 4, at a
     corner 2, an interior 2 x 2 block 8, a constant mask 0; leading dimensions kept."""

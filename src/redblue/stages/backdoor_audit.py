@@ -141,17 +141,20 @@ def verdict_text(classes: list[dict[str, Any]], max_index: float | None, size_ra
             f"{saved}{notes}")  # fmt: skip
 
 
+NC_FIELDS = {"epochs": "epochs", "steps_per_epoch": "steps_per_epoch", "batch_size": "batch_size",
+             "restarts": "restarts", "lr": "lr", "init_cost": "init_cost", "target_asr": "target_asr",
+             "cost_patience": "patience", "early_stop": "early_stop", "seed": "seed"}  # fmt: skip
+"""The fields of :class:`BackdoorAuditConfig` that :func:`cleanse` passes to
+:func:`neural_cleanse`, and the argument each becomes; with ``n_images`` they are what a
+cached judging depends on."""
+
+
 def cleanse(net: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: BackdoorAuditConfig, *,
             progress: bool = False, **options: Any) -> CleanseResult:  # fmt: skip
     """:func:`neural_cleanse` with the audit's settings ``cfg`` (``options`` add to them or
     override them, e.g. :func:`restore_options`). The stage and the benchmarks call this, so
     the judging they run is the same."""
-    settings: dict[str, Any] = {
-        "epochs": cfg.epochs, "steps_per_epoch": cfg.steps_per_epoch, "batch_size": cfg.batch_size,
-        "restarts": cfg.restarts, "lr": cfg.lr,
-        "init_cost": cfg.init_cost, "target_asr": cfg.target_asr, "patience": cfg.cost_patience,
-        "early_stop": cfg.early_stop, "seed": cfg.seed,
-    }  # fmt: skip
+    settings = {argument: getattr(cfg, field) for field, argument in NC_FIELDS.items()}
     return neural_cleanse(net, x, y, **{**settings, **options}, progress=progress)
 
 
@@ -331,8 +334,7 @@ def audit_backdoor_stage(
     weights = str(loaded.record.get("weights_sha256"))
     settings = dataclasses.asdict(cfg)
     settings.pop("device")
-    nc_settings = {k: settings[k] for k in ("n_images", "epochs", "steps_per_epoch", "batch_size", "restarts", "lr",
-                                            "init_cost", "target_asr", "cost_patience", "early_stop", "seed")}  # fmt: skip
+    nc_settings = {k: settings[k] for k in ("n_images", *NC_FIELDS)}
     key = sha256_json({"stage": "backdoor_audit", "algorithm": ALGORITHM, "settings": settings, "weights": weights,
                        "data": data.identity()})
     cached = cached_result(out, name, key, BackdoorAuditResult)
