@@ -219,6 +219,9 @@ def test_check_gives_up_early_looks_at_past_misses_first_and_keeps_the_verdict()
 
     assert [allowed_misses(n, 0.99) for n in (1, 99, 100, 200, 900)] == [0, 0, 1, 2, 9]
     assert allowed_misses(10, 0.5) == 5 and allowed_misses(10, 1.0) == 0 and allowed_misses(0, 0.9) == 0
+    for target in (1.0, 0.99, 0.999999, 0.9, 0.5, 1 / 3, 0.1, 1e-9):  # against the definition, by brute force
+        for n in range(1, 1200):
+            assert allowed_misses(n, target) == max(m for m in range(n + 1) if (n - m) / n >= target), (n, target)
     images = torch.zeros(10, 1, 2, 2)
     images[6:, 0, 0, :] = 1.0  # images 6-9 are brighter: a mask of 0.5 everywhere moves them
     zero, pattern = torch.zeros(2, 2), torch.ones(1, 2, 2)
@@ -243,7 +246,12 @@ def test_check_gives_up_early_looks_at_past_misses_first_and_keeps_the_verdict()
     other = _Triggers(Threshold(), images, [torch.arange(0, 1), torch.arange(4, 10)], target_asr=0.5)
     other.offer(1, 2.0, half, pattern)  # moves 4 of 6 (images 6-9): a pass below 1
     other.settle(1)
-    assert float(other.l1[1]) == 2.0 and float(other.asr[1]) == pytest.approx(4 / 6)
+    assert float(other.l1[1]) == 2.0 and float(other.asr[1]) == torch.tensor(4 / 6).item()
+    edge = _Triggers(Threshold(), images, [torch.arange(0, 1), torch.arange(2, 10)], target_asr=0.5)
+    edge.CHUNK = 3
+    edge.offer(1, 2.0, half, pattern)  # 4 of 8 move: exactly as many misses as allowed, a pass at 0.5
+    edge.settle(1)
+    assert float(edge.l1[1]) == 2.0 and float(edge.asr[1]) == 0.5
 
 
 def test_total_variation_by_hand() -> None:

@@ -303,7 +303,7 @@ class _Triggers:
         self.mask = torch.zeros((k, h, w), device=images.device)
         self.pattern = torch.zeros((k, c, h, w), device=images.device)
         self.candidates: list[list[tuple[float, torch.Tensor, torch.Tensor]]] = [[] for _ in range(k)]
-        self.order = list(pools)  # per class, its pool with the images its last check missed first
+        self.order = [p.to(images.device) for p in pools]  # per class, its pool, the last check's misses first
 
     def offer(self, t: int, l1: float, mask: torch.Tensor, pattern: torch.Tensor) -> None:
         """A candidate for class ``t`` (kept only if smaller than its checked trigger)."""
@@ -428,7 +428,7 @@ def neural_cleanse(
             bar = tqdm(range(epochs), desc="neural cleanse", disable=not progress, leave=False)
             for epoch in bar:
                 epochs_run = epoch + 1
-                hits = torch.zeros(rows, device=device)
+                epoch_hits = torch.zeros(rows, device=device)
                 for _ in range(steps_per_epoch):
                     picks = torch.stack([pool[torch.randint(pool.numel(), (batch_size,), generator=generator).to(pool.device)]
                                          for pool in row_pools])  # fmt: skip
@@ -443,8 +443,8 @@ def neural_cleanse(
                     loss.backward()
                     optimizer.step()
                     with torch.no_grad():
-                        hits += (logits.argmax(1) == targets).view(rows, batch_size).float().mean(1)
-                asr = hits / steps_per_epoch
+                        epoch_hits += (logits.argmax(1) == targets).view(rows, batch_size).float().mean(1)
+                asr = epoch_hits / steps_per_epoch
                 with torch.no_grad():
                     mask = (torch.tanh(mask_raw) + 1) / 2
                     pattern = (torch.tanh(pattern_raw) + 1) / 2
