@@ -317,3 +317,27 @@ def test_restoring_flagged_classes_gives_compact_real_triggers(digits_backdoor: 
     for bad in ({"reverse": [12]}, {"reverse": []}, {"restarts": 0}, {"smoothness": -1.0}):
         with pytest.raises(ConfigError):
             neural_cleanse(model, x, y, epochs=1, steps_per_epoch=1, **bad)  # type: ignore[arg-type]
+
+
+def test_the_callers_model_is_not_touched() -> None:
+    """The optimisation runs on a frozen channels_last copy (judging_copy): the model handed in
+    keeps its mode, its requires_grad flags, its memory layout and its weights; the copy is a
+    channels_last, eval-mode, frozen model that computes the same function."""
+    from redblue.defenses.neural_cleanse import judging_copy
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.ReLU(), torch.nn.Conv2d(4, 4, 3), torch.nn.MaxPool2d(2),
+                                torch.nn.Flatten(), torch.nn.Linear(4 * 2 * 2, 3))  # fmt: skip
+    model.train()
+    model[0].weight.requires_grad_(False)  # a mix of frozen and trainable weights, as a user may hand in
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    x, y = torch.rand(24, 1, 8, 8), torch.arange(24) % 3
+    neural_cleanse(model, x, y, epochs=2, steps_per_epoch=2, batch_size=4)
+    assert model.training and [p.requires_grad for p in model.parameters()] == [False, True, True, True, True, True]
+    assert model[2].weight.is_contiguous() and not model[2].weight.is_contiguous(memory_format=torch.channels_last)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    copy = judging_copy(model)
+    assert copy is not model and not copy.training and not any(p.requires_grad for p in copy.parameters())
+    assert copy[2].weight.is_contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        assert torch.allclose(copy(x), model.eval()(x), atol=1e-5)
