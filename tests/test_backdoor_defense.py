@@ -216,7 +216,8 @@ def test_full_mnist_neural_cleanse_flags_and_unlearns(full_poisoned: tuple[Path,
     Measured on this model (AMD EPYC, two starts per class, 2026-12-03): 7's mask 1.2 pixels,
     2% of the median norm, anomaly index 2.39, all of it on the true patch (with one start:
     3.8 pixels just left of the patch, 0% on it); its restored trigger 3.4 pixels, 71% on the
-    patch; unlearning that one: ASR 99.93% -> 1.10%, clean accuracy 98.65% -> 98.24%. On the 5-epoch models of
+    patch; unlearning that one: ASR 99.93% -> 1.10%, clean accuracy 98.65% -> 98.24% (2026-12-04,
+    on the channels_last copy: the same masks, 1.11% and 98.23%). On the 5-epoch models of
     docs/backdoor.md the MAD test alone mostly could not flag 7 (its ceiling was 1.79 on the
     default backdoor): the size rule did."""
     from safetensors.torch import load_file
