@@ -258,9 +258,22 @@ def test_audit_backdoor_cli_flags_and_repairs_a_users_model(digits_backdoor: dic
     restored = result["restored"]
     assert restored["classes"] == [7] and restored["smoothness"] == 1.0 and restored["restarts"] == 2
     assert methods["unlearn"]["details"]["restored_triggers"] == [7]
-    assert methods["unlearn"]["details"]["stamped_l1"] == [pytest.approx(restored["l1"][0], rel=1e-5)]
+    details = methods["unlearn"]["details"]
+    assert details["stamped_l1"][0] == pytest.approx(restored["l1"][0], rel=1e-5)  # the restored trigger first
+    # then 7's next smallest triggers, each found with the pixels of those before held out,
+    # each under the size rule's share of the median norm; why the search stopped is recorded
+    (found,) = details["more_triggers"]
+    assert found["class"] == 7 and found["l1"] == details["stamped_l1"] and details["triggers_per_class"] == [len(found["l1"])]
+    assert 1 <= len(found["l1"]) <= 6 and all(v < 0.25 * median for v in found["l1"][1:]) and found["stop"]
     triggers = load_file(out / "metrics" / result["triggers_file"])
-    assert set(triggers) == {"masks", "patterns", "restored_masks", "restored_patterns"}
+    assert set(triggers) == {"masks", "patterns", "restored_masks", "restored_patterns",
+                             "unlearn_masks", "unlearn_patterns", "unlearn_classes"}  # fmt: skip
+    stamped = triggers["unlearn_masks"]
+    assert triggers["unlearn_classes"].tolist() == [7] * len(found["l1"]) and torch.equal(stamped[0], triggers["restored_masks"][7])
+    assert [float(m.sum()) for m in stamped] == pytest.approx(found["l1"], rel=1e-5)
+    for i in range(1, stamped.shape[0]):  # none uses a pixel an earlier one used
+        assert float(stamped[i][(stamped[:i] > 0.05).any(0)].abs().sum()) == 0.0
+    assert f"unlearned {len(found['l1'])} triggers of class 7 (mask L1" in proc.stdout
     assert float(triggers["restored_masks"][7].sum()) == pytest.approx(restored["l1"][0], rel=1e-5)
     assert all(float(triggers["restored_masks"][k].abs().sum()) == 0 for k in range(10) if k != 7)
     assert restored["attack_success_rate"][0] >= 0.99
@@ -284,6 +297,7 @@ def test_audit_backdoor_cli_flags_and_repairs_a_users_model(digits_backdoor: dic
     assert "Neural Cleanse" in html and "backdoor suspected" in html
     assert "Removal by unlearning" in html and "Removal by fine-pruning" in html and "STRIP" in html
     assert "Restored triggers (compact, the ones a repair stamps)" in html and "mask L1 per class 7:" in html
+    assert "Triggers unlearned" in html and f"{len(found['l1'])} triggers of class 7" in html
     verified = run_cli("verify", str(out))
     assert verified.returncode == 0, verified.stdout + verified.stderr
     # the paper's rule alone (--size-ratio 0): the same optimisation, reused from the cache, a new verdict
@@ -394,3 +408,29 @@ def test_repairs_of_a_redblue_poisoned_model_are_records_with_the_true_asr(mini_
     (tmp_path / "models" / f"{result.repairs[0]['model']['name']}.safetensors").unlink()
     third = audit_backdoor_stage(tmp_path, loaded, mini, cfg, progress=False)
     assert (tmp_path / "models" / f"{third.repairs[0]['model']['name']}.safetensors").is_file()
+
+
+def test_more_triggers_hold_out_the_pixels_found_and_stop_at_ordinary_size(digits_backdoor: dict) -> None:
+    """A class's further triggers (what unlearning stamps beside the restored one): each found
+    with the pixels of those before held out, each a real trigger (>= 99% of the other
+    classes' images sent to 7), as many as asked while under the limit; a limit the next one
+    does not get under stops the search, and says so."""
+    from redblue.defenses.neural_cleanse import stamp
+    from redblue.stages.backdoor_audit import PIXEL_USED, more_triggers
+
+    model, x, y = digits_backdoor["poisoned"], digits_backdoor["x_test"], digits_backdoor["y_test"]
+    cfg = BackdoorAuditConfig(epochs=20, steps_per_epoch=20, batch_size=16, unlearn_triggers=3, device="cpu")
+    first = torch.zeros(8, 8)
+    first[6:8, 6:8] = 1.0  # the planted patch itself as the first trigger
+    pattern = torch.ones(1, 8, 8)
+    tensors, meta = more_triggers(model, x, y, cfg, 7, first, pattern, limit=float("inf"))
+    masks, patterns = tensors["masks"], tensors["patterns"]
+    assert masks.shape == (3, 8, 8) and patterns.shape == (3, 1, 8, 8) and torch.equal(masks[0], first)
+    assert meta["class"] == 7 and meta["l1"] == pytest.approx([float(m.sum()) for m in masks]) and "most asked for (3)" in meta["stop"]
+    for i in range(1, 3):
+        assert float(masks[i][(masks[:i] > PIXEL_USED).any(0)].abs().sum()) == 0.0  # no pixel used before
+        with torch.no_grad():
+            moved = model(stamp(x[y != 7], masks[i], patterns[i])).argmax(1) == 7
+        assert float(moved.float().mean()) >= 0.985, i  # a real trigger (the check's 99%, up to one image's layout noise)
+    _, stopped = more_triggers(model, x, y, cfg, 7, first, pattern, limit=0.5)
+    assert stopped["l1"] == [4.0] and "is not under 0.5" in stopped["stop"]

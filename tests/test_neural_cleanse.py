@@ -341,3 +341,22 @@ def test_the_callers_model_is_not_touched() -> None:
     assert copy[2].weight.is_contiguous(memory_format=torch.channels_last)
     with torch.no_grad():
         assert torch.allclose(copy(x), model.eval()(x), atol=1e-5)
+
+
+def test_excluded_pixels_are_never_used(digits_backdoor: dict[str, object]) -> None:
+    """``exclude``: no mask uses those pixels (held at exactly 0), so with the planted patch
+    held out, 7's trigger has to be found elsewhere and is larger; a wrong shape is refused."""
+    from redblue.errors import ConfigError
+
+    model, x, y = digits_backdoor["poisoned"], digits_backdoor["x_test"], digits_backdoor["y_test"]
+    assert isinstance(model, torch.nn.Module) and isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor)
+    exclude = torch.zeros(8, 8, dtype=torch.bool)
+    exclude[6:8, 6:8] = True  # the patch
+    kwargs = {"epochs": 20, "steps_per_epoch": 20, "batch_size": 16, "seed": 0, "reverse": [7]}
+    free = neural_cleanse(model, x, y, **kwargs)  # type: ignore[arg-type]
+    held = neural_cleanse(model, x, y, exclude=exclude, **kwargs)  # type: ignore[arg-type]
+    assert float(free.masks[7][6:8, 6:8].sum()) > 0  # left free, the patch is used
+    assert float(held.masks[:, 6:8, 6:8].abs().sum()) == 0.0 and held.params["excluded_pixels"] == 4
+    assert np.isfinite(held.l1[7]) and held.l1[7] > free.l1[7], (free.l1[7], held.l1[7])
+    with pytest.raises(ConfigError, match="expected bool"):
+        neural_cleanse(model, x, y, exclude=exclude[:4], **kwargs)  # type: ignore[arg-type]

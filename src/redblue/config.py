@@ -388,8 +388,10 @@ class BackdoorAuditConfig:
     ``strip``: also set STRIP's run-time threshold on the same clean images at false-rejection
     rate ``strip_frr`` (``strip_copies`` superimposed copies per input). ``repair``: remove the
     backdoor from the model alone, ``unlearn`` (Neural Cleanse's unlearning with the reversed
-    triggers of ``unlearn_classes``, default the flagged classes; ``unlearn_share`` of each
-    batch stamped) and/or ``fine-prune`` (dormant channels of the last convolution pruned
+    triggers of ``unlearn_classes``, default the flagged classes, each class's restored trigger
+    and its next smallest ones found with the pixels of those before held out, up to
+    ``unlearn_triggers`` per class while they stay under ``size_ratio`` of the median norm;
+    ``unlearn_share`` of each batch stamped) and/or ``fine-prune`` (dormant channels of the last convolution pruned
     while clean accuracy stays within ``prune_max_drop``), each fine-tuned for
     ``repair_epochs`` (Adam, ``repair_lr`` with cosine decay) on the first ``repair_images`` training images (clean, held out from the
     audit), with the next ``repair_val`` as validation.
@@ -416,6 +418,7 @@ class BackdoorAuditConfig:
     repair: tuple[str, ...] = ()
     unlearn_classes: tuple[int, ...] = ()
     unlearn_share: float = 0.2
+    unlearn_triggers: int = 6
     prune_max_drop: float = 0.04
     repair_images: int = 6000
     repair_val: int = 1000
@@ -448,6 +451,7 @@ class BackdoorAuditConfig:
         for k in self.unlearn_classes:
             check_int("unlearn_classes", k, 0, 100_000)
         check_float("unlearn_share", self.unlearn_share, 0.0, 1.0, low_open=True)
+        check_int("unlearn_triggers", self.unlearn_triggers, 1, 16)
         check_float("prune_max_drop", self.prune_max_drop, 0.0, 1.0)
         check_int("repair_images", self.repair_images, 1, 10_000_000)
         check_int("repair_val", self.repair_val, 1, 1_000_000)

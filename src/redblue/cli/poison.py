@@ -40,7 +40,7 @@ from redblue.errors import ConfigError
 from redblue.model_sources import ModelOptions, is_record, parse_ints
 from redblue.poison.trigger import PATTERNS
 from redblue.report.stage_plots import render_stage_plots
-from redblue.report.summary import restored_text, true_trigger_text
+from redblue.report.summary import restored_text, true_trigger_text, unlearned_text
 from redblue.stages import (
     audit_backdoor_stage,
     defend_backdoor_stage,
@@ -308,6 +308,10 @@ def read_indices(path: Path) -> tuple[torch.Tensor, str]:
               help="Remove the backdoor: unlearn, fine-prune or unlearn,fine-prune (needs a training split). [default: none]")
 @click.option("--unlearn-classes", default=None,
               help="Classes whose reversed triggers are unlearned, e.g. 7 or 3,7. [default: the flagged classes]")
+@click.option("--unlearn-triggers", type=int, default=None,
+              help="Most triggers unlearned per class: its restored trigger and the next smallest ones found with "
+                   "the pixels of those before held out, while they stay under --size-ratio of the median norm "
+                   "(1: the restored trigger alone). [default: 6]")
 @click.option("--repair-images", type=int, default=None, help="Clean training images a repair fine-tunes on. [default: 6000]")
 @click.option("--repair-epochs", type=int, default=None, help="Fine-tuning epochs of a repair. [default: 2]")
 @click.option("--repair-lr", type=float, default=None, help="Adam's learning rate in a repair (cosine decay). [default: 0.01]")
@@ -379,6 +383,9 @@ def audit_backdoor(model_path: str, out: str, config_file: str | None, name: str
             continue
         click.echo(f"repair {row['method']}: {_measured(result['before'])} -> {_measured(row['after'])}; "
                    f"saved as models/{row['model']['name']}.safetensors")  # fmt: skip
+        unlearned = unlearned_text(row["details"])
+        if unlearned:
+            click.echo(f"  unlearned {unlearned}")
 
 
 def _measured(m: dict[str, Any]) -> str:

@@ -240,7 +240,8 @@ def judging_copy(model: nn.Module) -> nn.Module:
     net = copy.deepcopy(model).eval()
     for p in net.parameters():
         p.requires_grad_(False)
-    return net.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+    net.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+    return net
 
 
 def stamp(x: torch.Tensor, mask: torch.Tensor, pattern: torch.Tensor) -> torch.Tensor:
@@ -364,6 +365,7 @@ def neural_cleanse(
     smoothness: float = 0.0,
     restarts: int = 1,
     reverse: Sequence[int] | None = None,
+    exclude: torch.Tensor | None = None,
     progress: bool = False,
 ) -> CleanseResult:
     """Reverse-engineer a trigger for every class and flag the anomalous ones.
@@ -388,6 +390,9 @@ def neural_cleanse(
         reverse: the classes whose triggers are reverse-engineered (default all); the others
             get none (norm inf), and the result flags nothing (anomaly indices 0): the norms
             of some classes judge nothing. Used to restore the triggers of flagged classes.
+        exclude: pixels (H, W, bool) no mask may use: the masks are held at 0 there. Used to
+            find a class's further triggers once its smallest is known (see
+            ``redblue.stages.backdoor_audit.more_triggers``).
 
     Returns:
         A :class:`CleanseResult`.
@@ -416,6 +421,9 @@ def neural_cleanse(
     active = list(range(k)) if reverse is None else sorted({int(t) for t in reverse})
     if not active or any(not 0 <= t < k for t in active):
         raise ConfigError(f"neural cleanse: classes to reverse {list(reverse or [])}; expected some of 0..{k - 1}")
+    if exclude is not None and (exclude.shape != (h, w) or exclude.dtype != torch.bool):
+        raise ConfigError(f"neural cleanse: exclude is {exclude.dtype} {tuple(exclude.shape)}; expected bool ({h}, {w})")
+    usable = torch.ones((h, w), device=device) if exclude is None else (~exclude).float().to(device)
     rows = restarts * len(active)  # row r optimises a trigger for class active[r % len(active)], from its own start
     mask_raw = (torch.rand((rows, 1, h, w), generator=generator) * 0.2 - 4.0).to(device).requires_grad_(True)  # near 0
     pattern_raw = (torch.rand((rows, c, h, w), generator=generator) * 2 - 1).to(device).requires_grad_(True)
@@ -442,7 +450,7 @@ def neural_cleanse(
             picks = torch.stack([pool[torch.randint(pool.numel(), (batch_size,), generator=generator).to(pool.device)]
                                  for pool in row_pools])  # fmt: skip
             batch = images[picks.reshape(-1)].view(rows, batch_size, c, h, w)
-            mask = (torch.tanh(mask_raw) + 1) / 2  # (rows, 1, H, W)
+            mask = (torch.tanh(mask_raw) + 1) / 2 * usable  # (rows, 1, H, W)
             pattern = (torch.tanh(pattern_raw) + 1) / 2
             stamped = (1 - mask[:, None]) * batch + mask[:, None] * pattern[:, None]
             logits = net(channels_last(stamped.reshape(rows * batch_size, c, h, w)))
@@ -455,7 +463,7 @@ def neural_cleanse(
                 epoch_hits += (logits.argmax(1) == targets).view(rows, batch_size).float().mean(1)
         asr = epoch_hits / steps_per_epoch
         with torch.no_grad():
-            mask = (torch.tanh(mask_raw) + 1) / 2
+            mask = (torch.tanh(mask_raw) + 1) / 2 * usable
             pattern = (torch.tanh(pattern_raw) + 1) / 2
             l1 = mask.flatten(1).sum(1)
             reached = asr >= target_asr
@@ -490,5 +498,6 @@ def neural_cleanse(
         params={"epochs": epochs, "steps_per_epoch": steps_per_epoch, "batch_size": batch_size, "lr": lr,
                 "init_cost": init_cost, "target_asr": target_asr, "patience": patience, "early_stop": early_stop,
                 "seed": seed, "smoothness": smoothness, "restarts": restarts, "n_images": int(x.shape[0]),
-                **({} if reverse is None else {"reverse": active})},
+                **({} if reverse is None else {"reverse": active}),
+                **({} if exclude is None else {"excluded_pixels": int(exclude.sum())})},
     )  # fmt: skip

@@ -23,6 +23,7 @@ from redblue.report.summary import (
     model_label,
     restored_text,
     true_trigger_text,
+    unlearned_text,
 )
 from redblue.utils import pct
 
@@ -292,6 +293,9 @@ def stage_facts(result: dict[str, Any]) -> dict[str, Any]:
             facts.append((f"{label}: clean accuracy / ASR / RA, before → after",
                           " / ".join(f"{pct(measured.get(k))} → {pct(repaired.get(k))}" for k in ("clean_accuracy", "asr", "ra"))
                           + f" (model {dig(row, 'model', 'name')}, {_seconds(row.get('seconds'))})"))  # fmt: skip
+            unlearned = unlearned_text(row.get("details") or {})
+            if unlearned:
+                facts.append(("Triggers unlearned", unlearned))
     elif stage == "backdoor_defense":
         det = result.get("detection") or {}
         before: dict[str, Any] = result.get("before") or {}

@@ -221,6 +221,14 @@ def true_trigger_text(true: dict[str, Any]) -> str:
             f"{pct(true.get('mask_mass_near_patch'))} on it or within 2 pixels")  # fmt: skip
 
 
+def unlearned_text(details: dict[str, Any]) -> str | None:
+    """The triggers an unlearning repair stamped per class, in words (CLI and report); None
+    when it recorded none beyond one per class."""
+    parts = [f"{len(found['l1'])} triggers of class {found['class']} (mask L1 {', '.join(f'{v:.1f}' for v in found['l1'])}; "
+             f"no more: {found['stop']})" for found in details.get("more_triggers") or []]  # fmt: skip
+    return "; ".join(parts) or None
+
+
 def restored_text(restored: dict[str, Any], true: dict[str, Any] | None) -> str:
     """The restored (compact) triggers of a backdoor audit in words (CLI and report): each
     class's mask norm and, for a poisoned model, where the target's lies."""
