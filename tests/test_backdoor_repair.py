@@ -263,7 +263,8 @@ def test_audit_backdoor_cli_flags_and_repairs_a_users_model(digits_backdoor: dic
     # then 7's next smallest triggers, each found with the pixels of those before held out,
     # each under the size rule's share of the median norm; why the search stopped is recorded
     (found,) = details["more_triggers"]
-    assert found["class"] == 7 and found["l1"] == details["stamped_l1"] and details["triggers_per_class"] == [len(found["l1"])]
+    assert found["class"] == 7 and found["l1"] == pytest.approx(details["stamped_l1"], rel=1e-5)
+    assert details["triggers_per_class"] == [len(found["l1"])] and found["limit"] == pytest.approx(0.25 * median)
     assert 1 <= len(found["l1"]) <= 6 and all(v < 0.25 * median for v in found["l1"][1:]) and found["stop"]
     triggers = load_file(out / "metrics" / result["triggers_file"])
     assert set(triggers) == {"masks", "patterns", "restored_masks", "restored_patterns",
@@ -273,7 +274,8 @@ def test_audit_backdoor_cli_flags_and_repairs_a_users_model(digits_backdoor: dic
     assert [float(m.sum()) for m in stamped] == pytest.approx(found["l1"], rel=1e-5)
     for i in range(1, stamped.shape[0]):  # none uses a pixel an earlier one used
         assert float(stamped[i][(stamped[:i] > 0.05).any(0)].abs().sum()) == 0.0
-    assert f"unlearned {len(found['l1'])} triggers of class 7 (mask L1" in proc.stdout
+    said = f"{len(found['l1'])} trigger{'s' if len(found['l1']) != 1 else ''} of class 7 (mask L1"
+    assert f"unlearned {said}" in proc.stdout and found["stop"] in proc.stdout
     assert float(triggers["restored_masks"][7].sum()) == pytest.approx(restored["l1"][0], rel=1e-5)
     assert all(float(triggers["restored_masks"][k].abs().sum()) == 0 for k in range(10) if k != 7)
     assert restored["attack_success_rate"][0] >= 0.99
@@ -297,7 +299,7 @@ def test_audit_backdoor_cli_flags_and_repairs_a_users_model(digits_backdoor: dic
     assert "Neural Cleanse" in html and "backdoor suspected" in html
     assert "Removal by unlearning" in html and "Removal by fine-pruning" in html and "STRIP" in html
     assert "Restored triggers (compact, the ones a repair stamps)" in html and "mask L1 per class 7:" in html
-    assert "Triggers unlearned" in html and f"{len(found['l1'])} triggers of class 7" in html
+    assert "Triggers unlearned" in html and said in html
     verified = run_cli("verify", str(out))
     assert verified.returncode == 0, verified.stdout + verified.stderr
     # the paper's rule alone (--size-ratio 0): the same optimisation, reused from the cache, a new verdict
@@ -432,5 +434,23 @@ def test_more_triggers_hold_out_the_pixels_found_and_stop_at_ordinary_size(digit
         with torch.no_grad():
             moved = model(stamp(x[y != 7], masks[i], patterns[i])).argmax(1) == 7
         assert float(moved.float().mean()) >= 0.985, i  # a real trigger (the check's 99%, up to one image's layout noise)
-    _, stopped = more_triggers(model, x, y, cfg, 7, first, pattern, limit=0.5)
-    assert stopped["l1"] == [4.0] and "is not under 0.5" in stopped["stop"]
+    _, stopped = more_triggers(model, x, y, cfg, 7, first, pattern, limit=0.5, rule="a test's limit")
+    assert stopped["l1"] == [4.0] and stopped["limit"] == 0.5 and stopped["stop"].endswith("is not under 0.5, a test's limit")
+
+
+def test_unlearning_draws_every_class_as_often_and_the_limit_needs_a_median() -> None:
+    """Two classes, one with three triggers: each class is drawn half the time, not a quarter;
+    with fewer than three judged norms there is no median to measure further triggers by;
+    --unlearn-classes 7,7 is 7."""
+    from redblue.defenses.repair import trigger_weights
+    from redblue.stages.backdoor_audit import unlearn_limit
+
+    weights = trigger_weights(torch.tensor([3, 7, 7, 7]))
+    assert weights is not None
+    draws = torch.multinomial(weights, 20_000, replacement=True, generator=torch.Generator().manual_seed(0))
+    assert abs(float((draws == 0).float().mean()) - 0.5) < 0.02  # class 3's one trigger
+    assert trigger_weights(torch.tensor([7, 7])) is None and trigger_weights(None) is None  # one class: uniform
+    cfg = BackdoorAuditConfig()
+    assert unlearn_limit(torch.tensor([10.0, 50.0, float("inf")]), cfg) is None
+    assert unlearn_limit(torch.tensor([10.0, 50.0, 30.0]), cfg) == (pytest.approx(7.5), "0.25 of the median judged norm 30.0")
+    assert BackdoorAuditConfig(repair=("unlearn",), unlearn_classes=(7, 7, 3)).unlearn_classes == (7, 3)

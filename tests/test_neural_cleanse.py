@@ -358,5 +358,6 @@ def test_excluded_pixels_are_never_used(digits_backdoor: dict[str, object]) -> N
     assert float(free.masks[7][6:8, 6:8].sum()) > 0  # left free, the patch is used
     assert float(held.masks[:, 6:8, 6:8].abs().sum()) == 0.0 and held.params["excluded_pixels"] == 4
     assert np.isfinite(held.l1[7]) and held.l1[7] > free.l1[7], (free.l1[7], held.l1[7])
-    with pytest.raises(ConfigError, match="expected bool"):
-        neural_cleanse(model, x, y, exclude=exclude[:4], **kwargs)  # type: ignore[arg-type]
+    for bad in (exclude[:4], exclude.float()):
+        with pytest.raises(ConfigError, match="expected bool"):
+            neural_cleanse(model, x, y, exclude=bad, **kwargs)  # type: ignore[arg-type]

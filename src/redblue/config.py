@@ -390,7 +390,8 @@ class BackdoorAuditConfig:
     backdoor from the model alone, ``unlearn`` (Neural Cleanse's unlearning with the reversed
     triggers of ``unlearn_classes``, default the flagged classes, each class's restored trigger
     and its next smallest ones found with the pixels of those before held out, up to
-    ``unlearn_triggers`` per class while they stay under ``size_ratio`` of the median norm;
+    ``unlearn_triggers`` per class while they stay under ``size_ratio`` (0.25 when 0) of the
+    median norm;
     ``unlearn_share`` of each batch stamped) and/or ``fine-prune`` (dormant channels of the last convolution pruned
     while clean accuracy stays within ``prune_max_drop``), each fine-tuned for
     ``repair_epochs`` (Adam, ``repair_lr`` with cosine decay) on the first ``repair_images`` training images (clean, held out from the
@@ -427,7 +428,7 @@ class BackdoorAuditConfig:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "repair", tuple(self.repair))
-        object.__setattr__(self, "unlearn_classes", tuple(self.unlearn_classes))
+        object.__setattr__(self, "unlearn_classes", tuple(dict.fromkeys(self.unlearn_classes)))  # 7,7 is 7
         check_int("n_images", self.n_images, 2, 1_000_000)
         check_int("epochs", self.epochs, 1, 10_000)
         check_int("steps_per_epoch", self.steps_per_epoch, 1, 100_000)

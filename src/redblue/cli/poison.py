@@ -310,7 +310,7 @@ def read_indices(path: Path) -> tuple[torch.Tensor, str]:
               help="Classes whose reversed triggers are unlearned, e.g. 7 or 3,7. [default: the flagged classes]")
 @click.option("--unlearn-triggers", type=int, default=None,
               help="Most triggers unlearned per class: its restored trigger and the next smallest ones found with "
-                   "the pixels of those before held out, while they stay under --size-ratio of the median norm "
+                   "the pixels of those before held out, while they stay under --size-ratio (0.25 when 0) of the median norm "
                    "(1: the restored trigger alone). [default: 6]")
 @click.option("--repair-images", type=int, default=None, help="Clean training images a repair fine-tunes on. [default: 6000]")
 @click.option("--repair-epochs", type=int, default=None, help="Fine-tuning epochs of a repair. [default: 2]")
@@ -331,8 +331,8 @@ def audit_backdoor(model_path: str, out: str, config_file: str | None, name: str
     classes' norms are spread widely, as on MNIST). Needs only
     the model (any --model source) and clean labelled test images. Writes
     metrics/NAME_metrics.json (per class: mask L1 norm, anomaly index, flagged; the verdict),
-    metrics/NAME_triggers.safetensors (the reversed masks and patterns, and the restored ones
-    of the flagged classes, hashed) and
+    metrics/NAME_triggers.safetensors (the reversed masks and patterns, the restored ones
+    of the flagged classes and, with --repair unlearn, every trigger unlearned; hashed) and
     images/NAME_anomaly.png, images/NAME_triggers.png.
 
     The flagged classes' triggers are then restored as compact blobs (the masks' total

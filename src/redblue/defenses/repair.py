@@ -47,6 +47,20 @@ def _clean_set(x: torch.Tensor, y: torch.Tensor, x_val: torch.Tensor, y_val: tor
     return Dataset(name="repair", x_train=x, y_train=y, x_test=x_val, y_test=y_val, source="held-out clean images")
 
 
+def trigger_weights(groups: torch.Tensor | None) -> torch.Tensor | None:
+    """Each trigger's weight in the draw of :func:`unlearn`, so that every class (``groups``:
+    the class of each trigger) is drawn as often, whatever its number of triggers; None (a
+    uniform draw) without groups or with one class.
+
+    Example:
+        >>> trigger_weights(torch.tensor([3, 7, 7, 7])).tolist()
+        [1.0, 0.3333333333333333, 0.3333333333333333, 0.3333333333333333]
+    """
+    if groups is None or groups.unique().numel() < 2:
+        return None
+    return 1.0 / (groups[:, None] == groups[None, :]).sum(1).double().cpu()
+
+
 def unlearn(
     model: nn.Module,
     x: torch.Tensor,
@@ -58,21 +72,27 @@ def unlearn(
     x_val: torch.Tensor,
     y_val: torch.Tensor,
     share: float = 0.2,
+    groups: torch.Tensor | None = None,
     progress: bool = False,
 ) -> RepairResult:
     """Fine-tune a copy of ``model`` on clean ``x``, ``y`` with a share of every batch stamped
     with one of the reversed triggers (``masks`` (T, H, W), ``patterns`` (T, C, H, W), in
-    [0, 1]) and kept at its true label."""
+    [0, 1]) and kept at its true label. ``groups`` (T,): the class of each trigger; a stamped
+    image gets a class drawn uniformly and then one of its triggers, so a class with many
+    triggers does not crowd out one with few (without it, or with one class, a trigger is
+    drawn uniformly)."""
     check_float("unlearn_share", share, 0.0, 1.0, low_open=True)
     if masks.shape[0] == 0:
         raise ConfigError("unlearning needs at least one reversed trigger")
     generator = torch.Generator(device="cpu").manual_seed(train_cfg.seed)
     masks, patterns = masks.to(x.device), patterns.to(x.device)
+    weights = trigger_weights(groups)
 
     def perturb(_: nn.Module, xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
         xb = to_float(xb)
         chosen = torch.rand(xb.shape[0], generator=generator).to(xb.device) < share
-        which = torch.randint(masks.shape[0], (xb.shape[0],), generator=generator).to(xb.device)
+        which = (torch.randint(masks.shape[0], (xb.shape[0],), generator=generator) if weights is None else
+                 torch.multinomial(weights, xb.shape[0], replacement=True, generator=generator)).to(xb.device)  # fmt: skip
         stamped = stamp(xb, masks[which][:, None], patterns[which])
         return torch.where(chosen[:, None, None, None], stamped, xb)
 

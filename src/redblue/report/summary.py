@@ -222,10 +222,16 @@ def true_trigger_text(true: dict[str, Any]) -> str:
 
 
 def unlearned_text(details: dict[str, Any]) -> str | None:
-    """The triggers an unlearning repair stamped per class, in words (CLI and report); None
-    when it recorded none beyond one per class."""
-    parts = [f"{len(found['l1'])} triggers of class {found['class']} (mask L1 {', '.join(f'{v:.1f}' for v in found['l1'])}; "
-             f"no more: {found['stop']})" for found in details.get("more_triggers") or []]  # fmt: skip
+    """The triggers an unlearning repair stamped per class and why it looked for no more, in
+    words (CLI and report); None when the repair recorded no such search (``more_triggers``).
+
+    Example:
+        >>> unlearned_text({"more_triggers": [{"class": 7, "l1": [1.0, 3.62], "stop": "the next trigger (63.3) is not under 12.6"}]})
+        '2 triggers of class 7 (mask L1 1.0, 3.6; no more: the next trigger (63.3) is not under 12.6)'
+    """
+    parts = [f"{len(found['l1'])} trigger{'s' if len(found['l1']) != 1 else ''} of class {found['class']} "
+             f"(mask L1 {', '.join(f'{v:.1f}' for v in found['l1'])}; no more: {found['stop']})"
+             for found in details.get("more_triggers") or []]  # fmt: skip
     return "; ".join(parts) or None
 
 

@@ -13,7 +13,9 @@ Needs only the model (any ``--model`` source) and clean labelled images:
 - **STRIP** (unless turned off): its run-time threshold set on the same clean images, and its
   false-acceptance rate on triggered images when the trigger is known.
 - **Repair** (``repair``): unlearning with the restored triggers (the judged ones where none
-  was restored) and/or fine-pruning, each
+  was restored) and each class's further triggers (:func:`more_triggers`; saved as
+  ``unlearn_masks``, ``unlearn_patterns`` and ``unlearn_classes`` in the triggers file) and/or
+  fine-pruning, each
   fine-tuned on clean training images held out from the audit and saved as
   ``models/<name>_unlearn`` / ``models/<name>_fine_prune``; clean accuracy (all test images)
   before and after, and ASR / RA when the true trigger is known.
@@ -40,6 +42,7 @@ from redblue.data import Dataset, to_float
 from redblue.defenses.neural_cleanse import (
     ALGORITHM,
     ANOMALY_THRESHOLD,
+    MIN_NORMS,
     SIZE_RATIO,
     CleanseResult,
     assess,
@@ -189,13 +192,36 @@ PIXEL_USED = 0.05
 """A trigger's pixel with more mask than this is held out when the class's next trigger is sought."""
 
 
+MORE_TRIGGERS = "more-triggers/1"
+"""Part of the cache key of :func:`more_triggers`' results: a revision of the search that
+changes them makes the results cached by an earlier one miss."""
+
+
+def unlearn_limit(l1: torch.Tensor, cfg: BackdoorAuditConfig) -> tuple[float, str] | None:
+    """The mask norm under which a class's further trigger is a short cut worth unlearning:
+    ``size_ratio`` (0.25 when that rule is off) of the median of the judged norms ``l1``, and
+    that rule in words. None with fewer than ``MIN_NORMS`` finite norms (no median to judge by,
+    as :func:`assess`).
+
+    Example:
+        >>> unlearn_limit(torch.tensor([40.0, 60.0, 1.0, float("inf")]), BackdoorAuditConfig(size_ratio=0))
+        (10.0, '0.25 of the median judged norm 40.0')
+    """
+    finite = l1[torch.isfinite(l1)].double()
+    if finite.numel() < MIN_NORMS:
+        return None
+    share, median = cfg.size_ratio or SIZE_RATIO, float(torch.quantile(finite, 0.5))
+    return share * median, f"{share:g} of the median judged norm {median:.1f}"
+
+
 def more_triggers(net: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: BackdoorAuditConfig, target: int,
-                  mask: torch.Tensor, pattern: torch.Tensor, limit: float,
+                  mask: torch.Tensor, pattern: torch.Tensor, limit: float, rule: str = "",
                   progress: bool = False) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:  # fmt: skip
     """Class ``target``'s trigger ``(mask, pattern)`` and its next smallest triggers, up to
     ``cfg.unlearn_triggers`` in all: each is restored (:func:`restore_options`) with the pixels
     of the triggers before it held out (mask above ``PIXEL_USED``), and kept while its L1 norm
-    stays under ``limit`` (a short cut, not a trigger of ordinary size).
+    stays under ``limit`` (a short cut, not a trigger of ordinary size; ``rule`` says where the
+    limit comes from).
 
     A backdoor's smallest trigger can be a part of it: on the default MNIST backdoor it is one
     pixel of the 4 x 4 patch, and unlearning that pixel alone left 1.35-2.33% of the patch's
@@ -214,12 +240,53 @@ def more_triggers(net: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: B
             stop = f"no further trigger reached the target success rate {cfg.target_asr:g}"
             break
         if size >= limit:
-            stop = f"the next trigger ({size:.1f}) is not under {limit:.1f}, {cfg.size_ratio or SIZE_RATIO:g} of the median norm"
+            stop = f"the next trigger ({size:.1f}) is not under {limit:.1f}" + (f", {rule}" if rule else "")
             break
         masks.append(found.masks[target].to(x.device))
         patterns.append(found.patterns[target].to(x.device))
         l1.append(size)
-    return {"masks": torch.stack(masks).cpu(), "patterns": torch.stack(patterns).cpu()}, {"class": target, "l1": l1, "stop": stop}
+    return ({"masks": torch.stack(masks).cpu(), "patterns": torch.stack(patterns).cpu()},
+            {"class": target, "l1": l1, "limit": limit, "stop": stop})  # fmt: skip
+
+
+Triggers = dict[int, tuple[dict[str, torch.Tensor], dict[str, Any]]]
+"""Per class to unlearn: its triggers (``masks`` (n, H, W), ``patterns`` (n, C, H, W)) and
+what :func:`more_triggers` recorded."""
+
+
+def _unlearn_triggers(net: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: BackdoorAuditConfig,
+                      classes: list[int], masks: torch.Tensor, patterns: torch.Tensor, l1: torch.Tensor,
+                      cache: Any, nc_inputs: dict[str, Any], progress: bool) -> Triggers:  # fmt: skip
+    """:func:`more_triggers` of each of ``classes`` that has a trigger in ``masks`` (cached);
+    with no median to judge by, each class keeps its one trigger and the reason is recorded."""
+    limit = unlearn_limit(l1, cfg)
+    found: Triggers = {}
+    for k in classes:
+        if float(masks[k].sum()) <= 0:
+            continue  # no trigger to start from
+        if limit is None:
+            found[k] = ({"masks": masks[k : k + 1].cpu(), "patterns": patterns[k : k + 1].cpu()},
+                        {"class": k, "l1": [float(masks[k].sum())], "limit": None,
+                         "stop": f"fewer than {MIN_NORMS} classes judged: no median norm to measure further triggers by"})  # fmt: skip
+            continue
+        inputs = {**nc_inputs, "more_triggers": {
+            "version": MORE_TRIGGERS, "class": k, "most": cfg.unlearn_triggers, "limit": limit[0], "pixel_used": PIXEL_USED,
+            "smoothness": cfg.restore_smoothness, "restarts": cfg.restore_restarts,
+            "first": sha256_json([masks[k].flatten().tolist(), patterns[k].flatten().tolist()])}}  # fmt: skip
+        find = functools.partial(more_triggers, net, x, y, cfg, k, masks[k], patterns[k], limit[0], limit[1], progress)
+        entry, _ = cache.get_or_compute("neural_cleanse_more_triggers", inputs, find)
+        found[k] = (entry.tensors, entry.metadata)
+    return found
+
+
+def _stamps(classes: list[int], masks: torch.Tensor, patterns: torch.Tensor,
+            found: Triggers) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    """The triggers unlearning stamps for ``classes``: each class's of ``found``, else its one
+    in ``masks``/``patterns``; and the class of each."""
+    pairs = [(found[k][0]["masks"], found[k][0]["patterns"]) if k in found else (masks[k : k + 1], patterns[k : k + 1])
+             for k in classes]  # fmt: skip
+    groups = torch.tensor([k for k, (m, _) in zip(classes, pairs, strict=True) for _ in range(m.shape[0])])
+    return (torch.cat([m.to(masks.device) for m, _ in pairs]), torch.cat([p.to(masks.device) for _, p in pairs]), groups)
 
 
 def _poison(loaded: LoadedModel) -> PoisonConfig | None:
@@ -285,7 +352,7 @@ def _repair(
     poison: PoisonConfig | None,
     progress: bool,
     restored_classes: list[int] | None = None,
-    more: dict[int, tuple[dict[str, torch.Tensor], dict[str, Any]]] | None = None,
+    more: Triggers | None = None,
 ) -> list[dict[str, Any]]:
     """Every repair of ``cfg.repair`` (all computed before any is saved), saved, and measured;
     unlearning stamps ``masks`` and ``patterns`` (of the classes ``restored_classes``: their
@@ -306,10 +373,9 @@ def _repair(
                          f"no reversed trigger reached the target success rate for class {','.join(map(str, asked))}"))  # fmt: skip
             continue
         found = more or {}
-        stamp_m = torch.cat([found[k][0]["masks"].to(masks.device) if k in found else masks[k : k + 1] for k in classes])
-        stamp_p = torch.cat([found[k][0]["patterns"].to(masks.device) if k in found else patterns[k : k + 1] for k in classes])
+        stamp_m, stamp_p, groups = _stamps(classes, masks, patterns, found)
         result = unlearn(net, x, y, stamp_m, stamp_p, train_cfg, x_val=x_val, y_val=y_val,
-                         share=cfg.unlearn_share, progress=progress)  # fmt: skip
+                         share=cfg.unlearn_share, groups=groups, progress=progress)  # fmt: skip
         result.details.update(classes=classes, classes_without_trigger=[k for k in asked if k not in classes],
                               restored_triggers=[k for k in classes if k in (restored_classes or [])],
                               stamped_l1=[float(m.sum()) for m in stamp_m],
@@ -385,8 +451,8 @@ def audit_backdoor_stage(
     settings = dataclasses.asdict(cfg)
     settings.pop("device")
     nc_settings = {k: settings[k] for k in ("n_images", *NC_FIELDS)}
-    key = sha256_json({"stage": "backdoor_audit", "algorithm": ALGORITHM, "settings": settings, "weights": weights,
-                       "data": data.identity()})
+    key = sha256_json({"stage": "backdoor_audit", "algorithm": ALGORITHM, "more_triggers": MORE_TRIGGERS, "settings": settings,
+                       "weights": weights, "data": data.identity()})  # fmt: skip
     cached = cached_result(out, name, key, BackdoorAuditResult)
     if cached is not None and file_intact(out / "metrics" / cached.triggers_file, cached.triggers_sha256) and (
         _repairs_on_disk(out, cached)
@@ -451,23 +517,13 @@ def audit_backdoor_stage(
         stamp_masks = torch.where(have[:, None, None], masks_r, masks)
         stamp_patterns = torch.where(have[:, None, None, None], patterns_r, patterns)
         restored_classes = torch.nonzero(have).flatten().tolist()
-    more: dict[int, tuple[dict[str, torch.Tensor], dict[str, Any]]] = {}
+    more: Triggers = {}
     if "unlearn" in cfg.repair and cfg.unlearn_triggers > 1:
-        finite = l1[torch.isfinite(l1)]
-        limit = (cfg.size_ratio or SIZE_RATIO) * float(torch.quantile(finite, 0.5)) if finite.numel() else 0.0
-        for k in list(cfg.unlearn_classes) or flagged:
-            if float(stamp_masks[k].sum()) <= 0:
-                continue  # no trigger to start from
-            more_inputs = {**nc_inputs, "more_triggers": {"class": k, "most": cfg.unlearn_triggers, "limit": limit,
-                                                          "smoothness": cfg.restore_smoothness, "restarts": cfg.restore_restarts,
-                                                          "first": sha256_json(stamp_masks[k].flatten().tolist())}}  # fmt: skip
-            find = functools.partial(more_triggers, net, x, y, cfg, k, stamp_masks[k], stamp_patterns[k], limit, progress)
-            entry_m, _ = cache.get_or_compute("neural_cleanse_more_triggers", more_inputs, find)
-            more[k] = (entry_m.tensors, entry_m.metadata)
+        more = _unlearn_triggers(net, x, y, cfg, list(cfg.unlearn_classes) or flagged, stamp_masks, stamp_patterns, l1,
+                                 cache, nc_inputs, progress)  # fmt: skip
         if more:
-            saved.update(unlearn_masks=torch.cat([t["masks"] for t, _ in more.values()]),
-                         unlearn_patterns=torch.cat([t["patterns"] for t, _ in more.values()]),
-                         unlearn_classes=torch.tensor([k for k, (t, _) in more.items() for _ in range(t["masks"].shape[0])]))  # fmt: skip
+            stamped_m, stamped_p, groups = _stamps(list(more), stamp_masks.cpu(), stamp_patterns.cpu(), more)
+            saved.update(unlearn_masks=stamped_m, unlearn_patterns=stamped_p, unlearn_classes=groups)
     triggers_sha256 = write_tensors(out / "metrics" / triggers_file, saved, TRIGGERS_FORMAT)
     before, repairs = None, []
     if cfg.repair:
