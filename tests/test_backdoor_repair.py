@@ -229,6 +229,9 @@ def test_audit_backdoor_cli_flags_and_repairs_a_users_model(digits_backdoor: dic
     refused = run_cli(*common, "--dataset", "test_only.npz", "--repair", "unlearn", "--out", "none", cwd=tmp_path)
     assert refused.returncode == 2 and "needs clean training images" in refused.stderr
     assert "Traceback" not in refused.stderr and not (tmp_path / "none" / "metrics").exists()
+    unused = run_cli(*common, "--dataset", "data.npz", "--unlearn-triggers", "3", "--out", "none", cwd=tmp_path)
+    assert unused.returncode == 2 and "--unlearn-triggers: only used with --repair unlearn" in unused.stderr
+    assert "Traceback" not in unused.stderr and not (tmp_path / "none" / "metrics").exists()
     proc = run_cli(*common, "--dataset", "data.npz", "--repair", "unlearn,fine-prune", "--repair-images", "1000",
                    "--repair-epochs", "3", "--out", "out", cwd=tmp_path)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-2000:]

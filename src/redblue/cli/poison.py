@@ -348,6 +348,8 @@ def audit_backdoor(model_path: str, out: str, config_file: str | None, name: str
     options["unlearn_classes"] = parse_ints("--unlearn-classes", options["unlearn_classes"])
     file = load_toml(config_file, ("backdoor_audit", "data"))
     audit_cfg = build(BackdoorAuditConfig, file, options, "backdoor_audit")
+    if options.get("unlearn_triggers") is not None and "unlearn" not in audit_cfg.repair:
+        raise ConfigError("--unlearn-triggers: only used with --repair unlearn")
     data_cfg = build(DataConfig, file, options, "data")
     if name is not None:
         check_name("name", name)

@@ -231,17 +231,37 @@ def regulariser(masks: torch.Tensor, smoothness: float) -> torch.Tensor:
     return l1 + smoothness * total_variation(masks) if smoothness else l1
 
 
-def judging_copy(model: nn.Module) -> nn.Module:
+def judging_copy(model: nn.Module, probe: torch.Tensor | None = None) -> nn.Module:
     """A copy of ``model`` for the optimisation: eval mode, weights frozen, in channels_last
     memory format. The caller's model is not touched (its mode, ``requires_grad`` and layout
     stay as they were). On this project's 2-core CPU a step of redblue's CNN took 24-26 ms on
     such a copy against 35-54 ms on the model as loaded, whose first convolution's output (one
-    input channel) stays NCHW, where max-pooling is several times slower."""
+    input channel) stays NCHW, where max-pooling is several times slower. A model that fails
+    on ``probe`` in that layout (a user's ``.view`` after a convolution needs contiguous NCHW
+    activations) keeps the default layout and gets its inputs in it (:class:`_Contiguous`)."""
     net = copy.deepcopy(model).eval()
     for p in net.parameters():
         p.requires_grad_(False)
     net.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+    if probe is not None:
+        try:
+            with torch.no_grad():
+                net(channels_last(probe))
+        except RuntimeError:  # a real error raises again on the first step, in the default layout
+            net.to(memory_format=torch.contiguous_format)  # type: ignore[call-overload]
+            return _Contiguous(net)
     return net
+
+
+class _Contiguous(nn.Module):
+    """``net`` fed contiguous (NCHW) inputs, whatever layout they come in."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x.contiguous())  # type: ignore[no-any-return]
 
 
 def stamp(x: torch.Tensor, mask: torch.Tensor, pattern: torch.Tensor) -> torch.Tensor:
@@ -413,7 +433,7 @@ def neural_cleanse(
     start = time.perf_counter()
     device = x.device
     images = x.float().div(255.0) if x.dtype == torch.uint8 else x.float()
-    net = judging_copy(model)
+    net = judging_copy(model, images[:2])
     with torch.no_grad():
         k = int(classes or net(images[:1]).shape[1])
     _, c, h, w = images.shape
