@@ -102,19 +102,24 @@ class CleanseResult:
     params: dict[str, Any] = field(default_factory=dict)
 
 
-def _median(values: torch.Tensor) -> torch.Tensor:
+def statistical_median(values: torch.Tensor) -> torch.Tensor:
     """The median as statistics defines it (the mean of the two middle values of an even
     count, as numpy's); ``torch.median`` returns the lower one."""
     return torch.quantile(values, 0.5)
 
 
+def finite_norms(l1: torch.Tensor) -> torch.Tensor:
+    """The finite mask norms (a class with no trigger has norm inf), in float64."""
+    return l1[torch.isfinite(l1)].double()
+
+
 def _median_and_scale(l1: torch.Tensor) -> tuple[float, float] | None:
     """The median of the finite norms and ``1.4826 * MAD`` (None when no norm is finite)."""
-    finite = l1[torch.isfinite(l1)].double()
+    finite = finite_norms(l1)
     if finite.numel() == 0:
         return None
-    median = _median(finite)
-    return float(median), float(MAD_CONSISTENCY * _median((finite - median).abs()))
+    median = statistical_median(finite)
+    return float(median), float(MAD_CONSISTENCY * statistical_median((finite - median).abs()))
 
 
 def anomaly_indices(l1: torch.Tensor) -> torch.Tensor:
@@ -462,6 +467,11 @@ def neural_cleanse(
     row_pools = [pools[t] for t in row_class]
     targets = torch.tensor(row_class, device=device).repeat_interleave(batch_size)
     epochs_run = 0
+
+    def decoded() -> tuple[torch.Tensor, torch.Tensor]:
+        """The masks (rows, 1, H, W; 0 on excluded pixels) and patterns, in [0, 1]."""
+        return (torch.tanh(mask_raw) + 1) / 2 * usable, (torch.tanh(pattern_raw) + 1) / 2
+
     bar = tqdm(range(epochs), desc="neural cleanse", disable=not progress, leave=False)
     for epoch in bar:
         epochs_run = epoch + 1
@@ -470,8 +480,7 @@ def neural_cleanse(
             picks = torch.stack([pool[torch.randint(pool.numel(), (batch_size,), generator=generator).to(pool.device)]
                                  for pool in row_pools])  # fmt: skip
             batch = images[picks.reshape(-1)].view(rows, batch_size, c, h, w)
-            mask = (torch.tanh(mask_raw) + 1) / 2 * usable  # (rows, 1, H, W)
-            pattern = (torch.tanh(pattern_raw) + 1) / 2
+            mask, pattern = decoded()
             stamped = (1 - mask[:, None]) * batch + mask[:, None] * pattern[:, None]
             logits = net(channels_last(stamped.reshape(rows * batch_size, c, h, w)))
             ce = F.cross_entropy(logits, targets, reduction="none").view(rows, batch_size).mean(1)
@@ -483,8 +492,7 @@ def neural_cleanse(
                 epoch_hits += (logits.argmax(1) == targets).view(rows, batch_size).float().mean(1)
         asr = epoch_hits / steps_per_epoch
         with torch.no_grad():
-            mask = (torch.tanh(mask_raw) + 1) / 2 * usable
-            pattern = (torch.tanh(pattern_raw) + 1) / 2
+            mask, pattern = decoded()
             l1 = mask.flatten(1).sum(1)
             reached = asr >= target_asr
             for r in torch.nonzero(reached).flatten().tolist():

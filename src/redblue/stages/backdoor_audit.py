@@ -46,7 +46,9 @@ from redblue.defenses.neural_cleanse import (
     SIZE_RATIO,
     CleanseResult,
     assess,
+    finite_norms,
     neural_cleanse,
+    statistical_median,
 )
 from redblue.defenses.repair import RepairResult, fine_prune, last_conv, unlearn
 from redblue.defenses.strip import strip
@@ -207,10 +209,10 @@ def unlearn_limit(l1: torch.Tensor, cfg: BackdoorAuditConfig) -> tuple[float, st
         >>> unlearn_limit(torch.tensor([40.0, 60.0, 1.0, float("inf")]), BackdoorAuditConfig(size_ratio=0))
         (10.0, '0.25 of the median judged norm 40.0')
     """
-    finite = l1[torch.isfinite(l1)].double()
+    finite = finite_norms(l1)
     if finite.numel() < MIN_NORMS:
         return None
-    share, median = cfg.size_ratio or SIZE_RATIO, float(torch.quantile(finite, 0.5))
+    share, median = cfg.size_ratio or SIZE_RATIO, float(statistical_median(finite))
     return share * median, f"{share:g} of the median judged norm {median:.1f}"
 
 
