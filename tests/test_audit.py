@@ -11,6 +11,7 @@ import hashlib
 import json
 import pickle
 import shlex
+import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -385,6 +386,44 @@ def test_defend_fine_tunes_the_users_module(in_example: Path, capsys: pytest.Cap
            "--model net.py:build --weights")  # fmt: skip
     _fails(capsys, ["defend", "--model", "net.onnx", "--dataset", "digits.npz", "--epochs", "1"], "cannot be fine-tuned")
     _fails(capsys, ["defend", "--model", "net.onnx", "--dataset", "rgb.npz"], "rejects inputs")
+
+
+def test_a_users_view_model_runs_in_the_default_layout(in_example: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A user's module that flattens with ``.view`` after a convolution
+    (``tests/user_models.py``), which the channels_last layout breaks: attack (white-box
+    attacks, Square and the sanity checks), audit-backdoor with fine-pruning and defend's
+    fine-tuning all run on it, and the derived models are saved as its own state dict."""
+    from safetensors.torch import load_file
+
+    from .user_models import ViewNet
+
+    shutil.copyfile(ROOT / "tests" / "user_models.py", "viewnet.py")
+    data = load_user_dataset(Path("digits.npz"))
+    x, y = data.x_train.float() / 255, data.y_train
+    torch.manual_seed(0)
+    net = ViewNet()
+    optimiser = torch.optim.Adam(net.parameters(), lr=1e-2)
+    for _ in range(150):
+        optimiser.zero_grad()
+        torch.nn.functional.cross_entropy(net(x), y).backward()
+        optimiser.step()
+    save_file(net.state_dict(), "view.safetensors")
+    keys = {"conv.weight", "conv.bias", "fc.weight", "fc.bias"}
+    model = ["--model", "viewnet.py:build", "--weights", "view.safetensors", "--dataset", "digits.npz", "--device", "cpu"]
+    code = main(["attack", *model, "--attack", "fgsm,pgd,square", "--eps", "0.1", "--n-examples", "100", "--out", "v"])
+    assert code == 0, capsys.readouterr().err
+    (metrics,) = Path("v/metrics").glob("*_metrics.json")
+    result = json.loads(metrics.read_text())["metrics"]
+    assert result["clean_accuracy"] > 0.8 and 0.0 <= result["robust_accuracy"] < result["clean_accuracy"]
+    code = main(["audit-backdoor", *model, "--epochs", "2", "--steps-per-epoch", "5", "--no-strip", "--repair",
+                 "fine-prune", "--repair-epochs", "1", "--out", "v", "--name", "view"])  # fmt: skip
+    assert code == 0, capsys.readouterr().err
+    (pruned,) = Path("v/models").glob("*fine_prune.safetensors")
+    assert set(load_file(pruned)) == keys
+    code = main(["defend", *model, "--recipe", "fgsm-rs", "--eps", "0.1", "--epochs", "1", "--guard-size", "100",
+                 "--n-examples", "50", "--out", "v", "--name", "view-ft"])  # fmt: skip
+    assert code == 0, capsys.readouterr().err
+    assert set(load_file("v/models/view-ft.safetensors")) == keys
 
 
 def test_normalisation_is_the_first_layer(example: Path) -> None:

@@ -13,7 +13,9 @@ from redblue.config import TrainConfig
 from redblue.data import Dataset
 from redblue.errors import ConfigError
 from redblue.models import MODELS, Normalize, build_model
-from redblue.train import confusion_matrix, evaluate, fit
+from redblue.train import LAYOUT, DefaultLayout, channels_last, confusion_matrix, evaluate, fit, prepare_model
+
+from .user_models import ViewNet
 
 
 def test_cnn_is_the_original_architecture() -> None:
@@ -150,6 +152,44 @@ def test_perturb_hook_changes_what_is_trained_on(small: Dataset) -> None:
     assert len(seen) == 2 and all(v > 0 for v in seen)
     # Trained on blank images only, so the model cannot beat chance by much.
     assert result.history[0]["test_accuracy"] < 0.5
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_a_model_that_fails_in_channels_last_keeps_the_default_layout(channels: int) -> None:
+    """prepare_model puts a model in channels_last; a user's module with a ``.view`` after a
+    convolution fails there, so on a probe it is found out and kept in the default layout: the
+    same module (same state-dict keys), marked, computing its own function on the
+    channels_last inputs redblue feeds it; a later call leaves it so. TorchScript, which takes
+    no hooks, comes back inside DefaultLayout."""
+    torch.manual_seed(0)
+    x = torch.rand(6, channels, 8, 8)
+    plain = nn.Sequential(nn.Conv2d(channels, 4, 3), nn.ReLU(), nn.Conv2d(4, 4, 3), nn.Flatten(), nn.Linear(64, 10))
+    assert prepare_model(plain, None, x) is plain and getattr(plain, LAYOUT) == "channels_last"
+    assert plain[2].weight.is_contiguous(memory_format=torch.channels_last) and not plain[2].weight.is_contiguous()
+    model, reference = ViewNet(channels), ViewNet(channels)
+    reference.load_state_dict(model.state_dict())
+    with pytest.raises(RuntimeError, match="view"):  # what the conversion alone does to it
+        prepare_model(ViewNet(channels), None)(channels_last(x))
+    assert prepare_model(model, torch.device("cpu"), x) is model and getattr(model, LAYOUT) == "default"
+    assert list(model.state_dict()) == ["conv.weight", "conv.bias", "fc.weight", "fc.bias"]
+    with torch.no_grad():
+        assert torch.allclose(model(channels_last(x)), reference(x), atol=1e-6)
+        assert prepare_model(model, None, x) is model
+        assert torch.allclose(model(channels_last(x)), reference(x), atol=1e-6)
+        scripted = prepare_model(torch.jit.script(reference), None, x)
+        assert isinstance(scripted, DefaultLayout)
+        assert torch.allclose(scripted(channels_last(x)), reference(x), atol=1e-6)
+
+
+def test_fit_and_evaluate_a_model_that_needs_the_default_layout(small: Dataset) -> None:
+    """Training and evaluation run a user's ``.view`` module (no RuntimeError on channels_last
+    batches); the caller's module is the one trained."""
+    model = ViewNet(size=28)
+    before = model.fc.weight.detach().clone()
+    result = fit(model, small, TrainConfig(epochs=1, batch_size=64, device="cpu"), progress=False)
+    assert not torch.equal(model.fc.weight, before) and result.history[0]["test_accuracy"] > 0.5
+    ev = evaluate(model, small.x_test, small.y_test)
+    assert ev.accuracy == result.history[0]["test_accuracy"]
 
 
 @pytest.mark.slow

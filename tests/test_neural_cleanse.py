@@ -21,6 +21,7 @@ from redblue.defenses.neural_cleanse import (
 from redblue.defenses.neural_cleanse import stamp as stamp_with
 
 from .conftest import stamp_digits
+from .user_models import ViewNet
 
 
 def test_anomaly_index_by_hand() -> None:
@@ -363,19 +364,6 @@ def test_excluded_pixels_are_never_used(digits_backdoor: dict[str, object]) -> N
             neural_cleanse(model, x, y, exclude=bad, **kwargs)  # type: ignore[arg-type]
 
 
-class _ViewNet(torch.nn.Module):
-    """A user's model that flattens with ``.view`` after a convolution: it needs contiguous
-    NCHW activations and fails on channels_last ones."""
-
-    def __init__(self, channels: int) -> None:
-        super().__init__()
-        self.conv, self.fc = torch.nn.Conv2d(channels, 4, 3), torch.nn.Linear(4 * 6 * 6, 3)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = torch.relu(self.conv(x))
-        return self.fc(h.view(h.shape[0], -1))
-
-
 @pytest.mark.parametrize("channels", [1, 3])
 def test_a_model_that_needs_the_default_layout_is_judged_in_it(channels: int) -> None:
     """The channels_last copy would break ``.view``; such a model keeps the default layout
@@ -384,7 +372,7 @@ def test_a_model_that_needs_the_default_layout_is_judged_in_it(channels: int) ->
     from redblue.train import channels_last
 
     torch.manual_seed(0)
-    model = _ViewNet(channels).eval()
+    model = ViewNet(channels, classes=3).eval()
     x, y = torch.rand(24, channels, 8, 8), torch.arange(24) % 3
     with pytest.raises(RuntimeError):  # what the plain channels_last copy does to it
         copy = judging_copy(model)

@@ -45,6 +45,7 @@ from redblue.errors import ConfigError
 from redblue.models import Normalize
 from redblue.onnx_graph import OnnxNodeError, onnx_module, shape_text
 from redblue.scan import FileReport, scan_file
+from redblue.train import check_layout
 from redblue.utils import read_input_file, sha256_bytes, sha256_json
 from redblue.validate import NAME_PATTERN, check_int
 
@@ -347,7 +348,9 @@ def load_any_model(
     device: torch.device | str = "cpu",
     probe: torch.Tensor | None = None,
 ) -> LoadedModel:
-    """The model ``spec`` names (see the module docstring), on ``device``, in eval mode.
+    """The model ``spec`` names (see the module docstring), on ``device``, in eval mode;
+    one that fails in channels_last layout on the probe is marked to run in the default one
+    (:func:`redblue.train.check_layout`).
 
     ``probe``: a few test images (float in [0, 1]) to check the model on at load: it must
     accept them and output ``(N, classes)`` scores; an ONNX model must agree with onnxruntime
@@ -423,6 +426,6 @@ def load_any_model(
         **settings,
         "onnx_parity_max_abs_diff": parity,
     }
-    net.to(torch.device(device)).eval()
+    net = check_layout(net, x).to(torch.device(device)).eval()
     return LoadedModel(model=net, record=record, json_path=main_path, weights_path=weights_path,
                        definition=inner if kind == "module" else None)  # fmt: skip

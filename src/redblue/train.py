@@ -59,11 +59,73 @@ def channels_last(x: torch.Tensor) -> torch.Tensor:
     return x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x
 
 
-def prepare_model(model: nn.Module, device: torch.device) -> nn.Module:
-    """Move to ``device`` in channels_last memory format (measured faster here on CPU and GPU)."""
-    model.to(device)
-    model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+LAYOUT = "_redblue_layout"
+"""Attribute :func:`check_layout` sets on a model it has checked: ``"channels_last"``, or
+``"default"`` for one that fails in channels_last and that :func:`prepare_model` keeps in the
+default memory layout."""
+
+
+def prepare_model(model: nn.Module, device: torch.device | None, probe: torch.Tensor | None = None) -> nn.Module:
+    """``model`` on ``device`` (None: where it is) in channels_last memory format (measured
+    faster here on CPU and GPU), or in the default layout where it needs it (checked on
+    ``probe``, a few of its inputs: :func:`check_layout`). Use the module returned."""
+    if device is not None:
+        model.to(device)
+    if probe is not None:
+        model = check_layout(model, probe)
+    if getattr(model, LAYOUT, None) != "default":
+        model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
     return model
+
+
+def check_layout(model: nn.Module, probe: torch.Tensor) -> nn.Module:
+    """``model`` as it is when it runs in channels_last on ``probe`` (a few of its inputs).
+
+    One that fails there — a user's ``.view`` after a convolution needs contiguous NCHW
+    activations — stays in the default layout, so :func:`prepare_model` leaves it there, and
+    the channels_last inputs the rest of redblue feeds it are made contiguous by a forward
+    pre-hook: the same module, same weights and state-dict keys. A TorchScript module takes
+    no hooks and comes back inside :class:`DefaultLayout`. The verdict is kept on the module
+    (:data:`LAYOUT`), so a model is probed once."""
+    if getattr(model, LAYOUT, None) is not None:
+        return model
+    model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+    runs = _runs_channels_last(model, probe)
+    model.to(memory_format=torch.contiguous_format)  # type: ignore[call-overload]
+    if not runs:
+        if isinstance(model, torch.jit.ScriptModule):
+            return DefaultLayout(model)
+        model.register_forward_pre_hook(_contiguous_inputs)
+    setattr(model, LAYOUT, "channels_last" if runs else "default")
+    return model
+
+
+def _runs_channels_last(model: nn.Module, probe: torch.Tensor) -> bool:
+    xb = probe[:2].to(next(model.parameters(), probe).device)
+    try:
+        with torch.no_grad(), eval_mode(model):
+            model(channels_last(to_float(xb) if xb.dtype == torch.uint8 else xb))
+    except RuntimeError:  # a real error raises again on the first real call, in the default layout
+        return False
+    return True
+
+
+def _contiguous_inputs(module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
+    return tuple(a.contiguous() if isinstance(a, torch.Tensor) else a for a in args)
+
+
+class DefaultLayout(nn.Module):
+    """``net`` (a TorchScript module) kept in the default (NCHW) memory layout and fed
+    contiguous inputs, whatever layout they come in (:func:`prepare_model`)."""
+
+    _redblue_layout = "default"
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x.contiguous())  # type: ignore[no-any-return]
 
 
 @torch.no_grad()
@@ -180,7 +242,7 @@ def fit(
     """
     device = resolve_device(cfg.device)
     data = data.to(device)
-    prepare_model(model, device)
+    model = prepare_model(model, device, data.x_train[:2])
     choice = training_precision(cfg.precision, model, data, cfg.batch_size)
     precision = choice.precision
     seed_everything(cfg.seed)
@@ -320,7 +382,7 @@ def evaluate(
     latency_batch_size: int = 128,
 ) -> EvalResult:
     """Accuracy, mean cross-entropy and confusion matrix on (x, y), plus inference latency."""
-    prepare_model(model, x.device)
+    model = prepare_model(model, x.device, x[:2])
     loss_sum = 0.0
     preds = []
     with eval_mode(model):

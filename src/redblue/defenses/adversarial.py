@@ -361,7 +361,7 @@ def train_defended(
         model = copy.deepcopy(init).to(device)
     else:
         model = build_model(train_cfg.model_name, seed=train_cfg.seed)
-    prepare_model(model, device)
+    net = prepare_model(model, device, train_data.x_train[:2])  # `model` itself is returned
     guard = OverfitGuard(
         x_slice,
         y_slice,
@@ -369,10 +369,10 @@ def train_defended(
         steps=defend_cfg.guard_steps,
         drop=defend_cfg.guard_drop,
         enabled=defend_cfg.guarded,
-        precision=training_precision(train_cfg.precision, model, train_data, train_cfg.batch_size).precision,
+        precision=training_precision(train_cfg.precision, net, train_data, train_cfg.batch_size).precision,
     )
     result = fit(
-        model, train_data, train_cfg, perturb=recipe.perturb, loss=recipe.loss, epoch_end=guard,
+        net, train_data, train_cfg, perturb=recipe.perturb, loss=recipe.loss, epoch_end=guard,
         progress=progress, desc=desc,
     )
     notes = [guard.event.message()] if guard.event else []

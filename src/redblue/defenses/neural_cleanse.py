@@ -67,7 +67,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from redblue.errors import ConfigError
-from redblue.train import channels_last
+from redblue.train import channels_last, prepare_model
 from redblue.validate import check_float, check_int
 
 MAD_CONSISTENCY = 1.4826
@@ -242,31 +242,12 @@ def judging_copy(model: nn.Module, probe: torch.Tensor | None = None) -> nn.Modu
     stay as they were). On this project's 2-core CPU a step of redblue's CNN took 24-26 ms on
     such a copy against 35-54 ms on the model as loaded, whose first convolution's output (one
     input channel) stays NCHW, where max-pooling is several times slower. A model that fails
-    on ``probe`` in that layout (a user's ``.view`` after a convolution needs contiguous NCHW
-    activations) keeps the default layout and gets its inputs in it (:class:`_Contiguous`)."""
+    on ``probe`` in that layout (a user's ``.view`` after a convolution) keeps the default
+    layout (:func:`redblue.train.prepare_model`)."""
     net = copy.deepcopy(model).eval()
     for p in net.parameters():
         p.requires_grad_(False)
-    net.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
-    if probe is not None:
-        try:
-            with torch.no_grad():
-                net(channels_last(probe))
-        except RuntimeError:  # a real error raises again on the first step, in the default layout
-            net.to(memory_format=torch.contiguous_format)  # type: ignore[call-overload]
-            return _Contiguous(net)
-    return net
-
-
-class _Contiguous(nn.Module):
-    """``net`` fed contiguous (NCHW) inputs, whatever layout they come in."""
-
-    def __init__(self, net: nn.Module) -> None:
-        super().__init__()
-        self.net = net
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x.contiguous())  # type: ignore[no-any-return]
+    return prepare_model(net, None, probe)
 
 
 def stamp(x: torch.Tensor, mask: torch.Tensor, pattern: torch.Tensor) -> torch.Tensor:

@@ -30,6 +30,7 @@ from redblue.evaluation.runner import (
     _check_settings,
     run_attack,
 )
+from redblue.train import prepare_model
 from redblue.utils import seed_everything
 
 DEFAULT_SWEEP = {
@@ -73,7 +74,8 @@ def evaluate_robustness(
     """Clean accuracy, per-attack and worst-case robust accuracy of ``model`` at ``eps``.
 
     Args:
-        model: pixels in [0, 1] in, logits out. Moved to channels_last on ``x.device``.
+        model: pixels in [0, 1] in, logits out. Moved to channels_last on ``x.device``
+            (or kept in the default layout where it needs it: :func:`redblue.train.prepare_model`).
         x: test images, uint8 or float in [0, 1], shape (N, 1, 28, 28), on the device to use.
         y: int64 labels (N,).
         attacks: names, suites or a comma-separated list (``"quick"``, ``"standard,square"``);
@@ -111,6 +113,7 @@ def evaluate_robustness(
     n = int(x.shape[0])
     if n == 0:
         raise ConfigError("--n-examples: no images to evaluate")
+    model = prepare_model(model, x.device, x[:2])
     start_time = time.perf_counter()
     clean_correct: torch.Tensor | None = None
     results: list[AttackResult] = []

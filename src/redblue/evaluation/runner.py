@@ -146,7 +146,7 @@ def run_attack(
     linf = torch.zeros(n, device=x.device)
     l2 = torch.zeros(n, device=x.device)
     samples = []
-    prepare_model(model, x.device)
+    model = prepare_model(model, x.device, x[:2])
     start_time = time.perf_counter()
     bar = tqdm(total=n, desc=f"{attack} eps={eps:g}", unit="img", disable=None if progress else True, leave=False)
     for start in range(0, n, batch_size):
