@@ -13,7 +13,7 @@ from redblue.config import TrainConfig
 from redblue.data import Dataset
 from redblue.errors import ConfigError
 from redblue.models import MODELS, Normalize, build_model
-from redblue.train import LAYOUT, DefaultLayout, channels_last, confusion_matrix, evaluate, fit, prepare_model
+from redblue.train import LAYOUT, DefaultLayout, channels_last, confusion_matrix, evaluate, fit, predict, prepare_model
 
 from .user_models import ViewNet
 
@@ -179,6 +179,13 @@ def test_a_model_that_fails_in_channels_last_keeps_the_default_layout(channels: 
         scripted = prepare_model(torch.jit.script(reference), None, x)
         assert isinstance(scripted, DefaultLayout)
         assert torch.allclose(scripted(channels_last(x)), reference(x), atol=1e-6)
+    assert len(model._forward_pre_hooks) == 1  # probed once, hooked once
+    fresh = ViewNet(channels)
+    with torch.no_grad():
+        expected = fresh(x).argmax(1)
+    assert torch.equal(predict(fresh, x), expected)  # the public helpers check too (channels_last batches)
+    wrong, other = torch.rand(2, channels, 5, 5), ViewNet(channels)  # fails in both layouts:
+    assert prepare_model(other, None, wrong) is other and not hasattr(other, LAYOUT)  # no verdict kept
 
 
 def test_fit_and_evaluate_a_model_that_needs_the_default_layout(small: Dataset) -> None:

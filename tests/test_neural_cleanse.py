@@ -374,7 +374,7 @@ def test_a_model_that_needs_the_default_layout_is_judged_in_it(channels: int) ->
     torch.manual_seed(0)
     model = ViewNet(channels, classes=3).eval()
     x, y = torch.rand(24, channels, 8, 8), torch.arange(24) % 3
-    with pytest.raises(RuntimeError):  # what the plain channels_last copy does to it
+    with pytest.raises(RuntimeError, match="view size"):  # what the plain channels_last copy does to it
         copy = judging_copy(model)
         with torch.no_grad():
             copy(channels_last(x))

@@ -90,8 +90,10 @@ def check_layout(model: nn.Module, probe: torch.Tensor) -> nn.Module:
     if getattr(model, LAYOUT, None) is not None:
         return model
     model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
-    runs = _runs_channels_last(model, probe)
+    runs = _runs(model, probe, channels_last)
     model.to(memory_format=torch.contiguous_format)  # type: ignore[call-overload]
+    if not runs and not _runs(model, probe, torch.Tensor.contiguous):
+        return model  # fails in both layouts (a wrong input, out of memory): no verdict; the error comes back on use
     if not runs:
         if isinstance(model, torch.jit.ScriptModule):
             return DefaultLayout(model)
@@ -100,12 +102,12 @@ def check_layout(model: nn.Module, probe: torch.Tensor) -> nn.Module:
     return model
 
 
-def _runs_channels_last(model: nn.Module, probe: torch.Tensor) -> bool:
+def _runs(model: nn.Module, probe: torch.Tensor, layout: Callable[[torch.Tensor], torch.Tensor]) -> bool:
     xb = probe[:2].to(next(model.parameters(), probe).device)
     try:
         with torch.no_grad(), eval_mode(model):
-            model(channels_last(to_float(xb) if xb.dtype == torch.uint8 else xb))
-    except RuntimeError:  # a real error raises again on the first real call, in the default layout
+            model(layout(to_float(xb) if xb.dtype == torch.uint8 else xb))
+    except Exception:  # any failure is the answer: check_layout tells a layout's failure from the model's own
         return False
     return True
 
@@ -137,6 +139,7 @@ def predict(
     precision: str = "fp32",
 ) -> torch.Tensor:
     """Predicted labels for uint8 or float images, in eval mode, on ``x.device``."""
+    model = check_layout(model, x)
     preds = []
     with eval_mode(model), autocast(x.device, precision):
         for start in range(0, x.shape[0], batch_size):

@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 from redblue.config import BackdoorDefenseConfig
 from redblue.data import to_float
 from redblue.errors import ConfigError
-from redblue.train import channels_last
+from redblue.train import channels_last, check_layout
 from redblue.utils import eval_mode
 
 METHODS = ("ac", "spectral")
@@ -72,6 +72,7 @@ def penultimate_activations(
     linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
     if not linears:
         raise ConfigError("backdoor defence: the model has no nn.Linear layer to read features from")
+    model = check_layout(model, x)
     head = linears[-1]
     captured: list[torch.Tensor] = []
 

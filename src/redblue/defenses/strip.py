@@ -31,7 +31,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from redblue.errors import ConfigError
-from redblue.train import channels_last
+from redblue.train import channels_last, check_layout
 from redblue.utils import eval_mode
 from redblue.validate import check_float, check_int
 
@@ -52,6 +52,7 @@ def strip_entropy(
     check_int("n_copies", n_copies, 1)
     if x.shape[1:] != overlays.shape[1:] or overlays.shape[0] == 0:
         raise ConfigError(f"strip: inputs {tuple(x.shape)} and overlays {tuple(overlays.shape)} must share C, H, W")
+    model = check_layout(model, x)
     generator = torch.Generator(device="cpu").manual_seed(seed)
     picks = torch.randint(overlays.shape[0], (x.shape[0], n_copies), generator=generator).to(x.device)
     per_batch = max(1, batch_size // n_copies)

@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from redblue.attacks.projection import input_gradient
 from redblue.evaluation.runner import RobustnessResult, run_attack
-from redblue.train import channels_last
+from redblue.train import channels_last, check_layout
 from redblue.utils import eval_mode, pct, seed_everything
 
 DOC = "redblue/evaluation/checks.md"
@@ -246,6 +246,7 @@ def run_checks(
         )  # fmt: skip
         return mask
 
+    model = check_layout(model, x)
     xf = channels_last(x[:256].float().div(255.0) if x.dtype == torch.uint8 else x[:256].float())
     with torch.no_grad(), eval_mode(model):
         add(check_logits(model(xf)), int(xf.shape[0]))
