@@ -25,6 +25,7 @@ from redblue.defenses.repair import channel_activations, fine_prune, last_conv, 
 from redblue.defenses.strip import strip, strip_entropy
 from redblue.errors import ConfigError
 from redblue.stages.backdoor_audit import check_repairs
+from redblue.train import check_layout
 
 from .conftest import run_cli, stamp_digits
 
@@ -66,7 +67,9 @@ def test_strip_blends_are_clipped_sums() -> None:
 
     x = torch.full((2, 1, 2, 2), 0.75)
     overlays = torch.stack([torch.full((1, 2, 2), 0.5), torch.full((1, 2, 2), 0.125)])
-    h = strip_entropy(Spy(), x, overlays, n_copies=4)
+    spy = check_layout(Spy(), x)  # the layout probe (two images) done before, so `seen` holds the blends only
+    seen.clear()
+    h = strip_entropy(spy, x, overlays, n_copies=4)
     blends = torch.cat(seen)
     assert blends.shape == (8, 1, 2, 2)
     assert set(blends.flatten().tolist()) <= {1.0, 0.875}  # 0.75 + 0.5 clipped, 0.75 + 0.125
