@@ -223,6 +223,7 @@ def run_checks(
     m = min(int(x.shape[0]), check_examples)
     if result.clean_correct is None:
         raise ValueError("run_checks needs a RobustnessResult from evaluate_robustness")
+    model = check_layout(model, x)  # before mask_of, which runs it too
     all_correct = result.clean_correct
     correct = all_correct[:m]
     clean_acc = _accuracy(correct)
@@ -246,7 +247,6 @@ def run_checks(
         )  # fmt: skip
         return mask
 
-    model = check_layout(model, x)
     xf = channels_last(x[:256].float().div(255.0) if x.dtype == torch.uint8 else x[:256].float())
     with torch.no_grad(), eval_mode(model):
         add(check_logits(model(xf)), int(xf.shape[0]))
