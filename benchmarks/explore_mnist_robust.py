@@ -53,7 +53,7 @@ def main() -> None:
     defend_cfg = DefendConfig(recipe=args.recipe, eps=args.eps, steps=args.steps, beta=args.beta,
                               eps_ramp=args.eps_ramp, n_examples=args.n_examples)  # fmt: skip
     start = time.perf_counter()
-    result = defend_stage(Path(args.out), data, train_cfg, defend_cfg, name="robust", progress=False)
+    result = defend_stage(Path(args.out), data, train_cfg, defend_cfg, name="robust", progress=True)
     total_s = time.perf_counter() - start
     m, training = result.metrics, result.training
     line = {

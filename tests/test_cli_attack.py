@@ -55,6 +55,13 @@ def test_attack_quick_writes_metrics_examples_and_plots(cli: Cli, tiny_model_dir
     assert set(metrics["sweep"]) == {"fgsm", "pgd"} and metrics["sweep"]["pgd"][0]["eps"] == 0.0
     assert result["samples_sha256"] == sha256_file(out / "metrics" / result["samples_file"])
     assert isinstance(result["warnings"], list)
+    # stderr is a pipe, not a terminal: the bars are off, so each finished attack says so in one plain line
+    for name, attack in metrics["attacks"].items():
+        robust = round(attack["robust_accuracy"] * 60)
+        assert f"{name} eps=0.3: {robust} of 60 images robust, " in proc.stderr, proc.stderr
+    warnings = ", ".join(w["id"] for w in result["warnings"]) or "none"
+    assert result["checks"]["ran"]
+    assert f"sanity checks on {result['checks']['n_examples']} images: {len(result['warnings'])} warning(s) ({warnings})" in proc.stderr
 
 
 @pytest.mark.parametrize(

@@ -60,6 +60,10 @@ def test_train_writes_safetensors_json_and_plots_then_reuses(
     assert metrics["dataset"]["name"] == "mnist-mini" and metrics["dataset"]["files"]
     assert isinstance(metrics["metrics"]["clean_accuracy"], float) and metrics["metrics"]["clean_accuracy"] > 0.8
     assert len(metrics["model"]["weights_sha256"]) == 64 and "reused" not in metrics
+    # stderr is a pipe, not a terminal: the bar is off, so the finished epoch says so in one plain line
+    epoch = metrics["training"]["history"][0]
+    assert (f"baseline epoch 1/1: loss {epoch['loss']:.4f}, training accuracy {epoch['train_accuracy']:.2%}, "
+            f"test accuracy {epoch['test_accuracy']:.2%}, ") in first.stderr, first.stderr  # fmt: skip
     before = (out / "metrics" / "baseline_metrics.json").read_bytes()
     second = cli(*args)
     assert second.returncode == 0 and "reusing" in second.stderr

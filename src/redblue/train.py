@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from redblue.config import TrainConfig
 from redblue.data import Dataset, to_float
 from redblue.precision import PrecisionChoice, choose_precision
-from redblue.utils import autocast, eval_mode, resolve_device, seed_everything
+from redblue.utils import autocast, eval_mode, progress_line, resolve_device, seed_everything
 
 Perturb = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
 """``perturb(model, x, y) -> x_train``: the images to train on for this batch (same shape)."""
@@ -305,6 +305,10 @@ def fit(
         if epoch_end is not None:
             entry.update(epoch_end(epoch, model))
         history.append(entry)
+        guard = f", guard PGD accuracy {entry['guard_pgd_accuracy']:.2%}" if "guard_pgd_accuracy" in entry else ""
+        progress_line(progress, f"{desc} epoch {epoch}/{cfg.epochs}: loss {entry['loss']:.4f}, training accuracy "
+                                f"{entry['train_accuracy']:.2%}, test accuracy {entry['test_accuracy']:.2%}{guard}, "
+                                f"{seconds:.0f} s")  # fmt: skip
         if entry.get("stop_training"):
             break
     total = time.perf_counter() - start_all

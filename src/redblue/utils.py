@@ -10,6 +10,7 @@ import os
 import platform
 import random
 import stat
+import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -29,6 +30,16 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+def progress_line(progress: bool, message: str) -> None:
+    """One plain line of progress on stderr, where the progress bars are off because stderr
+    is not a terminal (a log file, ``nohup``, a pipe): a long run then still says what it
+    finished and when. Silent when ``progress`` is off or stderr is a terminal (the bars
+    show there)."""
+    stream = sys.stderr
+    if progress and not (hasattr(stream, "isatty") and stream.isatty()):
+        print(message, file=stream, flush=True)
 
 
 def resolve_device(device: str) -> torch.device:

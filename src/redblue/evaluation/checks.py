@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from redblue.attacks.projection import input_gradient
 from redblue.evaluation.runner import RobustnessResult, run_attack
 from redblue.train import channels_last, check_layout
-from redblue.utils import eval_mode, pct, seed_everything
+from redblue.utils import eval_mode, pct, progress_line, seed_everything
 
 DOC = "redblue/evaluation/checks.md"
 TOLERANCE = 0.005
@@ -299,4 +299,6 @@ def run_checks(
     strongest = min(others, key=lambda a: others[a])
     add(check_robustness_gap(_accuracy(fgsm_mask), strongest, others[strongest], clean_acc))
     bar.close()
+    names = ", ".join(w["id"] for w in warnings) or "none"
+    progress_line(progress, f"sanity checks on {m} images: {len(warnings)} warning(s) ({names})")
     return warnings

@@ -24,7 +24,7 @@ from redblue.attacks import RUNNERS, SETTINGS, resolve_settings
 from redblue.attacks.projection import check_settings, per_example_norm, pixels, threat_model_violation
 from redblue.errors import ConfigError, ThreatModelError
 from redblue.train import channels_last, prepare_model
-from redblue.utils import atomic_write_bytes, eval_mode, sha256_bytes
+from redblue.utils import atomic_write_bytes, eval_mode, progress_line, sha256_bytes
 
 N_SAMPLES = 8
 """Examples kept (clean and adversarial) for the image grid."""
@@ -178,6 +178,7 @@ def run_attack(
     seconds = time.perf_counter() - start_time
     n_correct = int(correct.sum())
     n_robust = int(robust.sum())
+    progress_line(progress, f"{attack} eps={eps:g}: {n_robust} of {n} images robust, {seconds:.0f} s")
     result = AttackResult(
         attack=attack,
         settings={"eps": eps, "norm": norm, **resolved, **extra},
