@@ -22,6 +22,7 @@ from redblue.defenses.adversarial import (
     fgsm_mix_perturb,
     fgsm_rs_perturb,
     make_recipe,
+    mart_loss,
     pgd_perturb,
     split_guard_slice,
     trades_loss,
@@ -197,6 +198,49 @@ def test_trades_loss_matches_the_reference(trained: nn.Module, batch: tuple[torc
     assert same.item() == pytest.approx(F.cross_entropy(trained(x), y).item(), rel=1e-5)
 
 
+def _reference_mart_loss(model: nn.Module, x: torch.Tensor, x_adv: torch.Tensor, y: torch.Tensor, beta: float) -> torch.Tensor:
+    """MART's formulation as the paper's code writes it (YisenWang/MART, mart.py): two forward
+    passes, the likeliest wrong class found by sorting, KLDivLoss(reduction="none")."""
+    logits, logits_adv = model(x), model(x_adv)
+    adv_probs = F.softmax(logits_adv, dim=1)
+    top2 = torch.argsort(adv_probs, dim=1)[:, -2:]
+    new_y = torch.where(top2[:, -1] == y, top2[:, -2], top2[:, -1])
+    loss_adv = F.cross_entropy(logits_adv, y) + F.nll_loss(torch.log(1.0001 - adv_probs + 1e-12), new_y)
+    nat_probs = F.softmax(logits, dim=1)
+    true_probs = torch.gather(nat_probs, 1, y.unsqueeze(1)).squeeze()
+    kl = nn.KLDivLoss(reduction="none")(torch.log(adv_probs + 1e-12), nat_probs).sum(dim=1)
+    return loss_adv + beta * (kl * (1.0000001 - true_probs)).sum() / x.shape[0]
+
+
+def test_mart_loss_matches_the_reference(trained: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> None:
+    x, y = batch
+    x_adv = pgd(trained, x, y, eps=0.3, alpha=0.05, steps=5)
+    trained.eval()
+    for beta in (0.0, 1.0, 6.0):
+        value, logits = mart_loss(beta)(trained, x, x_adv, y)
+        assert value.item() == pytest.approx(_reference_mart_loss(trained, x, x_adv, y, beta).item(), rel=1e-5)
+        assert torch.allclose(logits, trained(x), atol=1e-5)
+    # no perturbation: the KL term vanishes, leaving the boosted cross-entropy on the clean images
+    same, _ = mart_loss(6.0)(trained, x, x, y)
+    p = F.softmax(trained(x), dim=1)
+    wrong = torch.stack([torch.cat([row[:k], row[k + 1 :]]).max() for row, k in zip(p, y.tolist(), strict=True)])
+    expected = F.cross_entropy(trained(x), y) - torch.log(1.0001 - wrong + 1e-12).mean()
+    assert same.item() == pytest.approx(expected.item(), rel=1e-5)
+    # with a perturbation the weighted KL term is positive, so beta raises the loss
+    assert mart_loss(6.0)(trained, x, x_adv, y)[0].item() > mart_loss(0.0)(trained, x, x_adv, y)[0].item()
+
+
+def test_mart_recipe_trains_on_pgd_images_with_its_loss(trained: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> None:
+    recipe = make_recipe(DefendConfig(recipe="mart", eps=0.2, steps=4, beta=5.0))
+    assert recipe.loss is not None
+    assert recipe.settings == {"recipe": "mart", "eps": 0.2, "eps_ramp": 0, "alpha": pytest.approx(0.125),
+                               "steps": 4, "random_start": True, "beta": 5.0}  # fmt: skip
+    x, y = batch
+    x_adv = recipe.perturb(trained, x, y)
+    assert _in_ball(x_adv, x, 0.2)
+    assert accuracy(trained, x_adv, y) < accuracy(trained, x, y)
+
+
 def test_trades_perturbation_stays_in_the_ball_and_raises_the_kl(
     trained: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]
 ) -> None:
@@ -289,7 +333,7 @@ def test_guard_slice_is_held_out_of_training(mini: Dataset) -> None:
 # --- the stage -----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("recipe", ["fgsm", "fgsm-rs", "pgd", "trades"])
+@pytest.mark.parametrize("recipe", ["fgsm", "fgsm-rs", "pgd", "trades", "mart"])
 def test_each_recipe_trains_saves_and_evaluates(mini: Dataset, tmp_path: Path, recipe: str) -> None:
     data = mini.subset(600, 300)
     train_cfg = TrainConfig(epochs=1, batch_size=100, device="cpu")

@@ -28,8 +28,8 @@ FAST = ("--dataset", "mnist-mini", "--epochs", "1", "--device", "cpu", "--guard-
         (("--ratio", "1.5"), "redblue: error: --ratio 1.5: must be in [0, 1]"),
         (
             ("--recipe", "free"),
-            "redblue: error: Invalid value for '--recipe': 'free' is not one of 'fgsm', 'fgsm-rs', 'pgd', 'trades'. "
-            "(see 'redblue defend --help')",
+            "redblue: error: Invalid value for '--recipe': 'free' is not one of 'fgsm', 'fgsm-rs', 'pgd', 'trades', "
+            "'mart'. (see 'redblue defend --help')",
         ),
     ],
 )

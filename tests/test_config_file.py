@@ -92,10 +92,10 @@ def test_choice_options_list_their_choices(cli: Cli, tmp_path: Path) -> None:
     out = tmp_path / "out"
     proc = cli("defend", "--recipe", "free", "--out", str(out))
     line = _refused(proc, out, "--recipe", "'free'")
-    for choice in ("fgsm", "fgsm-rs", "pgd", "trades"):
+    for choice in ("fgsm", "fgsm-rs", "pgd", "trades", "mart"):
         assert choice in line
     helped = cli("defend", "--help")
-    assert "[fgsm|fgsm-rs|pgd|trades]" in helped.stdout
+    assert "[fgsm|fgsm-rs|pgd|trades|mart]" in helped.stdout
 
 
 def test_run_gives_the_blue_team_the_red_team_eps_unless_defend_says_otherwise(cli: Cli, tmp_path: Path) -> None:

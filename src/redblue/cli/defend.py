@@ -1,4 +1,4 @@
-"""``redblue defend``: adversarial training (fgsm, fgsm-rs, pgd, trades) and its evaluation."""
+"""``redblue defend``: adversarial training (fgsm, fgsm-rs, pgd, trades, mart) and its evaluation."""
 
 from __future__ import annotations
 
@@ -31,7 +31,8 @@ from redblue.validate import check_name
     type=click.Choice(RECIPES),
     default=None,
     help="fgsm (the original project's: a --ratio share of each batch replaced by FGSM), "
-    "fgsm-rs (Wong et al. 2020), pgd (Madry et al. 2018) or trades (Zhang et al. 2019). "
+    "fgsm-rs (Wong et al. 2020), pgd (Madry et al. 2018), trades (Zhang et al. 2019) or mart "
+    "(Wang et al. 2020). "
     "[default: fgsm-rs]",
 )
 @click.option("--eps", type=float, default=None, help="L-inf radius in pixel units, in (0, 1]. [default: 0.25]")
@@ -39,10 +40,10 @@ from redblue.validate import check_name
     "--alpha",
     type=float,
     default=None,
-    help="Attack step size (> 0). [default: 1.25*eps for fgsm-rs, 2.5*eps/steps for pgd and trades]",
+    help="Attack step size (> 0). [default: 1.25*eps for fgsm-rs, 2.5*eps/steps for pgd, trades and mart]",
 )
-@click.option("--steps", type=int, default=None, help="Attack steps for pgd and trades (>= 1). [default: 10]")
-@click.option("--beta", type=float, default=None, help="TRADES weight of the KL term (>= 0). [default: 6]")
+@click.option("--steps", type=int, default=None, help="Attack steps for pgd, trades and mart (>= 1). [default: 10]")
+@click.option("--beta", type=float, default=None, help="TRADES' and MART's weight of the KL term (>= 0). [default: 6]")
 @click.option(
     "--ratio",
     type=float,

@@ -62,7 +62,7 @@ DEFEND_RESULT = "advtrain"
     "--recipe",
     type=click.Choice(RECIPES),
     default=None,
-    help="Blue-team adversarial-training recipe: fgsm (the original's), fgsm-rs, pgd or trades. [default: fgsm-rs]",
+    help="Blue-team adversarial-training recipe: fgsm (the original's), fgsm-rs, pgd, trades or mart. [default: fgsm-rs]",
 )
 @click.option(
     "--defend-eps",

@@ -1,6 +1,6 @@
 """Adversarial training recipes on the one training loop, :func:`redblue.train.fit`.
 
-Four recipes, each a ``perturb`` hook (and for TRADES a ``loss`` hook) for ``fit``:
+Five recipes, each a ``perturb`` hook (and for TRADES and MART a ``loss`` hook) for ``fit``:
 
 - ``fgsm``: the original project's recipe (ART ``AdversarialTrainer`` with
   ``FastGradientMethod``): a share ``ratio`` of each batch is replaced by FGSM images.
@@ -12,6 +12,10 @@ Four recipes, each a ``perturb`` hook (and for TRADES a ``loss`` hook) for ``fit
 - ``trades``: Zhang et al. 2019: cross-entropy on clean images plus ``beta`` times the KL
   divergence between clean and adversarial predictions, the inner maximisation being PGD
   on that KL term.
+- ``mart``: Wang et al. 2020 (MART): PGD images as for ``pgd``, trained on a boosted
+  cross-entropy (cross-entropy plus a margin term against the likeliest wrong class) plus
+  ``beta`` times the clean-to-adversarial KL divergence weighted by ``1 - p(y | x)``, so
+  images the model gets wrong or barely right weigh more.
 
 An :class:`OverfitGuard` (the ``epoch_end`` hook) measures clean, FGSM and PGD accuracy on
 a fixed slice of the training set held out from training after every epoch; when PGD
@@ -177,6 +181,34 @@ def trades_loss(beta: float) -> Loss:
     return loss
 
 
+def mart_loss(beta: float) -> Loss:
+    """MART's objective (Wang et al. 2020, "Improving adversarial robustness requires
+    revisiting misclassified examples"), batch means:
+
+    ``CE(f(x'), y) - log(1.0001 - max_{k != y} p_k(x'))``, the boosted cross-entropy on the
+    adversarial image, plus ``beta · KL(p(x) ‖ p(x')) · (1 - p_y(x))``, the KL term weighted
+    towards images the model gets wrong or barely right on their clean version. The small
+    constants are those of the paper's code. Clean and adversarial images go through the
+    model in one forward pass, as in :func:`trades_loss`; the clean logits are returned.
+    """
+
+    def loss(
+        model: nn.Module, x_clean: torch.Tensor, x_train: torch.Tensor, y: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        n = x_clean.shape[0]
+        logits = model(channels_last(torch.cat([x_clean, x_train.to(x_clean.dtype)]))).float()
+        logits_clean, logits_adv = logits[:n], logits[n:]
+        p_adv = F.softmax(logits_adv, dim=1)
+        p_clean = F.softmax(logits_clean, dim=1)
+        wrong = p_adv.scatter(1, y[:, None], -1.0).amax(dim=1)  # the likeliest wrong class's probability
+        boosted = F.cross_entropy(logits_adv, y) - torch.log(1.0001 - wrong + 1e-12).mean()
+        kl = F.kl_div(torch.log(p_adv + 1e-12), p_clean, reduction="none").sum(dim=1)
+        weight = 1.0000001 - p_clean.gather(1, y[:, None]).squeeze(1)
+        return boosted + beta * (kl * weight).mean(), logits_clean
+
+    return loss
+
+
 def make_recipe(cfg: DefendConfig, *, steps_per_epoch: int = 1) -> Recipe:
     """The ``perturb`` / ``loss`` hooks of ``cfg.recipe`` with its resolved settings.
 
@@ -202,6 +234,10 @@ def make_recipe(cfg: DefendConfig, *, steps_per_epoch: int = 1) -> Recipe:
     elif cfg.recipe == "pgd":
         perturb = pgd_perturb(schedule, alpha, cfg.steps)
         settings.update(alpha=alpha, steps=cfg.steps, random_start=True)
+    elif cfg.recipe == "mart":
+        perturb = pgd_perturb(schedule, alpha, cfg.steps)
+        loss = mart_loss(cfg.beta)
+        settings.update(alpha=alpha, steps=cfg.steps, random_start=True, beta=cfg.beta)
     else:
         perturb = trades_perturb(schedule, alpha, cfg.steps)
         loss = trades_loss(cfg.beta)
