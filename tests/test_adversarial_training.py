@@ -6,6 +6,7 @@ import dataclasses
 import json
 import math
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -66,7 +67,7 @@ def batch(mini: Dataset) -> tuple[torch.Tensor, torch.Tensor]:
         ({"beta": -1.0}, "--beta -1: must be in [0, inf)"),
         ({"steps": 0}, "--steps 0: must be at least 1"),
         ({"ratio": 1.2}, "--ratio 1.2: must be in [0, 1]"),
-        ({"recipe": "free"}, "--recipe 'free': expected one of fgsm, fgsm-rs, pgd, trades"),
+        ({"recipe": "free"}, "--recipe 'free': expected one of fgsm, fgsm-rs, pgd, trades, mart"),
     ],
 )
 def test_bad_settings_are_config_errors(settings: dict[str, object], message: str) -> None:
@@ -82,7 +83,7 @@ def test_recipe_defaults_follow_the_papers() -> None:
     assert DefendConfig().beta == 6.0
     assert DefendConfig(recipe="fgsm").guarded is False  # the original recipe, as it was
     assert DefendConfig(recipe="fgsm", guard=True).guarded is True
-    assert all(DefendConfig(recipe=r).guarded for r in ("fgsm-rs", "pgd", "trades"))
+    assert all(DefendConfig(recipe=r).guarded for r in ("fgsm-rs", "pgd", "trades", "mart"))
 
 
 def test_eps_schedule_ramps_linearly_then_holds() -> None:
@@ -185,15 +186,11 @@ def _reference_trades_loss(model: nn.Module, x: torch.Tensor, x_adv: torch.Tenso
     return loss_natural + beta * loss_robust
 
 
-def test_trades_loss_matches_the_reference(trained: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> None:
+def test_trades_loss_is_cross_entropy_without_a_perturbation(
+    trained: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]
+) -> None:
     x, y = batch
-    x_adv = pgd(trained, x, y, eps=0.3, alpha=0.05, steps=5)
     trained.eval()
-    for beta in (0.0, 1.0, 6.0):
-        value, logits = trades_loss(beta)(trained, x, x_adv, y)
-        assert value.item() == pytest.approx(_reference_trades_loss(trained, x, x_adv, y, beta).item(), rel=1e-5)
-        assert torch.allclose(logits, trained(x), atol=1e-5)
-    # no perturbation: the KL term vanishes and TRADES is cross-entropy
     same, _ = trades_loss(6.0)(trained, x, x, y)
     assert same.item() == pytest.approx(F.cross_entropy(trained(x), y).item(), rel=1e-5)
 
@@ -212,14 +209,25 @@ def _reference_mart_loss(model: nn.Module, x: torch.Tensor, x_adv: torch.Tensor,
     return loss_adv + beta * (kl * (1.0000001 - true_probs)).sum() / x.shape[0]
 
 
-def test_mart_loss_matches_the_reference(trained: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> None:
+@pytest.mark.parametrize(("ours", "reference"), [(trades_loss, _reference_trades_loss), (mart_loss, _reference_mart_loss)])
+def test_the_loss_matches_the_papers_code(
+    trained: nn.Module, batch: tuple[torch.Tensor, torch.Tensor], ours: Any, reference: Any
+) -> None:
     x, y = batch
     x_adv = pgd(trained, x, y, eps=0.3, alpha=0.05, steps=5)
     trained.eval()
     for beta in (0.0, 1.0, 6.0):
-        value, logits = mart_loss(beta)(trained, x, x_adv, y)
-        assert value.item() == pytest.approx(_reference_mart_loss(trained, x, x_adv, y, beta).item(), rel=1e-5)
+        value, logits = ours(beta)(trained, x, x_adv, y)
+        assert value.item() == pytest.approx(reference(trained, x, x_adv, y, beta).item(), rel=1e-5)
         assert torch.allclose(logits, trained(x), atol=1e-5)
+
+
+def test_mart_loss_without_a_perturbation_and_its_kl_weight(
+    trained: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]
+) -> None:
+    x, y = batch
+    x_adv = pgd(trained, x, y, eps=0.3, alpha=0.05, steps=5)
+    trained.eval()
     # no perturbation: the KL term vanishes, leaving the boosted cross-entropy on the clean images
     same, _ = mart_loss(6.0)(trained, x, x, y)
     p = F.softmax(trained(x), dim=1)

@@ -160,19 +160,24 @@ def trades_perturb(schedule: EpsSchedule, alpha: float, steps: int) -> Perturb:
     return perturb
 
 
-def trades_loss(beta: float) -> Loss:
-    """TRADES' objective: ``CE(f(x), y) + beta · KL(p(x) ‖ p(x'))`` (batch mean).
+def clean_and_adversarial_logits(
+    model: nn.Module, x_clean: torch.Tensor, x_train: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The float32 logits of the clean and the adversarial images, from one forward pass of
+    both (the models here have no batch norm, so this equals two passes and is faster)."""
+    n = x_clean.shape[0]
+    logits = model(channels_last(torch.cat([x_clean, x_train.to(x_clean.dtype)]))).float()
+    return logits[:n], logits[n:]
 
-    Clean and adversarial images go through the model in one forward pass (the models
-    here have no batch norm, so this equals two passes and is faster).
-    """
+
+def trades_loss(beta: float) -> Loss:
+    """TRADES' objective: ``CE(f(x), y) + beta · KL(p(x) ‖ p(x'))`` (batch mean), the
+    clean logits returned with it (:func:`clean_and_adversarial_logits`)."""
 
     def loss(
         model: nn.Module, x_clean: torch.Tensor, x_train: torch.Tensor, y: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        n = x_clean.shape[0]
-        logits = model(channels_last(torch.cat([x_clean, x_train.to(x_clean.dtype)]))).float()
-        logits_clean, logits_adv = logits[:n], logits[n:]
+        logits_clean, logits_adv = clean_and_adversarial_logits(model, x_clean, x_train)
         robust = F.kl_div(
             F.log_softmax(logits_adv, dim=1), F.softmax(logits_clean, dim=1), reduction="batchmean"
         )
@@ -188,16 +193,14 @@ def mart_loss(beta: float) -> Loss:
     ``CE(f(x'), y) - log(1.0001 - max_{k != y} p_k(x'))``, the boosted cross-entropy on the
     adversarial image, plus ``beta · KL(p(x) ‖ p(x')) · (1 - p_y(x))``, the KL term weighted
     towards images the model gets wrong or barely right on their clean version. The small
-    constants are those of the paper's code. Clean and adversarial images go through the
-    model in one forward pass, as in :func:`trades_loss`; the clean logits are returned.
+    constants are those of the paper's code; the clean logits are returned with it
+    (:func:`clean_and_adversarial_logits`).
     """
 
     def loss(
         model: nn.Module, x_clean: torch.Tensor, x_train: torch.Tensor, y: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        n = x_clean.shape[0]
-        logits = model(channels_last(torch.cat([x_clean, x_train.to(x_clean.dtype)]))).float()
-        logits_clean, logits_adv = logits[:n], logits[n:]
+        logits_clean, logits_adv = clean_and_adversarial_logits(model, x_clean, x_train)
         p_adv = F.softmax(logits_adv, dim=1)
         p_clean = F.softmax(logits_clean, dim=1)
         wrong = p_adv.scatter(1, y[:, None], -1.0).amax(dim=1)  # the likeliest wrong class's probability
