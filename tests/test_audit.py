@@ -365,7 +365,9 @@ def test_defend_fine_tunes_the_users_module(in_example: Path, capsys: pytest.Cap
     code = main(["defend", "--model", "net.py:build", "--weights", "net.safetensors", "--dataset", "digits.npz",
                  "--recipe", "fgsm-rs", "--eps", "0.1", "--epochs", "10", "--guard-size", "100", "--n-examples", "100",
                  "--device", "cpu", "--out", "tuned", "--name", "net-ft"])  # fmt: skip
-    assert code == 0, capsys.readouterr().err
+    err = capsys.readouterr().err  # read here, so the refusals below are checked on their own output
+    assert code == 0, err
+    assert "net-ft epoch 1/10: loss " in err  # stderr is captured, not a terminal: one plain line per epoch
     result = json.loads((in_example / "tuned" / "metrics" / "net-ft_metrics.json").read_text())
     assert result["model"]["model_name"] == "user-module"
     assert result["model"]["base"]["files"] == {"net.py": _sha256(in_example / "net.py"),
