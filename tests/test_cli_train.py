@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import shutil
 import subprocess
@@ -205,3 +206,26 @@ def test_train_on_full_mnist_reaches_99_and_reloads(cli: Cli, mnist_dir: Path, b
         json.loads((out / "metrics" / "baseline_metrics.json").read_text())["metrics"]["clean_accuracy"]
         == metrics["metrics"]["clean_accuracy"]
     )
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+@pytest.mark.parametrize(
+    ("stderr", "progress", "printed"),
+    [(io.StringIO(), True, True), (io.StringIO(), False, False), (_Terminal(), True, False), (None, True, False)],
+    ids=["log-file", "progress-off", "terminal", "no-stderr"],
+)
+def test_progress_line_only_where_the_bars_cannot_show(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], stderr: io.StringIO | None,
+    progress: bool, printed: bool,
+) -> None:  # fmt: skip
+    from redblue.utils import progress_line
+
+    monkeypatch.setattr(sys, "stderr", stderr)
+    progress_line(progress, "robust epoch 1/8: done")
+    assert capsys.readouterr().out == ""  # never on stdout, even with no stderr at all (pythonw)
+    if stderr is not None:
+        assert stderr.getvalue() == ("robust epoch 1/8: done\n" if printed else "")

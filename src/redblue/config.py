@@ -265,9 +265,10 @@ class DefendConfig:
     """Adversarial training: the recipe, its threat model (L-inf, pixel units) and its guard.
 
     ``alpha`` defaults per recipe (``None``): FGSM-RS takes 1.25·eps (Wong et al. 2020),
-    PGD, TRADES and MART take 2.5·eps/steps; ``beta`` weighs the KL term of TRADES and MART. ``ratio`` (share of each batch replaced by
-    adversarial images) applies to the ``fgsm`` recipe only. ``guard`` defaults to on for
-    every recipe but ``fgsm`` (the original project's recipe, reproduced as it was).
+    PGD, TRADES and MART take 2.5·eps/steps; ``beta`` weighs the KL term of TRADES and
+    MART. ``ratio`` (share of each batch replaced by adversarial images) applies to the
+    ``fgsm`` recipe only. ``guard`` defaults to on for every recipe but ``fgsm`` (the
+    original project's recipe, reproduced as it was).
     ``preset`` names the :data:`PRESETS` entry the settings started from (a label: the
     settings themselves are the other fields).
     """

@@ -38,7 +38,7 @@ def progress_line(progress: bool, message: str) -> None:
     finished and when. Silent when ``progress`` is off or stderr is a terminal (the bars
     show there)."""
     stream = sys.stderr
-    if progress and not (hasattr(stream, "isatty") and stream.isatty()):
+    if progress and stream is not None and not stream.isatty():
         print(message, file=stream, flush=True)
 
 
