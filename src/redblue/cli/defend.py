@@ -106,8 +106,9 @@ def defend(config_file: str | None, out: str, force_retrain: bool, name: str, mo
       --eps-ramp 4 --lr 3e-3 --lr-schedule one-cycle --batch-size 100
 
     \b
-    The robust MNIST preset (MART on cnn-wide at eps 0.3, then AutoAttack on all 10,000
-    test images; docs/adversarial-training.md says what was measured):
+    The robust MNIST preset (TRADES on cnn-wide at eps 0.3, 15 epochs, then AutoAttack on
+    all 10,000 test images; docs/adversarial-training.md says what was measured, and gives
+    the MART command that trades 0.7 pp of robustness for 0.4 pp of clean accuracy):
     redblue defend --preset mnist-robust --name robust
 
     \b
