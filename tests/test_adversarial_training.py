@@ -477,3 +477,16 @@ def test_guard_restores_the_best_epoch_of_a_run_that_really_overfits(mnist: Data
     # the returned model is the restored epoch's: its PGD accuracy on the slice is the best one
     restored = OverfitGuard(x_slice, y_slice, eps=0.3).measure(model)
     assert restored["pgd"] == pytest.approx(best, abs=0.03)
+
+
+def test_a_margin_widens_the_training_attack_only(trained: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> None:
+    """eps 0.2 with a margin of 0.1: the PGD images fill the 0.3-ball (beyond 0.2), the step is
+    2.5 * 0.3 / steps; without the margin they stay inside 0.2."""
+    x, y = batch
+    wide = make_recipe(DefendConfig(recipe="pgd", eps=0.2, steps=5, train_eps_margin=0.1))
+    assert wide.settings["eps"] == 0.3 and wide.settings["alpha"] == pytest.approx(0.15)
+    x_wide = wide.perturb(trained, x, y)
+    assert _in_ball(x_wide, x, 0.3)
+    assert (x_wide - x).abs().max().item() > 0.2 + 1e-4
+    x_plain = make_recipe(DefendConfig(recipe="pgd", eps=0.2, steps=5)).perturb(trained, x, y)
+    assert _in_ball(x_plain, x, 0.2)

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from redblue.artifacts import load_model
+from redblue.report.summary import build_summary
 
 Cli = Callable[..., subprocess.CompletedProcess[str]]
 
@@ -26,6 +27,11 @@ FAST = ("--dataset", "mnist-mini", "--epochs", "1", "--device", "cpu", "--guard-
         (("--beta", "-1"), "redblue: error: --beta -1: must be in [0, inf)"),
         (("--steps", "0"), "redblue: error: --steps 0: must be at least 1"),
         (("--ratio", "1.5"), "redblue: error: --ratio 1.5: must be in [0, 1]"),
+        (("--train-eps-margin", "-0.05"), "redblue: error: --train-eps-margin -0.05: must be in [0, inf)"),
+        (
+            ("--eps", "0.3", "--train-eps-margin", "0.8"),
+            "redblue: error: --train-eps-margin 0.8: the training eps (eps 0.3 + margin) must be at most 1",
+        ),
         (
             ("--recipe", "free"),
             "redblue: error: Invalid value for '--recipe': 'free' is not one of 'fgsm', 'fgsm-rs', 'pgd', 'trades', "
@@ -87,3 +93,29 @@ def test_defend_trains_saves_evaluates_and_reuses(cli: Cli, tmp_path: Path) -> N
     assert again.returncode == 0, again.stderr
     assert "reusing" in again.stderr
     assert (out / "metrics" / "advtrain_metrics.json").read_bytes() == before
+
+
+def test_a_training_eps_margin_trains_beyond_eps_and_evaluates_at_eps(cli: Cli, tmp_path: Path) -> None:
+    """--eps 0.2 --train-eps-margin 0.1: the attack in training is 0.3 (its step 1.25 * 0.3), the
+    evaluation and the model's robustness record are at 0.2; it is the model --eps 0.3 trains."""
+    out = tmp_path / "out"
+    common = ("defend", "--recipe", "fgsm-rs", *FAST, "--out", str(out))
+    proc = cli(*common, "--eps", "0.2", "--train-eps-margin", "0.1")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("advtrain (fgsm-rs, eps 0.2): clean ")
+    result = json.loads((out / "metrics" / "advtrain_metrics.json").read_text())
+    assert result["recipe"]["eps"] == 0.3 and result["recipe"]["alpha"] == pytest.approx(0.375)
+    assert result["config"]["defend"]["eps"] == 0.2 and result["config"]["defend"]["train_eps_margin"] == 0.1
+    assert result["evaluation"]["eps"] == 0.2
+    record = load_model(out / "models" / "advtrain.json").record
+    assert record["robustness"]["threat_model"]["eps"] == 0.2
+    assert record["training"]["guard"]["eps"] == 0.3  # the guard watches the attack the model trains against
+    (row,) = build_summary(out).rows  # the report's table says both radii
+    assert row["detail"].startswith("eps 0.2 (trained at 0.3): FGSM ")
+
+    same = cli(*common, "--eps", "0.3")  # the same training attack: the model is reused, evaluated at 0.3
+    assert same.returncode == 0, same.stderr
+    assert "reusing" in same.stderr
+    again = json.loads((out / "metrics" / "advtrain_metrics.json").read_text())
+    assert again["model"]["weights_sha256"] == result["model"]["weights_sha256"]
+    assert again["evaluation"]["eps"] == 0.3

@@ -7,6 +7,7 @@ import json
 import subprocess
 from collections.abc import Callable
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -168,6 +169,18 @@ def test_the_preset_is_a_label_outside_the_models_key(mini: Dataset) -> None:
     labelled = replace(plain, preset="mnist-robust")
     assert defense_cache_key("robust", train, labelled, mini) == defense_cache_key("robust", train, plain, mini)
     assert defense_cache_key("robust", train, replace(plain, beta=3.0), mini) != defense_cache_key("robust", train, plain, mini)
+
+
+def test_the_models_key_holds_the_training_eps_not_the_evaluated_one(mini: Dataset) -> None:
+    """eps 0.3 with a margin of 0.05 trains what eps 0.35 trains (the evaluation's eps is in the
+    result's key, not the model's); a different training eps is a different model."""
+    train = build(TrainConfig, None, {}, base=ROBUST.train)
+    key = partial(defense_cache_key, "robust", train, data=mini)
+    wide = DefendConfig(recipe="mart", eps=0.3, train_eps_margin=0.05)
+    assert wide.training_eps == 0.35
+    assert key(defend_cfg=wide) == key(defend_cfg=DefendConfig(recipe="mart", eps=0.35))
+    assert key(defend_cfg=wide) != key(defend_cfg=DefendConfig(recipe="mart", eps=0.3))
+    assert DefendConfig(eps=0.3, train_eps_margin=0.04).training_eps == 0.34  # not 0.33999999999999997
 
 
 def test_the_pipeline_trains_the_blue_team_with_the_presets_config(mini: Dataset, tmp_path: Path,

@@ -35,7 +35,18 @@ from redblue.validate import check_name
     "(Wang et al. 2020). "
     "[default: fgsm-rs]",
 )
-@click.option("--eps", type=float, default=None, help="L-inf radius in pixel units, in (0, 1]. [default: 0.25]")
+@click.option(
+    "--eps",
+    type=float,
+    default=None,
+    help="L-inf radius in pixel units, in (0, 1]: the model is trained and evaluated at it. [default: 0.25]",
+)
+@click.option(
+    "--train-eps-margin",
+    type=float,
+    default=None,
+    help="Train against eps + this margin, evaluate at eps (>= 0, eps + margin <= 1). [default: 0]",
+)
 @click.option(
     "--alpha",
     type=float,
@@ -89,11 +100,11 @@ def defend(config_file: str | None, out: str, force_retrain: bool, name: str, mo
            preset: str | None, **options: Any) -> None:  # fmt: skip
     """Adversarially train a model (or reload it when config and data match) and evaluate it.
 
-    Evaluation at the training eps: clean, FGSM, PGD with restarts and AutoAttack's standard
-    protocol as a cascade (APGD-CE, APGD-T, FAB-T, then the black-box Square attack with
-    5,000 queries, each on the images still robust), worst case per example over all of them
-    but FGSM, and the eps sweep; the robustness-gap warning fires when FGSM accuracy is far
-    above the strongest attack's.
+    Evaluation at --eps (training at --eps plus --train-eps-margin): clean, FGSM, PGD with
+    restarts and AutoAttack's standard protocol as a cascade (APGD-CE, APGD-T, FAB-T, then
+    the black-box Square attack with 5,000 queries, each on the images still robust), worst
+    case per example over all of them but FGSM, and the eps sweep; the robustness-gap
+    warning fires when FGSM accuracy is far above the strongest attack's.
 
     Writes models/NAME.safetensors + models/NAME.json (recipe and settings in the record),
     metrics/NAME_metrics.json and images/NAME_*.png (training curves with clean / FGSM / PGD

@@ -216,7 +216,8 @@ def make_recipe(cfg: DefendConfig, *, steps_per_epoch: int = 1) -> Recipe:
     """The ``perturb`` / ``loss`` hooks of ``cfg.recipe`` with its resolved settings.
 
     Args:
-        cfg: recipe, eps, alpha (``None``: the recipe default), steps, beta, ratio, eps_ramp.
+        cfg: recipe, training eps (``eps + train_eps_margin``), alpha (``None``: the recipe
+            default), steps, beta, ratio, eps_ramp.
         steps_per_epoch: batches per epoch, to turn ``eps_ramp`` epochs into batches.
 
     Example:
@@ -224,9 +225,9 @@ def make_recipe(cfg: DefendConfig, *, steps_per_epoch: int = 1) -> Recipe:
         >>> make_recipe(DefendConfig(recipe="fgsm-rs", eps=0.3)).settings["alpha"]
         0.375
     """
-    schedule = EpsSchedule(cfg.eps, ramp_steps=cfg.eps_ramp * steps_per_epoch)
+    schedule = EpsSchedule(cfg.training_eps, ramp_steps=cfg.eps_ramp * steps_per_epoch)
     alpha = cfg.step_size
-    settings: dict[str, Any] = {"recipe": cfg.recipe, "eps": cfg.eps, "eps_ramp": cfg.eps_ramp}
+    settings: dict[str, Any] = {"recipe": cfg.recipe, "eps": cfg.training_eps, "eps_ramp": cfg.eps_ramp}
     loss: Loss | None = None
     if cfg.recipe == "fgsm":
         perturb = fgsm_mix_perturb(schedule, cfg.ratio)
@@ -404,7 +405,7 @@ def train_defended(
     guard = OverfitGuard(
         x_slice,
         y_slice,
-        eps=defend_cfg.eps,
+        eps=defend_cfg.training_eps,
         steps=defend_cfg.guard_steps,
         drop=defend_cfg.guard_drop,
         enabled=defend_cfg.guarded,

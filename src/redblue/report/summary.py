@@ -150,6 +150,9 @@ def _trained_row(name: str, result: dict[str, Any]) -> dict[str, Any]:
 def _defend_row(name: str, adv: dict[str, Any]) -> dict[str, Any]:
     m = adv.get("metrics", {})
     recipe = adv.get("recipe") or {}
+    evaluated = dig(adv, "evaluation", "eps")
+    eps = recipe.get("eps") if evaluated is None else evaluated  # recipe["eps"] is the training attack's
+    trained_at = "" if recipe.get("eps") in (None, eps) else f" (trained at {recipe.get('eps')})"
     warnings = _warning_ids(adv)
     gap = None
     if isinstance(m.get("fgsm_accuracy"), float) and isinstance(m.get("robust_accuracy"), float):
@@ -168,7 +171,7 @@ def _defend_row(name: str, adv: dict[str, Any]) -> dict[str, Any]:
         "standard_accuracy": m.get("standard_accuracy"),
         "autoattack_accuracy": m.get("autoattack_accuracy"),
         "robustness_gap": gap,
-        "detail": f"eps {recipe.get('eps')}: FGSM {pct(m.get('fgsm_accuracy'))}, PGD {pct(m.get('pgd_accuracy'))}, "
+        "detail": f"eps {eps}{trained_at}: FGSM {pct(m.get('fgsm_accuracy'))}, PGD {pct(m.get('pgd_accuracy'))}, "
         f"APGD-CE + APGD-T {pct(m.get('standard_accuracy'))}, AutoAttack {pct(m.get('autoattack_accuracy'))} "
         f"on {m.get('n_examples')} test images; robustness gap "
         f"{pct(gap)}" + (f"; warnings: {', '.join(warnings)}" if warnings else ""),
