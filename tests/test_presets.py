@@ -41,11 +41,13 @@ def test_the_robust_preset_is_the_documented_recipe() -> None:
     train = build(TrainConfig, None, {}, base=ROBUST.train)
     defend = build(DefendConfig, None, {"preset": ROBUST.name}, base=ROBUST.defend)
     assert (train.model_name, train.batch_size, train.lr, train.lr_schedule) == ("cnn-wide", 100, 3e-3, "one-cycle")
-    assert (defend.recipe, defend.eps, defend.steps, defend.beta, defend.step_size) == ("trades", 0.3, 10, 6.0, 0.075)
-    assert (train.epochs, defend.eps_ramp) == (15, 4)
+    assert (defend.recipe, defend.eps, defend.steps, defend.beta) == ("mart", 0.3, 10, 6.0)
+    assert (defend.train_eps_margin, defend.training_eps, defend.step_size) == (0.05, 0.35, pytest.approx(0.0875))
+    assert (train.epochs, defend.eps_ramp) == (8, 2)
     assert defend.n_examples == 10_000 and defend.guarded and defend.preset == "mnist-robust"
     docs = (Path(__file__).resolve().parents[1] / "docs" / "adversarial-training.md").read_text(encoding="utf-8")
     assert "--preset mnist-robust" in docs and f"--epochs {train.epochs} --eps-ramp {defend.eps_ramp}" in docs
+    assert f"--recipe mart --eps 0.3 --train-eps-margin {defend.train_eps_margin:g}" in docs
 
 
 def test_the_file_and_the_options_override_the_preset(tmp_path: Path) -> None:
@@ -57,7 +59,7 @@ def test_the_file_and_the_options_override_the_preset(tmp_path: Path) -> None:
     train = build(TrainConfig, file, {"lr": 1e-3}, "train", base=preset.train)
     defend = build(DefendConfig, file, {"steps": 5}, "defend", base=preset.defend)
     assert (train.model_name, train.epochs, train.lr) == ("cnn-wide", 3, 1e-3)  # preset, file, option
-    assert (defend.recipe, defend.beta, defend.steps, defend.preset) == ("trades", 3.0, 5, "mnist-robust")
+    assert (defend.recipe, defend.beta, defend.steps, defend.preset) == ("mart", 3.0, 5, "mnist-robust")
     assert find_preset(None, load_toml(None)) is None
 
 
@@ -101,7 +103,7 @@ def test_defend_with_the_preset_trains_and_records_it(cli: Cli, tmp_path: Path) 
     proc = cli("defend", "--preset", "mnist-robust", "--dataset", "mnist-mini", "--epochs", "1", "--batch-size", "200",
                "--guard-size", "200", "--n-examples", "20", "--device", "cpu", "--out", str(out), "--name", "robust")  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert proc.stdout.startswith("robust (trades, eps 0.3): clean "), proc.stdout
+    assert proc.stdout.startswith("robust (mart, eps 0.3): clean "), proc.stdout
     saved = (out / "models" / "robust.json").read_bytes()
     record = json.loads(saved)
     assert record["model_name"] == "cnn-wide"
@@ -110,10 +112,12 @@ def test_defend_with_the_preset_trains_and_records_it(cli: Cli, tmp_path: Path) 
         "cnn-wide", "one-cycle", 3e-3, 1, 200,
     )  # fmt: skip
     assert (defend["preset"], defend["recipe"], defend["eps"], defend["beta"], defend["steps"]) == (
-        "mnist-robust", "trades", 0.3, 6.0, 10,
+        "mnist-robust", "mart", 0.3, 6.0, 10,
     )  # fmt: skip
-    assert record["training"]["recipe"] == {"recipe": "trades", "eps": 0.3, "eps_ramp": ROBUST.defend["eps_ramp"],
-                                            "alpha": 0.075, "steps": 10, "beta": 6.0}  # fmt: skip
+    assert defend["train_eps_margin"] == 0.05
+    assert record["training"]["recipe"] == {"recipe": "mart", "eps": 0.35, "eps_ramp": ROBUST.defend["eps_ramp"],
+                                            "alpha": pytest.approx(0.0875), "steps": 10, "random_start": True,
+                                            "beta": 6.0}  # fmt: skip
     rerun = cli("defend", "--preset", "mnist-robust", "--dataset", "mnist-mini", "--epochs", "1", "--batch-size", "200",
                 "--guard-size", "200", "--n-examples", "20", "--device", "cpu", "--out", str(out), "--name", "robust")  # fmt: skip
     assert rerun.returncode == 0 and "reusing" in rerun.stderr, rerun.stderr[-2000:]
@@ -152,8 +156,9 @@ def test_run_gives_the_preset_to_the_blue_team_only(cli: Cli, tmp_path: Path) ->
         recorded = json.loads((out / "metrics" / "run_config.json").read_text())
         defend, blue, red = recorded["defend"], recorded["defend_train"], recorded["train"]
         assert (defend["preset"], defend["recipe"], defend["eps"], defend["n_examples"], defend["beta"]) == (
-            "mnist-robust", "trades", eps, n_examples, beta,
+            "mnist-robust", "mart", eps, n_examples, beta,
         ), (args, text)  # fmt: skip
+        assert defend["train_eps_margin"] == 0.05  # the preset trains 0.05 beyond whatever eps is evaluated
         assert (blue["model_name"], blue["lr_schedule"], blue["epochs"]) == ("cnn-wide", "one-cycle", 1)  # --epochs 1 wins
         assert (red["model_name"], red["lr_schedule"], red["epochs"]) == ("cnn", "cosine", 1)
     plain = cli("run", *fast, "--out", str(tmp_path / "out"))
@@ -208,7 +213,7 @@ def test_the_pipeline_trains_the_blue_team_with_the_presets_config(mini: Dataset
             pipeline.run_workflow(wf)
     (full_train, full_defend), (quick_train, quick_defend) = seen
     assert full_train == blue and full_defend == defend
-    assert (quick_train.model_name, quick_train.epochs, quick_defend.eps_ramp, quick_defend.recipe) == ("cnn-wide", 1, 0, "trades")
+    assert (quick_train.model_name, quick_train.epochs, quick_defend.eps_ramp, quick_defend.recipe) == ("cnn-wide", 1, 0, "mart")
 
 
 def test_a_sweep_grid_applies_the_preset_in_every_cell(tmp_path: Path) -> None:
@@ -219,5 +224,5 @@ def test_a_sweep_grid_applies_the_preset_in_every_cell(tmp_path: Path) -> None:
     for cell in grid.cells:
         train, defend = cell.configs["train"], cell.configs["defend"]
         assert (train.model_name, train.epochs, train.lr_schedule) == ("cnn-wide", 1, "one-cycle")
-        assert (defend.recipe, defend.eps, defend.preset) == ("trades", 0.3, "mnist-robust")
+        assert (defend.recipe, defend.eps, defend.training_eps, defend.preset) == ("mart", 0.3, 0.35, "mnist-robust")
     assert sorted(c.configs["defend"].beta for c in grid.cells) == [3.0, 6.0]

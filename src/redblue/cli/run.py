@@ -68,8 +68,8 @@ DEFEND_RESULT = "advtrain"
     "--defend-eps",
     type=float,
     default=None,
-    help="Adversarial-training eps. [default: the red-team eps when given (--eps, [run] eps), else the preset's, "
-    "else 0.25]",
+    help="The blue team's eps: the defended model is evaluated at it and trained at it plus [defend] "
+    "train_eps_margin. [default: the red-team eps when given (--eps, [run] eps), else the preset's, else 0.25]",
 )
 @preset_option
 @click.option(
