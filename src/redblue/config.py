@@ -218,8 +218,8 @@ class Preset:
 PRESETS: dict[str, Preset] = {
     "mnist-robust": Preset(
         name="mnist-robust",
-        summary="MART (beta 6, 10 steps) on cnn-wide, trained at eps 0.35 and evaluated at 0.3, 8 epochs, "
-        "evaluated with AutoAttack on all 10,000 test images",
+        summary="MART (beta 6, 10 steps) on cnn-wide trained at eps 0.35 for 8 epochs, then AutoAttack at eps 0.3 "
+        "on all 10,000 test images",
         train=MappingProxyType(
             {"model_name": "cnn-wide", "epochs": 8, "batch_size": 100, "lr": 3e-3, "lr_schedule": "one-cycle"}
         ),

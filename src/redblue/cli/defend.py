@@ -39,7 +39,8 @@ from redblue.validate import check_name
     "--eps",
     type=float,
     default=None,
-    help="L-inf radius in pixel units, in (0, 1]: the model is trained and evaluated at it. [default: 0.25]",
+    help="L-inf radius in pixel units, in (0, 1]: the model is evaluated at it, and trained at it plus "
+    "--train-eps-margin. [default: 0.25]",
 )
 @click.option(
     "--train-eps-margin",
