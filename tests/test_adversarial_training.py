@@ -5,8 +5,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import pytest
 import torch
@@ -34,7 +34,7 @@ from redblue.models import build_model
 from redblue.report.stage_plots import render_stage_plots
 from redblue.results import DefendResult
 from redblue.stages import defend_stage
-from redblue.train import accuracy, fit
+from redblue.train import Loss, accuracy, fit
 
 
 def _in_ball(x_adv: torch.Tensor, x: torch.Tensor, eps: float) -> bool:
@@ -211,7 +211,10 @@ def _reference_mart_loss(model: nn.Module, x: torch.Tensor, x_adv: torch.Tensor,
 
 @pytest.mark.parametrize(("ours", "reference"), [(trades_loss, _reference_trades_loss), (mart_loss, _reference_mart_loss)])
 def test_the_loss_matches_the_papers_code(
-    trained: nn.Module, batch: tuple[torch.Tensor, torch.Tensor], ours: Any, reference: Any
+    trained: nn.Module,
+    batch: tuple[torch.Tensor, torch.Tensor],
+    ours: Callable[[float], Loss],
+    reference: Callable[[nn.Module, torch.Tensor, torch.Tensor, torch.Tensor, float], torch.Tensor],
 ) -> None:
     x, y = batch
     x_adv = pgd(trained, x, y, eps=0.3, alpha=0.05, steps=5)
