@@ -43,6 +43,7 @@ def main() -> None:
     parser.add_argument("--beta", type=float, default=6.0)
     parser.add_argument("--eps-ramp", type=int, default=4)
     parser.add_argument("--train-eps-margin", type=float, default=0.0, help="train at eps + this, evaluate at eps")
+    parser.add_argument("--awp-gamma", type=float, default=0.0, help="adversarial weight perturbation (0: off)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--n-examples", type=int, default=1000)
     parser.add_argument("--results", default=str(RESULTS / "mnist_robust.jsonl"))
@@ -52,7 +53,7 @@ def main() -> None:
     train_cfg = TrainConfig(model_name=args.model_name, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                             lr_schedule=args.lr_schedule, seed=args.seed, device="cpu")  # fmt: skip
     defend_cfg = DefendConfig(recipe=args.recipe, eps=args.eps, steps=args.steps, beta=args.beta,
-                              eps_ramp=args.eps_ramp, train_eps_margin=args.train_eps_margin,
+                              eps_ramp=args.eps_ramp, train_eps_margin=args.train_eps_margin, awp_gamma=args.awp_gamma,
                               n_examples=args.n_examples)  # fmt: skip
     start = time.perf_counter()
     result = defend_stage(Path(args.out), data, train_cfg, defend_cfg, name="robust", progress=True)

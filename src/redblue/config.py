@@ -273,6 +273,9 @@ class DefendConfig:
     ``eps`` is the threat model the evaluation holds the model to; the training attack's
     radius is ``eps + train_eps_margin`` (:attr:`training_eps`; margin 0: the same), so a
     model can be trained a little beyond the radius it is judged at (``mnist-robust``: 0.05).
+    ``awp_gamma`` > 0 adds adversarial weight perturbation (Wu et al. 2020) to the recipe:
+    each batch's gradient is taken at weights moved, layer by layer, ``awp_gamma`` times
+    the layer's norm along the recipe loss's gradient, once the eps ramp is done (0: off).
     ``preset`` names the :data:`PRESETS` entry the settings started from (a label: the
     settings themselves are the other fields).
     """
@@ -285,6 +288,7 @@ class DefendConfig:
     ratio: float = 0.5
     eps_ramp: int = 0
     train_eps_margin: float = 0.0
+    awp_gamma: float = 0.0
     guard: bool | None = None
     guard_drop: float = 0.2
     guard_size: int = 1000
@@ -309,6 +313,7 @@ class DefendConfig:
                 f"{opt('train_eps_margin')} {self.train_eps_margin:g}: the training eps (eps {self.eps:g} + margin) "
                 "must be at most 1"
             )
+        check_float("awp_gamma", self.awp_gamma, 0.0, 1.0)
         if self.guard is not None and not isinstance(self.guard, bool):
             raise ConfigError(f"--guard {self.guard!r}: expected true or false")
         check_float("guard_drop", self.guard_drop, 0.0, 1.0, low_open=True)

@@ -1,7 +1,7 @@
 """Training and evaluation on in-memory uint8 tensors (no DataLoader, no numpy in the loop).
 
 ``fit`` is the one training loop: plain training, and every adversarial-training recipe
-through its ``perturb`` / ``loss`` hooks. ``evaluate`` measures accuracy, loss, the
+through its ``perturb`` / ``loss`` (and, for adversarial weight perturbation, ``perturb_weights``) hooks. ``evaluate`` measures accuracy, loss, the
 confusion matrix and honest inference latency.
 """
 
@@ -29,6 +29,11 @@ Perturb = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
 
 Loss = Callable[[nn.Module, torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 """``loss(model, x_clean, x_train, y) -> (loss, logits)``: a custom objective (e.g. TRADES)."""
+
+PerturbWeights = Callable[[nn.Module, torch.Tensor, torch.Tensor, torch.Tensor], Callable[[], None]]
+"""``perturb_weights(model, x_clean, x_train, y) -> restore``: moves the model's weights for this
+batch (e.g. adversarial weight perturbation); the batch's gradient is taken at the moved weights,
+and ``restore()`` puts the weights back before the optimizer steps."""
 
 EpochEnd = Callable[[int, nn.Module], dict[str, Any]]
 """Called after each epoch with (epoch, model); returns extra values for that epoch's history.
@@ -223,6 +228,7 @@ def fit(
     *,
     perturb: Perturb | None = None,
     loss: Loss | None = None,
+    perturb_weights: PerturbWeights | None = None,
     epoch_end: EpochEnd | None = None,
     progress: bool = True,
     desc: str = "train",
@@ -236,6 +242,9 @@ def fit(
         perturb: optional ``perturb(model, x, y) -> x_train`` (adversarial training).
         loss: optional ``loss(model, x, x_train, y) -> (loss, logits)`` replacing
             cross-entropy on ``x_train``.
+        perturb_weights: optional ``perturb_weights(model, x, x_train, y) -> restore``, called
+            after ``perturb``: the loss and its gradient are taken at the weights it leaves,
+            and ``restore()`` runs between the backward pass and the optimizer step.
         epoch_end: optional hook whose returned values join that epoch's history; a true
             ``"stop_training"`` among them ends training after that epoch.
         progress: show a progress bar with loss and accuracy.
@@ -276,6 +285,7 @@ def fit(
             with autocast(device, precision):
                 x_train = perturb(model, xb, yb) if perturb is not None else xb
                 model.train()
+                restore = perturb_weights(model, xb, x_train, yb) if perturb_weights is not None else None
                 if loss is not None:
                     batch_loss, logits = loss(model, xb, x_train, yb)
                 else:
@@ -283,6 +293,8 @@ def fit(
                     batch_loss = F.cross_entropy(logits, yb)
             optimizer.zero_grad(set_to_none=True)
             batch_loss.backward()
+            if restore is not None:
+                restore()
             optimizer.step()
             scheduler.step()
             loss_sum += batch_loss.detach() * yb.shape[0]

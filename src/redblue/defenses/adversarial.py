@@ -17,6 +17,10 @@ Five recipes, each a ``perturb`` hook (and for TRADES and MART a ``loss`` hook) 
   ``beta`` times the clean-to-adversarial KL divergence weighted by ``1 - p(y | x)``, so
   images the model gets wrong or barely right weigh more.
 
+Any of them can add adversarial weight perturbation (Wu et al. 2020, AWP:
+:func:`awp_perturb_weights`, the ``perturb_weights`` hook): each batch's gradient is taken at
+weights pushed a little uphill on the recipe's own loss.
+
 An :class:`OverfitGuard` (the ``epoch_end`` hook) measures clean, FGSM and PGD accuracy on
 a fixed slice of the training set held out from training after every epoch; when PGD
 accuracy collapses (falls more than ``guard_drop`` below its best), it restores the best
@@ -31,6 +35,7 @@ import copy
 import dataclasses
 import math
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -43,7 +48,15 @@ from redblue.attacks.projection import input_gradient
 from redblue.config import DefendConfig, TrainConfig
 from redblue.data import Dataset, to_float
 from redblue.models import build_model
-from redblue.train import Loss, Perturb, channels_last, fit, prepare_model, training_precision
+from redblue.train import (
+    Loss,
+    Perturb,
+    PerturbWeights,
+    channels_last,
+    fit,
+    prepare_model,
+    training_precision,
+)
 from redblue.utils import autocast, eval_mode, resolve_device
 
 
@@ -69,6 +82,11 @@ class EpsSchedule:
             return self.eps
         return self.eps * min(1.0, self.step / self.ramp_steps)
 
+    @property
+    def ramped(self) -> bool:
+        """Whether the last batch's eps was the full ``eps`` (the ramp is done)."""
+        return self.step >= self.ramp_steps
+
 
 @dataclass
 class Recipe:
@@ -79,6 +97,7 @@ class Recipe:
     loss: Loss | None
     settings: dict[str, Any]
     schedule: EpsSchedule = field(repr=False, default_factory=lambda: EpsSchedule(0.0))
+    perturb_weights: PerturbWeights | None = None
 
 
 def fgsm_mix_perturb(schedule: EpsSchedule, ratio: float) -> Perturb:
@@ -212,12 +231,60 @@ def mart_loss(beta: float) -> Loss:
     return loss
 
 
+def awp_perturb_weights(gamma: float, loss: Loss | None, active: Callable[[], bool]) -> PerturbWeights:
+    """Adversarial weight perturbation (Wu et al. 2020, "Adversarial weight perturbation helps
+    robust generalization"), as ``fit``'s ``perturb_weights`` hook.
+
+    For each weight matrix or kernel ``w`` (parameters of two or more dimensions named
+    ``weight``; biases stay), the perturbation is ``gamma · ‖w‖ · g / ‖g‖`` with ``g`` the
+    gradient of the training loss (``loss``, or cross-entropy on the training images) with
+    respect to ``w`` on this batch: one step up the loss, of a size relative to each layer's
+    norm. That is what the paper's code computes with a copy of the model and one SGD step
+    of ascent (its learning rate cancels in the rescaling). The batch's gradient is then
+    taken at ``w`` plus the perturbation, and ``restore`` copies ``w`` back before the
+    optimizer steps. While ``active()`` is false (the eps ramp), the weights stay.
+    """
+
+    def nothing() -> None:
+        return None
+
+    def perturb_weights(
+        model: nn.Module, x_clean: torch.Tensor, x_train: torch.Tensor, y: torch.Tensor
+    ) -> Callable[[], None]:
+        if not active():
+            return nothing
+        params = [p for name, p in model.named_parameters() if p.requires_grad and p.dim() > 1
+                  and name.rsplit(".", 1)[-1] == "weight"]  # fmt: skip
+        if loss is not None:
+            value, _ = loss(model, x_clean, x_train, y)
+        else:
+            value = F.cross_entropy(model(x_train).float(), y)
+        grads = torch.autograd.grad(value, params)
+        saved = [p.detach().clone() for p in params]
+        with torch.no_grad():
+            for p, g in zip(params, grads, strict=True):
+                p.add_(g * (gamma * p.norm() / (g.norm() + 1e-20)))  # on the device: no sync
+        # Autocast keeps its bf16 copy of each weight until its context ends: without this the
+        # batch's loss would still see the weights as they were before the perturbation.
+        torch.clear_autocast_cache()
+
+        def restore() -> None:
+            with torch.no_grad():
+                for p, w in zip(params, saved, strict=True):
+                    p.copy_(w)
+            torch.clear_autocast_cache()
+
+        return restore
+
+    return perturb_weights
+
+
 def make_recipe(cfg: DefendConfig, *, steps_per_epoch: int = 1) -> Recipe:
     """The ``perturb`` / ``loss`` hooks of ``cfg.recipe`` with its resolved settings.
 
     Args:
         cfg: recipe, training eps (``eps + train_eps_margin``), alpha (``None``: the recipe
-            default), steps, beta, ratio, eps_ramp.
+            default), steps, beta, ratio, eps_ramp, awp_gamma.
         steps_per_epoch: batches per epoch, to turn ``eps_ramp`` epochs into batches.
 
     Example:
@@ -246,7 +313,12 @@ def make_recipe(cfg: DefendConfig, *, steps_per_epoch: int = 1) -> Recipe:
         perturb = trades_perturb(schedule, alpha, cfg.steps)
         loss = trades_loss(cfg.beta)
         settings.update(alpha=alpha, steps=cfg.steps, beta=cfg.beta)
-    return Recipe(name=cfg.recipe, perturb=perturb, loss=loss, settings=settings, schedule=schedule)
+    perturb_weights = None
+    if cfg.awp_gamma > 0:
+        perturb_weights = awp_perturb_weights(cfg.awp_gamma, loss, lambda: schedule.ramped)
+        settings.update(awp_gamma=cfg.awp_gamma)
+    return Recipe(name=cfg.recipe, perturb=perturb, loss=loss, settings=settings, schedule=schedule,
+                  perturb_weights=perturb_weights)  # fmt: skip
 
 
 @dataclass
@@ -412,7 +484,8 @@ def train_defended(
         precision=training_precision(train_cfg.precision, net, train_data, train_cfg.batch_size).precision,
     )
     result = fit(
-        net, train_data, train_cfg, perturb=recipe.perturb, loss=recipe.loss, epoch_end=guard,
+        net, train_data, train_cfg, perturb=recipe.perturb, loss=recipe.loss,
+        perturb_weights=recipe.perturb_weights, epoch_end=guard,
         progress=progress, desc=desc,
     )
     notes = [guard.event.message()] if guard.event else []

@@ -51,6 +51,8 @@ def defense_cache_key(name: str, train_cfg: TrainConfig, defend_cfg: DefendConfi
     settings.pop("n_examples", None)
     settings.pop("preset", None)  # a label: the same settings train the same model
     settings.pop("train_eps_margin", None)
+    if not settings.get("awp_gamma"):
+        settings.pop("awp_gamma", None)  # off: the key of every model trained before AWP existed
     settings.update(eps=defend_cfg.training_eps, alpha=defend_cfg.step_size, guard=defend_cfg.guarded)
     return training_cache_key(name, train_cfg, data, extra={"defend": settings})
 
