@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import math
@@ -20,6 +21,7 @@ from redblue.data import Dataset, to_float
 from redblue.defenses.adversarial import (
     EpsSchedule,
     OverfitGuard,
+    awp_perturb_weights,
     fgsm_mix_perturb,
     fgsm_rs_perturb,
     make_recipe,
@@ -67,6 +69,7 @@ def batch(mini: Dataset) -> tuple[torch.Tensor, torch.Tensor]:
         ({"beta": -1.0}, "--beta -1: must be in [0, inf)"),
         ({"steps": 0}, "--steps 0: must be at least 1"),
         ({"ratio": 1.2}, "--ratio 1.2: must be in [0, 1]"),
+        ({"awp_gamma": -0.01}, "--awp-gamma -0.01: must be in [0, 1]"),
         ({"recipe": "free"}, "--recipe 'free': expected one of fgsm, fgsm-rs, pgd, trades, mart"),
     ],
 )
@@ -493,3 +496,139 @@ def test_a_margin_widens_the_training_attack_only(trained: nn.Module, batch: tup
     assert (x_wide - x).abs().max().item() > 0.2 + 1e-4
     x_plain = make_recipe(DefendConfig(recipe="pgd", eps=0.2, steps=5)).perturb(trained, x, y)
     assert _in_ball(x_plain, x, 0.2)
+
+
+# --- adversarial weight perturbation -------------------------------------------------------
+
+
+def _weights(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {name: p.detach().clone() for name, p in model.named_parameters()}
+
+
+def _papers_awp_step(model: nn.Module, loss: Loss, x: torch.Tensor, x_adv: torch.Tensor, y: torch.Tensor,
+                     gamma: float) -> dict[str, torch.Tensor]:  # fmt: skip
+    """The weights AWP's reference procedure trains at (Wu et al. 2020's code): a proxy copy of
+    the model takes one SGD step (lr 0.01) down the negated loss; for every state entry named
+    ``weight`` with two or more dimensions, the proxy's change is rescaled to the weight's norm
+    and added ``gamma`` times; every other entry stays."""
+    proxy = copy.deepcopy(model)  # in the model's mode (the paper's: train; here eval, so dropout draws no mask)
+    optimizer = torch.optim.SGD(proxy.parameters(), lr=0.01)
+    optimizer.zero_grad()
+    (-loss(proxy, x, x_adv, y)[0]).backward()
+    optimizer.step()
+    old, new = model.state_dict(), proxy.state_dict()
+    out = {}
+    for key, w in old.items():
+        if w.dim() > 1 and "weight" in key:
+            diff = new[key] - w
+            out[key] = w + gamma * w.norm() / (diff.norm() + 1e-20) * diff
+        else:
+            out[key] = w.clone()
+    return out
+
+
+def test_awp_takes_the_papers_step_up_the_loss_and_restores_exactly(
+    trained: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]
+) -> None:
+    """Each weight moves ``gamma`` of its norm along the loss's gradient (as the paper's proxy
+    step computes it), biases stay, the loss rises, and ``restore`` gives back the same bits."""
+    model = copy.deepcopy(trained).eval()  # dropout off: the two computations see one function
+    x, y = batch
+    x_adv = pgd(model, x, y, eps=0.3, alpha=0.1, steps=3)
+    loss = mart_loss(6.0)
+    expected = _papers_awp_step(model, loss, x, x_adv, y, gamma=0.01)
+    before = _weights(model)
+    loss_before = loss(model, x, x_adv, y)[0].item()
+    restore = awp_perturb_weights(0.01, loss, lambda: True)(model, x, x_adv, y)
+    moved = _weights(model)
+    for name, w in before.items():
+        assert torch.allclose(moved[name], expected[name], rtol=1e-4, atol=1e-7), name
+        if w.dim() > 1:
+            assert (moved[name] - w).norm().item() == pytest.approx(0.01 * w.norm().item(), rel=1e-3)
+        else:
+            assert torch.equal(moved[name], w)  # biases stay
+    assert loss(model, x, x_adv, y)[0].item() > loss_before
+    restore()
+    assert all(torch.equal(p, before[name]) for name, p in model.named_parameters())
+
+
+def test_awp_without_a_recipe_loss_climbs_cross_entropy_and_waits_for_the_ramp(
+    trained: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]
+) -> None:
+    model = copy.deepcopy(trained)
+    x, y = batch
+    before = _weights(model)
+    active = [False]
+    perturb_weights = awp_perturb_weights(0.02, None, lambda: active[0])
+    perturb_weights(model, x, x, y)()  # during the ramp: nothing moves
+    assert all(torch.equal(p, before[name]) for name, p in model.named_parameters())
+    active[0] = True
+    ce_before = F.cross_entropy(model(x), y).item()
+    restore = perturb_weights(model, x, x, y)
+    assert F.cross_entropy(model(x), y).item() > ce_before
+    restore()
+    assert all(torch.equal(p, before[name]) for name, p in model.named_parameters())
+
+
+def test_awp_starts_when_the_eps_ramp_ends_and_is_recorded() -> None:
+    recipe = make_recipe(DefendConfig(recipe="mart", eps=0.3, eps_ramp=2, awp_gamma=0.005), steps_per_epoch=3)
+    assert recipe.settings["awp_gamma"] == 0.005 and recipe.perturb_weights is not None
+    ramped = []
+    for _ in range(8):
+        recipe.schedule()
+        ramped.append(recipe.schedule.ramped)
+    assert ramped == [False] * 5 + [True] * 3  # full eps from the 6th batch (2 epochs of 3)
+    plain = make_recipe(DefendConfig(recipe="mart", eps=0.3))
+    assert plain.perturb_weights is None and "awp_gamma" not in plain.settings
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_fit_takes_the_gradient_at_the_perturbed_weights(mini: Dataset, precision: str) -> None:
+    """A ``perturb_weights`` hook that zeroes every parameter: each batch's loss is then that of
+    all-zero logits (ln 10) and only the last layer's bias gets a gradient, so after the
+    restore every other parameter comes out of training exactly as it went in. Under bf16
+    autocast this holds only if fit makes the loss see the moved weights, not autocast's cached
+    bf16 copy of them (the hook does nothing about that cache)."""
+    data = mini.replace(x_train=mini.x_train[:256], y_train=mini.y_train[:256])
+    model = build_model("cnn", seed=0)
+    before = _weights(model)
+
+    def zero_all(net: nn.Module, x: torch.Tensor, x_train: torch.Tensor, y: torch.Tensor) -> Callable[[], None]:
+        saved = [p.detach().clone() for p in net.parameters()]
+        with torch.no_grad():
+            for p in net.parameters():
+                p.zero_()
+
+        def restore() -> None:
+            with torch.no_grad():
+                for p, w in zip(net.parameters(), saved, strict=True):
+                    p.copy_(w)
+
+        return restore
+
+    result = fit(model, data, TrainConfig(epochs=1, batch_size=64, device="cpu", precision=precision),
+                 perturb=lambda net, x, y: x, perturb_weights=zero_all, progress=False)  # fmt: skip
+    assert result.precision == precision
+    assert result.history[0]["loss"] == pytest.approx(math.log(10), rel=1e-3)
+    after = _weights(model)
+    last_bias = [name for name in after if name.endswith("bias")][-1]
+    assert not torch.equal(after[last_bias], before[last_bias])
+    assert all(torch.equal(after[name], before[name]) for name in after if name != last_bias)
+
+
+def test_awp_under_bf16_training_changes_what_is_learned(mini: Dataset) -> None:
+    """The same seed and data with and without AWP, in bf16: the weights differ (the
+    perturbation reaches the loss), and the perturbed run still learns (the paper's gamma; one
+    epoch of 512 images: well above the 10% of chance, as the plain run)."""
+    data = mini.replace(x_train=mini.x_train[:512], y_train=mini.y_train[:512])
+    models = []
+    for gamma in (0.0, 0.005):
+        model = build_model("cnn", seed=0)
+        recipe = make_recipe(DefendConfig(recipe="pgd", eps=0.1, steps=2, awp_gamma=gamma))
+        fit(model, data, TrainConfig(epochs=1, batch_size=64, device="cpu", precision="bf16"),
+            perturb=recipe.perturb, perturb_weights=recipe.perturb_weights, progress=False)  # fmt: skip
+        models.append(model)
+    plain, awp = (_weights(m) for m in models)
+    assert any(not torch.equal(plain[name], awp[name]) for name in plain)
+    x_test, y_test = to_float(mini.x_test[:500]), mini.y_test[:500]
+    assert min(accuracy(m, x_test, y_test) for m in models) > 0.3

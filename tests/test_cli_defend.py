@@ -28,6 +28,7 @@ FAST = ("--dataset", "mnist-mini", "--epochs", "1", "--device", "cpu", "--guard-
         (("--steps", "0"), "redblue: error: --steps 0: must be at least 1"),
         (("--ratio", "1.5"), "redblue: error: --ratio 1.5: must be in [0, 1]"),
         (("--train-eps-margin", "-0.05"), "redblue: error: --train-eps-margin -0.05: must be in [0, inf)"),
+        (("--awp-gamma", "1.5"), "redblue: error: --awp-gamma 1.5: must be in [0, 1]"),
         (
             ("--eps", "0.3", "--train-eps-margin", "0.8"),
             "redblue: error: --train-eps-margin 0.8: the training eps (eps 0.3 + margin) must be at most 1",

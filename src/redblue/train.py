@@ -285,7 +285,12 @@ def fit(
             with autocast(device, precision):
                 x_train = perturb(model, xb, yb) if perturb is not None else xb
                 model.train()
-                restore = perturb_weights(model, xb, x_train, yb) if perturb_weights is not None else None
+                restore = None
+                if perturb_weights is not None:
+                    restore = perturb_weights(model, xb, x_train, yb)
+                    # autocast keeps a bf16 copy of each weight for its whole context: drop the
+                    # copies, or the loss below would see the weights as they were before the hook
+                    torch.clear_autocast_cache()
                 if loss is not None:
                     batch_loss, logits = loss(model, xb, x_train, yb)
                 else:

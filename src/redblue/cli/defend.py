@@ -69,6 +69,14 @@ from redblue.validate import check_name
     help="Epochs over which the training eps ramps up linearly from 0 (0: none). [default: 0]",
 )
 @click.option(
+    "--awp-gamma",
+    type=float,
+    default=None,
+    help="Adversarial weight perturbation (Wu et al. 2020), in [0, 1]: once the eps ramp is done, each "
+    "batch's gradient is taken at weights moved this share of each layer's norm up the recipe's loss "
+    "(the paper: 0.005 for TRADES, 0.01 for PGD; 0: off). [default: 0]",
+)
+@click.option(
     "--guard/--no-guard",
     default=None,
     help="Catastrophic-overfitting guard: restore the best epoch when PGD accuracy on a held-out "

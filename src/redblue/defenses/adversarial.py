@@ -264,15 +264,11 @@ def awp_perturb_weights(gamma: float, loss: Loss | None, active: Callable[[], bo
         with torch.no_grad():
             for p, g in zip(params, grads, strict=True):
                 p.add_(g * (gamma * p.norm() / (g.norm() + 1e-20)))  # on the device: no sync
-        # Autocast keeps its bf16 copy of each weight until its context ends: without this the
-        # batch's loss would still see the weights as they were before the perturbation.
-        torch.clear_autocast_cache()
 
         def restore() -> None:
             with torch.no_grad():
                 for p, w in zip(params, saved, strict=True):
                     p.copy_(w)
-            torch.clear_autocast_cache()
 
         return restore
 
