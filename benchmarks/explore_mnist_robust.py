@@ -37,6 +37,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=100)
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--lr-schedule", default="one-cycle")
+    parser.add_argument("--weight-decay", type=float, default=0.0, help="Adam's L2 penalty")
     parser.add_argument("--recipe", default="trades")
     parser.add_argument("--eps", type=float, default=0.3)
     parser.add_argument("--steps", type=int, default=10)
@@ -51,7 +52,8 @@ def main() -> None:
 
     data = load_dataset("mnist", data_dir(), download=False)
     train_cfg = TrainConfig(model_name=args.model_name, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-                            lr_schedule=args.lr_schedule, seed=args.seed, device="cpu")  # fmt: skip
+                            lr_schedule=args.lr_schedule, weight_decay=args.weight_decay, seed=args.seed,
+                            device="cpu")  # fmt: skip
     defend_cfg = DefendConfig(recipe=args.recipe, eps=args.eps, steps=args.steps, beta=args.beta,
                               eps_ramp=args.eps_ramp, train_eps_margin=args.train_eps_margin, awp_gamma=args.awp_gamma,
                               n_examples=args.n_examples)  # fmt: skip
