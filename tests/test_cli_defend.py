@@ -120,3 +120,26 @@ def test_a_training_eps_margin_trains_beyond_eps_and_evaluates_at_eps(cli: Cli, 
     again = json.loads((out / "metrics" / "advtrain_metrics.json").read_text())
     assert again["model"]["weights_sha256"] == result["model"]["weights_sha256"]
     assert again["evaluation"]["eps"] == 0.3
+
+
+def test_awp_is_recorded_and_trains_its_own_model(cli: Cli, tmp_path: Path) -> None:
+    """--awp-gamma 0.01: the recipe and config record it and it trains other weights than the
+    same command without it, which does not reuse the AWP model; --awp-gamma 0 is the plain
+    model (reused, the same weights)."""
+    out = tmp_path / "out"
+    common = ("defend", "--recipe", "fgsm-rs", "--eps", "0.2", *FAST, "--out", str(out))
+    proc = cli(*common, "--awp-gamma", "0.01")
+    assert proc.returncode == 0, proc.stderr
+    awp = json.loads((out / "metrics" / "advtrain_metrics.json").read_text())
+    assert awp["recipe"]["awp_gamma"] == 0.01 and awp["config"]["defend"]["awp_gamma"] == 0.01
+    plain_proc = cli(*common)
+    assert plain_proc.returncode == 0, plain_proc.stderr
+    assert "reusing" not in plain_proc.stderr
+    plain = json.loads((out / "metrics" / "advtrain_metrics.json").read_text())
+    assert "awp_gamma" not in plain["recipe"] and plain["config"]["defend"]["awp_gamma"] == 0.0
+    assert plain["model"]["weights_sha256"] != awp["model"]["weights_sha256"]
+    off = cli(*common, "--awp-gamma", "0")
+    assert off.returncode == 0, off.stderr
+    assert "reusing" in off.stderr
+    again = json.loads((out / "metrics" / "advtrain_metrics.json").read_text())
+    assert again["model"]["weights_sha256"] == plain["model"]["weights_sha256"]
