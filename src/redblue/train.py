@@ -1,8 +1,9 @@
 """Training and evaluation on in-memory uint8 tensors (no DataLoader, no numpy in the loop).
 
 ``fit`` is the one training loop: plain training, and every adversarial-training recipe
-through its ``perturb`` / ``loss`` (and, for adversarial weight perturbation, ``perturb_weights``) hooks. ``evaluate`` measures accuracy, loss, the
-confusion matrix and honest inference latency.
+through its ``perturb`` / ``loss`` hooks (and ``perturb_weights``, for adversarial weight
+perturbation). ``evaluate`` measures accuracy, loss, the confusion matrix and honest
+inference latency.
 """
 
 from __future__ import annotations
