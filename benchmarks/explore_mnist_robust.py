@@ -12,6 +12,15 @@ AutoAttack's and the worst-case robust accuracy, the sanity checks' warnings and
 ``--out`` reuses the trained model and its cached evaluation (the line then says
 ``reused``; ``train_s`` is the recorded training time).
 
+Two variants aimed at the gradient masking that Square exposes exist only here, not in the
+product (they replace the recipe's hooks in :mod:`redblue.defenses.adversarial` for this
+process): ``--inner-start vertex|stripes`` starts the PGD / MART inner attack from a random
+vertex of the eps-ball, or from Square's initial vertical stripes, instead of a uniform
+point; ``--llr W`` adds to MART's objective ``W`` times a local-linearity penalty (after Qin
+et al. 2019, "Adversarial robustness through local linearization"), the batch mean of
+``|l(x') - l(x) - (x' - x)·∇l(x)|`` at the inner attack's point ``x'`` (``l`` the per-image
+cross-entropy; trained through ``∇l(x)``, so one double backward more per batch).
+
     python -m benchmarks.explore_mnist_robust --epochs 30 --eps-ramp 8 --out /tmp/robust30
 """
 
@@ -20,13 +29,82 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 
+import torch
+import torch.nn.functional as F
+from torch import nn
+
 from benchmarks.common import RESULTS, data_dir, machine
-from redblue.config import DefendConfig, TrainConfig
+from redblue.attacks.projection import input_gradient, project
+from redblue.config import PRECISIONS, DefendConfig, TrainConfig
 from redblue.data import load_dataset
+from redblue.defenses import adversarial
 from redblue.models import MODELS
 from redblue.stages import defend_stage
+from redblue.train import Loss, Perturb, channels_last
+from redblue.utils import eval_mode
+
+
+def start_from(start: str) -> Callable[[adversarial.EpsSchedule, float, int], Perturb]:
+    """A stand-in for ``adversarial.pgd_perturb`` whose inner attack starts from a random
+    vertex of the eps-ball (``vertex``) or Square's vertical stripes (``stripes``: each
+    column of each image shifted by +eps or -eps), clamped to [0, 1]."""
+
+    def pgd_perturb(schedule: adversarial.EpsSchedule, alpha: float, steps: int) -> Perturb:
+        def perturb(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            eps = schedule()
+            step = alpha * eps / schedule.eps
+            with eval_mode(model):
+                if start == "vertex":
+                    delta = eps * torch.sign(torch.rand_like(x) * 2 - 1)
+                else:
+                    n, c, _, w = x.shape
+                    delta = eps * torch.sign(torch.rand(n, c, 1, w, device=x.device) * 2 - 1).expand_as(x)
+                x_adv = (x + delta).clamp(0.0, 1.0)
+                for _ in range(steps):
+                    grad, _, _ = input_gradient(model, x_adv, y)
+                    x_adv = project(x_adv + step * grad.sign(), x, eps, "linf").detach()
+            return channels_last(x_adv)
+
+        return perturb
+
+    return pgd_perturb
+
+
+def add_linearity_penalty(weight: float) -> None:
+    """Make ``adversarial.mart_loss`` add ``weight`` times the local-linearity penalty (the
+    module docstring): the logits hook computes it from the labels the loss hands over."""
+    original_logits, original_mart = adversarial.clean_and_adversarial_logits, adversarial.mart_loss
+    batch: dict[str, torch.Tensor] = {}
+
+    def logits(model: nn.Module, x_clean: torch.Tensor, x_train: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x_clean = x_clean.detach().requires_grad_(True)
+        logits_clean, logits_adv = original_logits(model, x_clean, x_train)
+        y = batch["y"]
+        loss_clean = F.cross_entropy(logits_clean, y, reduction="none")
+        (grad,) = torch.autograd.grad(loss_clean.sum(), x_clean, create_graph=True)
+        loss_adv = F.cross_entropy(logits_adv, y, reduction="none")
+        delta = (x_train.float() - x_clean.float()).detach()
+        taylor_error = loss_adv - loss_clean - (delta * grad.float()).flatten(1).sum(1)
+        batch["penalty"] = weight * taylor_error.abs().mean()
+        return logits_clean, logits_adv
+
+    def mart_loss(beta: float) -> Loss:
+        base = original_mart(beta)
+
+        def loss(
+            model: nn.Module, x_clean: torch.Tensor, x_train: torch.Tensor, y: torch.Tensor
+        ) -> tuple[torch.Tensor, torch.Tensor]:
+            batch["y"] = y
+            value, logits_clean = base(model, x_clean, x_train, y)
+            return value + batch.pop("penalty"), logits_clean.detach()
+
+        return loss
+
+    adversarial.clean_and_adversarial_logits = logits
+    adversarial.mart_loss = mart_loss
 
 
 def main() -> None:
@@ -45,15 +123,27 @@ def main() -> None:
     parser.add_argument("--eps-ramp", type=int, default=4)
     parser.add_argument("--train-eps-margin", type=float, default=0.0, help="train at eps + this, evaluate at eps")
     parser.add_argument("--awp-gamma", type=float, default=0.0, help="adversarial weight perturbation (0: off)")
+    parser.add_argument("--precision", default="auto", choices=PRECISIONS, help="training precision")
+    parser.add_argument("--inner-start", default="uniform", choices=("uniform", "vertex", "stripes"),
+                        help="pgd/mart: the inner attack's start (uniform: the product's)")  # fmt: skip
+    parser.add_argument("--llr", type=float, default=0.0, help="mart: local-linearity penalty's weight (0: off)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--n-examples", type=int, default=1000)
     parser.add_argument("--results", default=str(RESULTS / "mnist_robust.jsonl"))
     args = parser.parse_args()
+    if args.inner_start != "uniform":
+        if args.recipe not in ("pgd", "mart"):
+            parser.error("--inner-start applies to --recipe pgd or mart")
+        adversarial.pgd_perturb = start_from(args.inner_start)
+    if args.llr > 0:
+        if args.recipe != "mart":
+            parser.error("--llr applies to --recipe mart")
+        add_linearity_penalty(args.llr)
 
     data = load_dataset("mnist", data_dir(), download=False)
     train_cfg = TrainConfig(model_name=args.model_name, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                             lr_schedule=args.lr_schedule, weight_decay=args.weight_decay, seed=args.seed,
-                            device="cpu")  # fmt: skip
+                            device="cpu", precision=args.precision)  # fmt: skip
     defend_cfg = DefendConfig(recipe=args.recipe, eps=args.eps, steps=args.steps, beta=args.beta,
                               eps_ramp=args.eps_ramp, train_eps_margin=args.train_eps_margin, awp_gamma=args.awp_gamma,
                               n_examples=args.n_examples)  # fmt: skip
