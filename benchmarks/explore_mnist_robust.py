@@ -19,7 +19,9 @@ vertex of the eps-ball, or from Square's initial vertical stripes, instead of a 
 point; ``--llr W`` adds to MART's objective ``W`` times a local-linearity penalty (after Qin
 et al. 2019, "Adversarial robustness through local linearization"), the batch mean of
 ``|l(x') - l(x) - (x' - x)·∇l(x)|`` at the inner attack's point ``x'`` (``l`` the per-image
-cross-entropy; trained through ``∇l(x)``, so one double backward more per batch).
+cross-entropy; trained through ``∇l(x)``, so one double backward more per batch). The
+stage's model cache does not know these variants: give each its own ``--out``, or a rerun
+reuses a model trained without them.
 
     python -m benchmarks.explore_mnist_robust --epochs 30 --eps-ramp 8 --out /tmp/robust30
 """
@@ -135,6 +137,8 @@ def main() -> None:
         if args.recipe not in ("pgd", "mart"):
             parser.error("--inner-start applies to --recipe pgd or mart")
         adversarial.pgd_perturb = start_from(args.inner_start)
+    if args.llr < 0:
+        parser.error(f"--llr {args.llr:g}: expected a weight >= 0")
     if args.llr > 0:
         if args.recipe != "mart":
             parser.error("--llr applies to --recipe mart")
