@@ -12,16 +12,17 @@ AutoAttack's and the worst-case robust accuracy, the sanity checks' warnings and
 ``--out`` reuses the trained model and its cached evaluation (the line then says
 ``reused``; ``train_s`` is the recorded training time).
 
-Two variants aimed at the gradient masking that Square exposes exist only here, not in the
-product (they replace the recipe's hooks in :mod:`redblue.defenses.adversarial` for this
-process): ``--inner-start vertex|stripes`` starts the PGD / MART inner attack from a random
-vertex of the eps-ball, or from Square's initial vertical stripes, instead of a uniform
-point; ``--llr W`` adds to MART's objective ``W`` times a local-linearity penalty (after Qin
-et al. 2019, "Adversarial robustness through local linearization"), the batch mean of
-``|l(x') - l(x) - (x' - x)·∇l(x)|`` at the inner attack's point ``x'`` (``l`` the per-image
-cross-entropy; trained through ``∇l(x)``, so one double backward more per batch). The
-stage's model cache does not know these variants: give each its own ``--out``, or a rerun
-reuses a model trained without them.
+Three variants aimed at the images that Square breaks and the gradient attacks miss exist
+only here, not in the product (they replace the recipe's hooks in
+:mod:`redblue.defenses.adversarial` for this process): ``--inner-start vertex|stripes``
+starts the PGD / MART inner attack from a random vertex of the eps-ball, or from Square's
+initial vertical stripes, instead of a uniform point; ``--inner-restarts R`` runs it from
+``R`` uniform starts, keeping each image's worst case; ``--llr W`` adds to MART's objective
+``W`` times a local-linearity penalty (after Qin et al. 2019, "Adversarial robustness
+through local linearization"), the batch mean of ``|l(x') - l(x) - (x' - x)·∇l(x)|`` at the
+inner attack's point ``x'`` (``l`` the per-image cross-entropy; trained through ``∇l(x)``,
+so one double backward more per batch). The stage's model cache does not know these
+variants: give each its own ``--out``, or a rerun reuses a model trained without them.
 
     python -m benchmarks.explore_mnist_robust --epochs 30 --eps-ramp 8 --out /tmp/robust30
 """
@@ -39,6 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from benchmarks.common import RESULTS, data_dir, machine
+from redblue.attacks.pgd import pgd
 from redblue.attacks.projection import input_gradient, project
 from redblue.config import PRECISIONS, DefendConfig, TrainConfig
 from redblue.data import load_dataset
@@ -69,6 +71,21 @@ def start_from(start: str) -> Callable[[adversarial.EpsSchedule, float, int], Pe
                     grad, _, _ = input_gradient(model, x_adv, y)
                     x_adv = project(x_adv + step * grad.sign(), x, eps, "linf").detach()
             return channels_last(x_adv)
+
+        return perturb
+
+    return pgd_perturb
+
+
+def with_restarts(restarts: int) -> Callable[[adversarial.EpsSchedule, float, int], Perturb]:
+    """A stand-in for ``adversarial.pgd_perturb`` whose inner attack runs ``restarts``
+    random starts (:func:`redblue.attacks.pgd.pgd`'s per-image worst case)."""
+
+    def pgd_perturb(schedule: adversarial.EpsSchedule, alpha: float, steps: int) -> Perturb:
+        def perturb(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            eps = schedule()
+            step = alpha * eps / schedule.eps
+            return channels_last(pgd(model, x, y, eps=eps, alpha=step, steps=steps, restarts=restarts))
 
         return perturb
 
@@ -128,6 +145,7 @@ def main() -> None:
     parser.add_argument("--precision", default="auto", choices=PRECISIONS, help="training precision")
     parser.add_argument("--inner-start", default="uniform", choices=("uniform", "vertex", "stripes"),
                         help="pgd/mart: the inner attack's start (uniform: the product's)")  # fmt: skip
+    parser.add_argument("--inner-restarts", type=int, default=1, help="pgd/mart: the inner attack's random starts")
     parser.add_argument("--llr", type=float, default=0.0, help="mart: local-linearity penalty's weight (0: off)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--n-examples", type=int, default=1000)
@@ -137,6 +155,10 @@ def main() -> None:
         if args.recipe not in ("pgd", "mart"):
             parser.error("--inner-start applies to --recipe pgd or mart")
         adversarial.pgd_perturb = start_from(args.inner_start)
+    if args.inner_restarts != 1:
+        if args.recipe not in ("pgd", "mart") or args.inner_start != "uniform" or args.inner_restarts < 1:
+            parser.error("--inner-restarts: a count >= 1, with --recipe pgd or mart and the uniform start")
+        adversarial.pgd_perturb = with_restarts(args.inner_restarts)
     if args.llr < 0:
         parser.error(f"--llr {args.llr:g}: expected a weight >= 0")
     if args.llr > 0:
