@@ -39,6 +39,7 @@ from torch import nn
 from benchmarks.common import data_dir, write
 from redblue.artifacts import load_model
 from redblue.attacks.apgd import apgd_ce
+from redblue.attacks.square import margin_loss
 from redblue.data import load_dataset, to_float
 from redblue.evaluation import evaluate_robustness
 from redblue.utils import seed_everything
@@ -82,9 +83,7 @@ def with_surrogate_gradient(model: nn.Module, slope: float) -> nn.Module:
 
 def margins(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
-        z = model(x).float()
-    other = z.scatter(1, y[:, None], float("-inf")).amax(1)
-    return z.gather(1, y[:, None]).squeeze(1) - other
+        return margin_loss(model(x), y)
 
 
 def gradient_l1(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
