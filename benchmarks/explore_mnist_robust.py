@@ -30,6 +30,7 @@ variants: give each its own ``--out``, or a rerun reuses a model trained without
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import time
 from collections.abc import Callable
@@ -40,7 +41,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from benchmarks.common import RESULTS, data_dir, machine
-from redblue.attacks.pgd import pgd
 from redblue.attacks.projection import input_gradient, project
 from redblue.config import PRECISIONS, DefendConfig, TrainConfig
 from redblue.data import load_dataset
@@ -71,21 +71,6 @@ def start_from(start: str) -> Callable[[adversarial.EpsSchedule, float, int], Pe
                     grad, _, _ = input_gradient(model, x_adv, y)
                     x_adv = project(x_adv + step * grad.sign(), x, eps, "linf").detach()
             return channels_last(x_adv)
-
-        return perturb
-
-    return pgd_perturb
-
-
-def with_restarts(restarts: int) -> Callable[[adversarial.EpsSchedule, float, int], Perturb]:
-    """A stand-in for ``adversarial.pgd_perturb`` whose inner attack runs ``restarts``
-    random starts (:func:`redblue.attacks.pgd.pgd`'s per-image worst case)."""
-
-    def pgd_perturb(schedule: adversarial.EpsSchedule, alpha: float, steps: int) -> Perturb:
-        def perturb(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-            eps = schedule()
-            step = alpha * eps / schedule.eps
-            return channels_last(pgd(model, x, y, eps=eps, alpha=step, steps=steps, restarts=restarts))
 
         return perturb
 
@@ -158,7 +143,7 @@ def main() -> None:
     if args.inner_restarts != 1:
         if args.recipe not in ("pgd", "mart") or args.inner_start != "uniform" or args.inner_restarts < 1:
             parser.error("--inner-restarts: a count >= 1, with --recipe pgd or mart and the uniform start")
-        adversarial.pgd_perturb = with_restarts(args.inner_restarts)
+        adversarial.pgd_perturb = functools.partial(adversarial.pgd_perturb, restarts=args.inner_restarts)
     if args.llr < 0:
         parser.error(f"--llr {args.llr:g}: expected a weight >= 0")
     if args.llr > 0:

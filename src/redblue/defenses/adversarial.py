@@ -144,15 +144,17 @@ def fgsm_rs_perturb(schedule: EpsSchedule, alpha: float) -> Perturb:
     return perturb
 
 
-def pgd_perturb(schedule: EpsSchedule, alpha: float, steps: int) -> Perturb:
+def pgd_perturb(schedule: EpsSchedule, alpha: float, steps: int, restarts: int = 1) -> Perturb:
     """``perturb`` for PGD (Madry et al. 2018): random start in the eps-ball (clamped to
     [0, 1]), then ``steps`` signed-gradient steps of ``alpha`` (scaled with eps while eps
-    ramps up)."""
+    ramps up); with ``restarts > 1``, each image's worst case over that many random starts
+    (:func:`redblue.attacks.pgd.pgd`)."""
 
     def perturb(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         eps = schedule()
         step = alpha * eps / schedule.eps
-        return channels_last(pgd(model, x, y, eps=eps, alpha=step, steps=steps, random_start=True))
+        return channels_last(pgd(model, x, y, eps=eps, alpha=step, steps=steps, restarts=restarts,
+                                 random_start=True))  # fmt: skip
 
     return perturb
 
