@@ -33,12 +33,12 @@ import time
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from benchmarks.common import data_dir, write
 from redblue.artifacts import load_model
 from redblue.attacks.apgd import apgd_ce
+from redblue.attacks.projection import input_gradient
 from redblue.attacks.square import margin_loss
 from redblue.data import load_dataset, to_float
 from redblue.evaluation import evaluate_robustness
@@ -87,8 +87,7 @@ def margins(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 
 def gradient_l1(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    xr = x.clone().requires_grad_(True)
-    (grad,) = torch.autograd.grad(F.cross_entropy(model(xr).float(), y, reduction="sum"), xr)
+    grad, _, _ = input_gradient(model, x, y)
     return grad.flatten(1).abs().sum(1)
 
 
